@@ -1,0 +1,120 @@
+"""Data manifests: a JSON file listing cases (image and label paths relative to the manifest) and splits.
+
+Example (see ``data_manifests/example.json``)::
+
+    {
+      "name": "lung-phantoms",
+      "modality": "CT",
+      "labels": {"0": "background", "1": "lung", "2": "nodule"},
+      "cases": [{"id": "case_000", "image": "images/case_000.nii.gz", "label": "labels/case_000.nii.gz"}],
+      "splits": {"train": ["case_000"], "val": [], "test": []}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medseg.errors import ManifestError
+
+
+class ManifestCase(BaseModel):
+    """One case: an image (NIfTI file or DICOM series folder) and optionally its label map."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    image: str
+    label: str | None = None
+
+
+class Manifest(BaseModel):
+    """A data set: cases, label names (value -> name) and named splits of case ids."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    modality: Literal["CT", "MR", "other"] = "CT"
+    labels: dict[int, str]
+    cases: list[ManifestCase]
+    splits: dict[str, list[str]] = Field(default_factory=dict)
+    folds: list[dict[str, list[str]]] = Field(default_factory=list)
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("labels")
+    @classmethod
+    def _background_is_zero(cls, labels: dict[int, str]) -> dict[int, str]:
+        if 0 not in labels:
+            raise ValueError("labels must name value 0 (background)")
+        if sorted(labels) != list(range(len(labels))):
+            raise ValueError(f"label values must be 0..N-1 without gaps, got {sorted(labels)}")
+        return labels
+
+    @model_validator(mode="after")
+    def _ids_unique_and_splits_known(self) -> Manifest:
+        ids = [c.id for c in self.cases]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"case ids must be unique, repeated: {dup}")
+        known = set(ids)
+        for name, members in [*self.splits.items(), *((f"folds[{i}].{k}", v) for i, f in enumerate(self.folds) for k, v in f.items())]:
+            unknown = [m for m in members if m not in known]
+            if unknown:
+                raise ValueError(f"split '{name}' names unknown cases: {unknown[:5]}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.labels)
+
+    def image_path(self, case: ManifestCase) -> Path:
+        """Absolute path of a case's image."""
+        return (self.root / case.image).resolve()
+
+    def label_path(self, case: ManifestCase) -> Path | None:
+        """Absolute path of a case's label map, if it has one."""
+        return (self.root / case.label).resolve() if case.label else None
+
+    def split(self, name: str, fold: int | None = None) -> list[ManifestCase]:
+        """Cases of split ``name`` ("train", "val", "test"), or of fold ``fold`` when given."""
+        if fold is not None:
+            if not 0 <= fold < len(self.folds):
+                raise ManifestError(f"manifest '{self.name}' has {len(self.folds)} folds; fold {fold} does not exist")
+            members = self.folds[fold].get(name, [])
+        else:
+            members = self.splits.get(name, [])
+        by_id = {c.id: c for c in self.cases}
+        return [by_id[i] for i in members]
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate a manifest; errors name the file and the offending field."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
+        raise ManifestError(f"{path}: invalid manifest: {problems}") from None
+    manifest.root = path.resolve().parent
+    missing = [str(p) for c in manifest.cases for p in (manifest.image_path(c), manifest.label_path(c)) if p and not p.exists()]
+    if missing:
+        raise ManifestError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
+    return manifest
+
+
+def save_manifest(manifest: Manifest, path: Path) -> Path:
+    """Write a manifest as indented JSON (atomically)."""
+    from medseg.atomic import write_text_atomic
+
+    data = manifest.model_dump(mode="json", exclude={"root"})
+    return write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")

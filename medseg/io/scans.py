@@ -1,0 +1,105 @@
+"""Find scans in the paths a user gives (NIfTI files, folders of them, DICOM series folders) and load them.
+
+Also exposes :class:`ScanReader`, a MONAI ``ImageReader`` so that ``LoadImaged`` reads NIfTI files and
+DICOM series through the same checks as prediction does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+from medseg.errors import ScanError
+from medseg.io.dicom import DicomSeriesRef, find_dicom_series, read_dicom_series
+from medseg.io.nifti import is_nifti_path, load_nifti, nifti_stem
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One input scan: ``case_id`` names its outputs; it comes from file/folder names, never DICOM tags."""
+
+    case_id: str
+    path: Path
+    kind: Literal["nifti", "dicom"]
+    series: DicomSeriesRef | None = None
+
+
+def find_scans(paths: Sequence[Path]) -> list[Scan]:
+    """Scans under the given paths: NIfTI files, folders of NIfTI files, and DICOM series folders."""
+    scans: list[Scan] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            if not is_nifti_path(path):
+                raise ScanError(path, "not a NIfTI file (.nii / .nii.gz) or a DICOM series folder")
+            scans.append(Scan(nifti_stem(path), path, "nifti"))
+        elif path.is_dir():
+            niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
+            scans.extend(Scan(nifti_stem(p), p, "nifti") for p in niftis)
+            for series in find_dicom_series(path):
+                rel = series.folder.relative_to(path)
+                name = "_".join((path.name, *rel.parts)) if rel.parts else path.name
+                scans.append(Scan(name, series.folder, "dicom", series))
+            if not scans:
+                raise ScanError(path, "no NIfTI files or DICOM series found in this folder")
+        else:
+            raise ScanError(path, "no such file or folder")
+    _number_duplicate_series(scans)
+    return scans
+
+
+def _number_duplicate_series(scans: list[Scan]) -> None:
+    """Several series in one folder are separate scans: suffix their case ids with _s1, _s2..."""
+    counts: dict[str, int] = {}
+    for scan in scans:
+        counts[scan.case_id] = counts.get(scan.case_id, 0) + 1
+    seen: dict[str, int] = {}
+    for i, scan in enumerate(scans):
+        if scan.kind == "dicom" and counts[scan.case_id] > 1:
+            seen[scan.case_id] = seen.get(scan.case_id, 0) + 1
+            scans[i] = Scan(f"{scan.case_id}_s{seen[scan.case_id]}", scan.path, scan.kind, scan.series)
+
+
+def load_scan(scan: Scan | Path) -> nib.Nifti1Image:
+    """The scan as an in-memory NIfTI image (3D, RAS affine in mm)."""
+    if isinstance(scan, Scan):
+        if scan.kind == "dicom":
+            return read_dicom_series(scan.path, scan.series)
+        return load_nifti(scan.path)
+    path = Path(scan)
+    if path.is_dir():
+        return read_dicom_series(path)
+    return load_nifti(path)
+
+
+class ScanReader(ImageReader):
+    """MONAI reader for NIfTI files and DICOM series folders, through medseg's checks."""
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        return all(Path(f).is_dir() or is_nifti_path(Path(f)) for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str] | str, **kwargs):
+        images = [load_scan(Path(p)) for p in ensure_tuple(data)]
+        return images if len(images) > 1 else images[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        if isinstance(img, list | tuple):
+            raise NotImplementedError("ScanReader reads one scan per key")
+        array = np.asanyarray(img.dataobj)
+        if array.dtype.kind not in "fiub":
+            raise ScanError(img.get_filename() or "scan", f"unsupported voxel type {array.dtype}")
+        meta = {
+            MetaKeys.AFFINE: np.array(img.affine, copy=True),
+            MetaKeys.ORIGINAL_AFFINE: np.array(img.affine, copy=True),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape[:3]),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            MetaKeys.SPACE: SpaceKeys.RAS,
+        }
+        return array, meta
