@@ -17,3 +17,44 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (a fresh clone has no ../shared)")
     return SHARED_DATA
+
+
+# --- tiny phantoms and a tiny trained model, shared by the pipeline tests -------------------------
+
+from medseg.config import ExperimentConfig, config_from_dict  # noqa: E402
+from medseg.data.phantom import PhantomSpec, write_phantom_dataset  # noqa: E402
+
+TINY_SPEC = PhantomSpec(shape=(32, 32, 16), spacing=(4.0, 4.0, 5.0), noise_hu=15.0)
+
+
+def tiny_config(manifest: Path, output_dir: Path, spatial_dims: int = 3, **train_overrides) -> ExperimentConfig:
+    """A config small enough to train in seconds on 2 CPU cores."""
+    patch = [32, 32, 16] if spatial_dims == 3 else [32, 32]
+    raw = {
+        "name": f"tiny{spatial_dims}d",
+        "seed": 3,
+        "data": {"manifest": str(manifest)},
+        "model": {"name": "unet", "spatial_dims": spatial_dims, "channels": [8, 16, 32], "num_res_units": 1},
+        "preprocessing": {"spacing": [4.0, 4.0, 5.0], "intensity": {"kind": "ct_window", "a_min": -1000, "a_max": 200}},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "train": {"epochs": 3, "iterations_per_epoch": 6, "patch_size": patch, "batch_size": 2,
+                  "samples_per_volume": 2, "val_interval": 1, "output_dir": str(output_dir), **train_overrides},
+        "infer": {"sw_batch_size": 2, "overlap": 0.25},
+    }
+    return config_from_dict(raw, source="tiny test config")
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(tmp_path_factory) -> Path:
+    """Six small synthetic CT phantoms (4 train, 1 val, 1 test) and their manifest."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), num_cases=6, seed=1, spec=TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_manifest, tmp_path_factory) -> Path:
+    """A run folder of a tiny 3D U-Net trained for a few epochs on the phantoms."""
+    from medseg.training.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("run") / "tiny3d"
+    train(tiny_config(phantom_manifest, run_dir, epochs=6), device="cpu")
+    return run_dir

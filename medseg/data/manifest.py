@@ -17,7 +17,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import ManifestError
 
@@ -42,7 +50,7 @@ class Manifest(BaseModel):
     cases: list[ManifestCase]
     splits: dict[str, list[str]] = Field(default_factory=dict)
     folds: list[dict[str, list[str]]] = Field(default_factory=list)
-    root: Path = Field(default=Path("."), exclude=True)
+    _root: Path = PrivateAttr(default=Path("."))
 
     @field_validator("labels")
     @classmethod
@@ -65,6 +73,11 @@ class Manifest(BaseModel):
             if unknown:
                 raise ValueError(f"split '{name}' names unknown cases: {unknown[:5]}")
         return self
+
+    @property
+    def root(self) -> Path:
+        """The folder the manifest's relative paths start from (the manifest file's folder)."""
+        return self._root
 
     @property
     def num_classes(self) -> int:
@@ -105,7 +118,7 @@ def load_manifest(path: Path) -> Manifest:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ManifestError(f"{path}: invalid manifest: {problems}") from None
-    manifest.root = path.resolve().parent
+    manifest._root = path.resolve().parent
     missing = [str(p) for c in manifest.cases for p in (manifest.image_path(c), manifest.label_path(c)) if p and not p.exists()]
     if missing:
         raise ManifestError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
@@ -116,5 +129,5 @@ def save_manifest(manifest: Manifest, path: Path) -> Path:
     """Write a manifest as indented JSON (atomically)."""
     from medseg.atomic import write_text_atomic
 
-    data = manifest.model_dump(mode="json", exclude={"root"})
+    data = manifest.model_dump(mode="json")
     return write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")

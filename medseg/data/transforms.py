@@ -1,0 +1,105 @@
+"""MONAI dictionary transforms built from the config: the one place that knows the preprocessing.
+
+``preprocessing(config, keys)`` is deterministic and invertible (prediction inverts its geometric part);
+``training_transforms`` adds patch sampling and augmentation after it.
+"""
+
+from __future__ import annotations
+
+from monai import transforms as mt
+
+from medseg.config import ExperimentConfig, IntensityConfig
+from medseg.io.scans import ScanReader
+
+IMAGE, LABEL = "image", "label"
+
+
+def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
+    if cfg.kind == "ct_window":
+        return [mt.ScaleIntensityRanged(IMAGE, a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0, b_max=1.0, clip=True)]
+    if cfg.kind == "ct_zscore":
+        return [
+            mt.ScaleIntensityRanged(IMAGE, a_min=cfg.a_min, a_max=cfg.a_max, b_min=cfg.a_min, b_max=cfg.a_max, clip=True),
+            mt.NormalizeIntensityd(IMAGE, subtrahend=cfg.mean, divisor=cfg.std),
+        ]
+    if cfg.kind == "zscore":
+        # MONAI leaves a constant volume at 0 (std 0 is replaced by 1), so no NaN comes out.
+        return [mt.NormalizeIntensityd(IMAGE, nonzero=cfg.nonzero, channel_wise=True)]
+    return []
+
+
+def preprocessing(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL), load: bool = True) -> mt.Compose:
+    """Load, channel-first, reorient, resample and normalise. Labels are resampled nearest-neighbour.
+
+    With ``load=False`` the items already hold channel-less MetaTensors (prediction loads scans itself
+    so it keeps the source image for writing the mask in its geometry).
+    """
+    pre = config.preprocessing
+    steps: list[mt.Transform] = [mt.LoadImaged(keys, reader=ScanReader(), image_only=True)] if load else []
+    steps += [
+        mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        mt.EnsureTyped(IMAGE, dtype="float32", track_meta=True),
+        mt.Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if pre.spacing is not None:
+        modes = tuple("bilinear" if k == IMAGE else "nearest" for k in keys)
+        steps.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=modes))
+    steps += _intensity(pre.intensity)
+    return mt.Compose(steps)
+
+
+def _augmentation(config: ExperimentConfig) -> list[mt.Transform]:
+    aug = config.augmentation
+    dims = config.model.spatial_dims
+    keys = (IMAGE, LABEL)
+    steps: list[mt.Transform] = []
+    if aug.rotate_prob > 0 or aug.scale_prob > 0:
+        angle = aug.rotate_range_deg * 3.14159265 / 180
+        steps.append(mt.RandAffined(
+            keys, prob=max(aug.rotate_prob, aug.scale_prob), mode=("bilinear", "nearest"), padding_mode="border",
+            rotate_range=[angle] * (1 if dims == 2 else 3) if aug.rotate_prob > 0 else None,
+            scale_range=[aug.scale_range] * dims if aug.scale_prob > 0 else None,
+        ))
+    if aug.flip_prob > 0:
+        steps += [mt.RandFlipd(keys, prob=aug.flip_prob, spatial_axis=axis) for axis in range(dims)]
+    if aug.rotate90_prob > 0:
+        steps.append(mt.RandRotate90d(keys, prob=aug.rotate90_prob, spatial_axes=(0, 1)))
+    if aug.low_resolution_prob > 0:
+        steps.append(mt.RandSimulateLowResolutiond(IMAGE, prob=aug.low_resolution_prob, zoom_range=(0.5, 1.0)))
+    if aug.noise_prob > 0:
+        steps.append(mt.RandGaussianNoised(IMAGE, prob=aug.noise_prob, std=aug.noise_std))
+    if aug.blur_prob > 0:
+        steps.append(mt.RandGaussianSmoothd(IMAGE, prob=aug.blur_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)))
+    if aug.intensity_shift_prob > 0:
+        steps.append(mt.RandShiftIntensityd(IMAGE, prob=aug.intensity_shift_prob, offsets=aug.intensity_shift))
+    if aug.contrast_prob > 0:
+        steps.append(mt.RandScaleIntensityd(IMAGE, prob=aug.contrast_prob, factors=0.25))
+    if aug.gamma_prob > 0:
+        steps.append(mt.RandAdjustContrastd(IMAGE, prob=aug.gamma_prob, gamma=(0.7, 1.5)))
+    return steps
+
+
+def training_transforms(config: ExperimentConfig) -> mt.Compose:
+    """Preprocessing, then foreground-weighted random patches (2D slices for 2D models) and augmentation."""
+    train = config.train
+    keys = (IMAGE, LABEL)
+    # 2D models train on in-plane patches of single axial slices: crop a (h, w, 1) block, drop the last axis.
+    crop = list(train.patch_size) if config.model.spatial_dims == 3 else [*train.patch_size, 1]
+    fg = train.foreground_fraction
+    steps: list[mt.Transform] = [
+        *preprocessing(config).transforms,
+        mt.EnsureTyped(LABEL, dtype="uint8", track_meta=False),
+        mt.EnsureTyped(IMAGE, track_meta=False),
+        mt.SpatialPadd(keys, spatial_size=crop),
+        mt.RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=crop, pos=fg, neg=1.0 - fg,
+                                  num_samples=train.samples_per_volume, image_key=IMAGE, allow_smaller=False),
+    ]
+    if config.model.spatial_dims == 2:
+        steps.append(mt.SqueezeDimd(keys, dim=3))
+    steps += _augmentation(config)
+    return mt.Compose(steps)
+
+
+def validation_transforms(config: ExperimentConfig) -> mt.Compose:
+    """Preprocessing of whole volumes for sliding-window validation."""
+    return mt.Compose([*preprocessing(config).transforms, mt.EnsureTyped(LABEL, dtype="uint8")])

@@ -1,0 +1,82 @@
+"""The model registry: one builder per network name. Adding a network is one entry in ``MODEL_REGISTRY``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.networks.nets import DynUNet, SegResNet, UNet
+from torch import nn
+
+from medseg.config import ModelConfig
+from medseg.models.deeplab import DeepLabASPP
+
+
+def _strides(cfg: ModelConfig) -> list[int]:
+    return list(cfg.strides) if cfg.strides is not None else [2] * (len(cfg.channels) - 1)
+
+
+def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return UNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        channels=cfg.channels,
+        strides=_strides(cfg),
+        num_res_units=cfg.num_res_units,
+        norm=cfg.norm,
+        dropout=cfg.dropout,
+    )
+
+
+def _dynunet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    strides = [1, *_strides(cfg)]
+    return DynUNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        kernel_size=[3] * len(strides),
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=cfg.channels,
+        norm_name=cfg.norm,
+        dropout=cfg.dropout or None,
+        deep_supervision=cfg.deep_supervision,
+        deep_supr_num=max(1, min(2, len(strides) - 2)),
+        res_block=cfg.num_res_units > 0,
+    )
+
+
+def _segresnet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return SegResNet(
+        spatial_dims=cfg.spatial_dims,
+        in_channels=in_channels,
+        out_channels=num_classes,
+        init_filters=cfg.channels[0],
+        blocks_down=tuple([1] + [2] * (len(cfg.channels) - 1)),
+        blocks_up=tuple([1] * (len(cfg.channels) - 1)),
+        norm=cfg.norm,
+        dropout_prob=cfg.dropout or None,
+    )
+
+
+def _deeplab(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    return DeepLabASPP(cfg.spatial_dims, in_channels, num_classes, cfg.channels, _strides(cfg), cfg.norm)
+
+
+MODEL_REGISTRY: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "unet": _unet,
+    "dynunet": _dynunet,
+    "segresnet": _segresnet,
+    "deeplab": _deeplab,
+}
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The network named by ``cfg.name``; output is ``num_classes`` logits per voxel."""
+    return MODEL_REGISTRY[cfg.name](cfg, in_channels, num_classes)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameter count."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
