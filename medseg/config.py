@@ -107,6 +107,7 @@ class LossConfig(_Section):
 
     name: Literal["dice_ce"] = "dice_ce"
     include_background: bool = False
+    batch_dice: bool = Field(default=True, description="Dice over the whole batch (helps small structures)")
     lambda_dice: float = Field(default=1.0, ge=0)
     lambda_ce: float = Field(default=1.0, ge=0)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
 
 from medseg.data.manifest import Manifest, ManifestCase, save_manifest
 from medseg.io.nifti import save_atomic
@@ -23,8 +24,8 @@ PHANTOM_LABELS = {0: "background", 1: "lung", 2: "nodule"}
 class PhantomSpec:
     """Size of generated phantoms: voxels (x, y, z) and spacing in mm."""
 
-    shape: tuple[int, int, int] = (80, 80, 48)
-    spacing: tuple[float, float, float] = (2.0, 2.0, 2.5)
+    shape: tuple[int, int, int] = (64, 64, 40)
+    spacing: tuple[float, float, float] = (2.5, 2.5, 3.0)
     noise_hu: float = 25.0
 
 
@@ -59,15 +60,16 @@ def make_phantom(rng: np.random.Generator, spec: PhantomSpec = PhantomSpec()) ->
     label[lungs] = 1
 
     radii: list[float] = []
-    lung_idx = np.argwhere(lungs)
+    # Nodules sit inside a lung (at least their radius from its wall), so each is a known round lesion.
+    depth = ndimage.distance_transform_edt(lungs, sampling=spec.spacing)
     for _ in range(int(rng.integers(1, 4))):
         radius = float(rng.uniform(5.0, 10.0))
-        centre = lung_idx[rng.integers(len(lung_idx))]
+        candidates = np.argwhere(depth >= radius)
+        if len(candidates) == 0:
+            continue
+        centre = candidates[rng.integers(len(candidates))]
         cx, cy, cz = x[centre[0]], y[centre[1]], z[centre[2]]
         sphere = (X - cx) ** 2 + (Y - cy) ** 2 + (Z - cz) ** 2 <= radius**2
-        sphere &= lungs
-        if sphere.sum() < 4:
-            continue
         image[sphere] = rng.uniform(10, 50)
         label[sphere] = 2
         radii.append(radius)

@@ -129,7 +129,7 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
     _seed_everything(config.seed)
     model = build_model(config.model, 1, num_classes).to(dev)
     loss_fn: torch.nn.Module = DiceCELoss(
-        to_onehot_y=True, softmax=True, include_background=config.loss.include_background,
+        to_onehot_y=True, softmax=True, include_background=config.loss.include_background, batch=config.loss.batch_dice,
         lambda_dice=config.loss.lambda_dice, lambda_ce=config.loss.lambda_ce,
     )
     if config.model.deep_supervision:
