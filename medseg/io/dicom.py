@@ -142,6 +142,8 @@ def find_dicom_series(folder: Path) -> list[DicomSeriesRef]:
     groups: dict[tuple[Path, str], list[Path]] = {}
     skipped: dict[Path, list[SkippedFile]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            continue  # NIfTI files beside a series are scans of their own, not stray files of the series
         ds, reason = _read_header(path)
         if ds is None:
             skipped.setdefault(path.parent, []).append(SkippedFile(path, reason))
