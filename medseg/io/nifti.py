@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from medseg.atomic import write_atomic
 from medseg.errors import MedsegError, ScanError
@@ -56,6 +57,10 @@ def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(path, f"expected a NIfTI image, got {type(img).__name__}")
     try:
+        # nibabel silently "fixes" zero or negative pixdim to 1 or |pixdim| on load; read them as stored.
+        with ImageOpener(str(path)) as fobj:
+            stored = type(img.header).from_fileobj(fobj, check=False)
+        check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
         return _checked_in_memory(img, path, max_bytes)
     except MedsegError:
         raise
@@ -73,7 +78,6 @@ def _checked_in_memory(img: nib.Nifti1Image | nib.Nifti2Image, path: Path, max_b
         raise ScanError(path, f"image has an empty dimension: shape {img.shape}")
     header = img.header
     check_size(path, shape, header.get_data_dtype().itemsize, max_bytes)
-    check_spacing_values(np.asarray(header["pixdim"][1:4], dtype=float), path, "pixdim spacing")
     check_affine(img.affine, path)
     data = np.asanyarray(img.dataobj)
     if data.dtype.kind not in "fiub":
