@@ -43,6 +43,17 @@ GAP_FACTOR = 1.5
 #: Sideways drift of slice positions (in-plane, as a fraction of the smallest pixel) tolerated as noise.
 TILT_TOLERANCE_PIXELS = 0.1
 
+#: The only tags medseg parses. Patient, study and institution tags are skipped unread, so they can
+#: reach neither outputs nor log messages (pydicom's own validation warnings quote tag values).
+HEADER_TAGS = [
+    "SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "ImageType",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+]
+PIXEL_TAGS = [
+    *HEADER_TAGS, "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration", "PixelData",
+]
+
 #: Packages that decode each compressed transfer syntax (pydicom picks whichever is installed).
 _DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (or pillow, or python-gdcm)",
@@ -121,7 +132,7 @@ def _read_header(path: Path) -> tuple[pydicom.Dataset | None, str]:
     try:
         if path.stat().st_size == 0:
             return None, "empty file (0 bytes)"
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=HEADER_TAGS)
     except InvalidDicomError:
         return None, "not a DICOM file"
     except Exception as exc:  # truncated or corrupt header: pydicom raises many types
@@ -419,7 +430,7 @@ def _decode(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list
     decoded: list[_Slice] = []
     for s in slices:
         try:
-            ds = pydicom.dcmread(str(s.path))
+            ds = pydicom.dcmread(str(s.path), specific_tags=PIXEL_TAGS)
         except Exception as exc:
             report.skipped.append(SkippedFile(s.path, f"unreadable DICOM file ({type(exc).__name__})"))
             continue

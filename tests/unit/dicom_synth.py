@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 ROWS, COLS = 6, 5
 
@@ -67,9 +67,13 @@ def write_slice(
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.int16).tobytes()
     for key, value in tags.items():
         setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if transfer_syntax == ImplicitVRLittleEndian:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=True)
+        return path
     if transfer_syntax != ExplicitVRLittleEndian:
         ds.compress(transfer_syntax)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
     return path
 
