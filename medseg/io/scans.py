@@ -88,6 +88,8 @@ def load_scan(
         return read_dicom_series(path, **options)
     if not path.exists():
         raise ScanError(path, "no such file or folder")
+    if not is_nifti_path(path):
+        raise ScanError(path, "not a NIfTI file (.nii / .nii.gz); for DICOM, pass the folder holding the series")
     return load_nifti(path, max_bytes=max_bytes)
 
 
