@@ -53,13 +53,32 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from medseg.io.nifti import save_atomic
+    from medseg.errors import OutputError
+    from medseg.io.dicom import find_dicom_series, read_dicom_series_report
+    from medseg.io.nifti import is_nifti_path, save_atomic
     from medseg.io.scans import load_scan
 
-    if args.output.exists() and not args.overwrite:
-        raise MedsegError(f"{args.output}: already exists (use --overwrite to replace it)")
-    save_atomic(load_scan(args.input), args.output)
-    print(f"wrote {args.output}")
+    output: Path = args.output
+    if not is_nifti_path(output):
+        raise OutputError(f"{output}: output must be a .nii or .nii.gz file")
+    if output.exists() and not args.overwrite:
+        raise OutputError(f"{output}: already exists (use --overwrite to replace it)")
+    if args.input.is_dir():
+        series = None
+        if args.series is not None:
+            found = find_dicom_series(args.input)
+            if not 1 <= args.series <= len(found):
+                raise OutputError(f"{args.input}: --series {args.series} asked, the folder holds {len(found)} series")
+            series = found[args.series - 1]
+        img, report = read_dicom_series_report(
+            args.input, series, allow_gantry_tilt=args.allow_gantry_tilt, max_bytes=args.max_bytes
+        )
+        if not report.clean:
+            logging.getLogger("medseg.convert").warning("%s", report.describe())
+    else:
+        img = load_scan(args.input, max_bytes=args.max_bytes)
+    save_atomic(img, output)
+    print(f"wrote {output}  (shape {tuple(img.shape)}, spacing {tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])} mm)")
     return 0
 
 
@@ -103,9 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert a DICOM series folder (or NIfTI) to NIfTI")
-    p.add_argument("input", type=Path)
-    p.add_argument("output", type=Path)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("input", type=Path, help="DICOM series folder or NIfTI file")
+    p.add_argument("output", type=Path, help="NIfTI file to write (.nii or .nii.gz)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    p.add_argument("--series", type=int, default=None, help="which series (1, 2, ...) of a folder holding several")
+    p.add_argument("--allow-gantry-tilt", action="store_true", help="resample a tilted CT series instead of refusing it")
+    p.add_argument("--max-bytes", type=int, default=None, help="size cap of one scan (default 4 GiB)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")

@@ -50,6 +50,10 @@ class Manifest(BaseModel):
     cases: list[ManifestCase]
     splits: dict[str, list[str]] = Field(default_factory=dict)
     folds: list[dict[str, list[str]]] = Field(default_factory=list)
+    allow_paths_outside_root: bool = Field(
+        default=False,
+        description="accept case paths outside the manifest's folder ('..', absolute paths, symlinks out)",
+    )
     _root: Path = PrivateAttr(default=Path("."))
 
     @field_validator("labels")
@@ -119,10 +123,44 @@ def load_manifest(path: Path) -> Manifest:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
         raise ManifestError(f"{path}: invalid manifest: {problems}") from None
     manifest._root = path.resolve().parent
+    if not manifest.allow_paths_outside_root:
+        check_paths_inside_root(manifest, path)
     missing = [str(p) for c in manifest.cases for p in (manifest.image_path(c), manifest.label_path(c)) if p and not p.exists()]
     if missing:
         raise ManifestError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
     return manifest
+
+
+def check_paths_inside_root(manifest: Manifest, path: Path) -> None:
+    """Refuse case paths that lead outside the manifest's folder once resolved (``..``, absolute
+    paths elsewhere, symlinks pointing out), so a manifest cannot quietly read files it does not ship."""
+    root = manifest.root.resolve()
+    for case in manifest.cases:
+        for key, raw in (("image", case.image), ("label", case.label)):
+            if raw is None:
+                continue
+            resolved = (root / raw).resolve()
+            if not resolved.is_relative_to(root):
+                raise ManifestError(
+                    f"{path}: case '{case.id}' {key} '{raw}' resolves to {resolved}, outside the manifest's folder "
+                    f"{root}; move the data under it or set \"allow_paths_outside_root\": true in the manifest"
+                )
+
+
+def check_case_geometry(manifest: Manifest, case: ManifestCase) -> None:
+    """Load a case's image and label and refuse a label off the image's grid or with undeclared values.
+
+    Reads both scans: call it once per case (e.g. when caching), not on every epoch.
+    """
+    from medseg.io.geometry import check_label_matches_image
+    from medseg.io.scans import load_scan
+
+    label_path = manifest.label_path(case)
+    if label_path is None:
+        return
+    image = load_scan(manifest.image_path(case))
+    label = load_scan(label_path)
+    check_label_matches_image(image, label, set(manifest.labels), label_path)
 
 
 def save_manifest(manifest: Manifest, path: Path) -> Path:

@@ -1,97 +1,572 @@
-"""DICOM series: find, sort and stack slices into a volume with its scanner geometry.
+"""DICOM series: find, sort, check and stack slices into a volume with its scanner geometry.
 
 Slices are ordered by ImagePositionPatient projected on the slice normal (never by file order or
-InstanceNumber), and the affine is built from the DICOM LPS frame converted to NIfTI's RAS.
+InstanceNumber), and the affine is built from the DICOM LPS frame converted to NIfTI's RAS. Every
+series is checked before it becomes a volume (one orientation, no gaps, uniform spacing, no gantry
+tilt, decodable pixels); what cannot be used is either refused with a :class:`DicomSeriesError`
+naming the folder and the problem, or left out and recorded in a :class:`DicomReadReport`.
+The rules, one by one, are in ``docs/scans.md``.
+
+Only geometry and pixel tags are read into outputs and messages: names come from file and folder
+names, never from patient, study or institution tags.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 
-from medseg.errors import DicomSeriesError
+from medseg.errors import DicomSeriesError, GeometryError, MedsegError
+from medseg.io.geometry import SHEAR_TOLERANCE, check_affine, check_size, check_spacing_values
+
+log = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: A volume needs this many distinct slice positions: with two, a missing slice cannot be detected.
+MIN_SLICES = 3
+#: Largest difference between ImageOrientationPatient values (direction cosines) of one orientation.
+ORIENTATION_TOLERANCE = 1e-3
+#: Slices closer than this along the normal (mm) are at the same position.
+DUPLICATE_TOLERANCE_MM = 0.01
+#: A slice step may differ from the median step by max(SPACING_ATOL_MM, SPACING_RTOL x median step).
+SPACING_ATOL_MM = 0.01
+SPACING_RTOL = 0.01
+#: A step longer than this many median steps is a gap (missing slices), not irregular spacing.
+GAP_FACTOR = 1.5
+#: Sideways drift of slice positions (in-plane, as a fraction of the smallest pixel) tolerated as noise.
+TILT_TOLERANCE_PIXELS = 0.1
+
+#: The only tags medseg parses. Patient, study and institution tags are skipped unread, so they can
+#: reach neither outputs nor log messages (pydicom's own validation warnings quote tag values).
+HEADER_TAGS = [
+    "SeriesInstanceUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "ImageType",
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+]
+PIXEL_TAGS = [
+    *HEADER_TAGS, "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration", "PixelData",
+]
+
+#: Packages that decode each compressed transfer syntax (pydicom picks whichever is installed).
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg (or pillow, or python-gdcm)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg (or pillow, or python-gdcm)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg (or python-gdcm)",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",
+}
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file or slice left out of a volume, and why (no patient details: geometry and file names only)."""
+
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
 class DicomSeriesRef:
-    """One series found on disk: the folder it was found in and its files (sorted by name)."""
+    """One series found on disk: the folder it was found in and its files (sorted by name).
+
+    ``skipped`` lists the files of that folder that are not DICOM images (empty, not DICOM, no series
+    UID, no pixels), with the reason.
+    """
 
     folder: Path
     series_uid: str
     files: tuple[Path, ...] = field(repr=False)
+    skipped: tuple[SkippedFile, ...] = field(default=(), repr=False, compare=False)
 
 
-def _read_header(path: Path) -> pydicom.Dataset | None:
+@dataclass
+class DicomReadReport:
+    """What reading one series used, skipped (unreadable files) and excluded (readable but left out)."""
+
+    folder: Path
+    slices_used: int = 0
+    shape: tuple[int, int, int] | None = None
+    spacing_mm: tuple[float, float, float] | None = None
+    skipped: list[SkippedFile] = field(default_factory=list)
+    excluded: list[SkippedFile] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """True when every file was used as it is."""
+        return not (self.skipped or self.excluded or self.notes)
+
+    def describe(self) -> str:
+        """One paragraph for logs: counts, then each skipped/excluded file name with its reason."""
+        lines = [f"{self.folder}: {self.slices_used} slices used"]
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} file(s):")
+            lines += [f"    {s.path.name}: {s.reason}" for s in self.skipped]
+        if self.excluded:
+            lines.append(f"  excluded {len(self.excluded)} slice(s):")
+            lines += [f"    {s.path.name}: {s.reason}" for s in self.excluded]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _read_header(path: Path) -> tuple[pydicom.Dataset | None, str]:
+    """The header of a DICOM image file, or None and the reason it is not one."""
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except Exception:
-        return None
-    return ds if "SeriesInstanceUID" in ds else None
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except InvalidDicomError:
+        return None, "not a DICOM file"
+    except Exception as exc:  # truncated or corrupt header: pydicom raises many types
+        return None, f"unreadable DICOM header ({type(exc).__name__})"
+    if "SeriesInstanceUID" not in ds:
+        return None, "DICOM file without SeriesInstanceUID (e.g. a DICOMDIR)"
+    if "Rows" not in ds or "Columns" not in ds:
+        return None, "DICOM file holds no image (no Rows/Columns)"
+    return ds, ""
 
 
 def find_dicom_series(folder: Path) -> list[DicomSeriesRef]:
-    """Series under ``folder`` (recursively), grouped by SeriesInstanceUID; non-DICOM files are ignored."""
+    """Series under ``folder`` (recursively), one per (subfolder, SeriesInstanceUID).
+
+    Files that are not DICOM images are skipped and recorded in each series of their folder.
+    """
     folder = Path(folder)
     groups: dict[tuple[Path, str], list[Path]] = {}
+    skipped: dict[Path, list[SkippedFile]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        ds = _read_header(path)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            continue  # NIfTI files beside a series are scans of their own, not stray files of the series
+        ds, reason = _read_header(path)
         if ds is None:
+            skipped.setdefault(path.parent, []).append(SkippedFile(path, reason))
             continue
         groups.setdefault((path.parent, str(ds.SeriesInstanceUID)), []).append(path)
-    return [DicomSeriesRef(parent, uid, tuple(files)) for (parent, uid), files in sorted(groups.items())]
+    return [
+        DicomSeriesRef(parent, uid, tuple(files), tuple(skipped.get(parent, ())))
+        for (parent, uid), files in sorted(groups.items())
+    ]
 
 
 def is_dicom_folder(folder: Path) -> bool:
-    """True when ``folder`` holds at least one DICOM file directly."""
+    """True when ``folder`` holds at least one DICOM image file directly."""
     return any(
-        _read_header(p) is not None for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")
+        _read_header(p)[0] is not None
+        for p in sorted(Path(folder).iterdir())
+        if p.is_file() and not p.name.startswith(".")
     )
 
 
-def read_dicom_series(folder: Path, series: DicomSeriesRef | None = None) -> nib.Nifti1Image:
-    """Read one series into a float32 volume (rescaled values, e.g. HU) with a RAS affine in mm."""
-    folder = Path(folder)
-    if series is None:
-        found = [s for s in find_dicom_series(folder) if s.folder == folder] or find_dicom_series(folder)
-        if not found:
-            raise DicomSeriesError(folder, "no DICOM files found")
-        if len(found) > 1:
-            raise DicomSeriesError(folder, f"holds {len(found)} DICOM series; expected exactly one")
-        series = found[0]
-    slices = [pydicom.dcmread(str(p)) for p in series.files]
-    orientation = np.array(slices[0].ImageOrientationPatient, dtype=float)
-    row_cos, col_cos = orientation[:3], orientation[3:]
-    normal = np.cross(row_cos, col_cos)
-    slices.sort(key=lambda ds: float(np.dot(np.array(ds.ImagePositionPatient, dtype=float), normal)))
-    positions = np.array([ds.ImagePositionPatient for ds in slices], dtype=float)
-    row_spacing, col_spacing = (float(v) for v in slices[0].PixelSpacing)
-    if len(slices) > 1:
-        slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
-    else:
-        slice_step = normal * float(getattr(slices[0], "SliceThickness", 1.0) or 1.0)
-    try:
-        planes = [
-            ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1)
-            + float(getattr(ds, "RescaleIntercept", 0) or 0)
-            for ds in slices
-        ]
-    except Exception as exc:
-        syntax = slices[0].file_meta.get("TransferSyntaxUID", "unknown")
-        raise DicomSeriesError(folder, f"cannot decode pixel data (transfer syntax {syntax}): {exc}") from None
-    # pixel_array is (rows, columns); NIfTI voxel order is (column index i, row index j, slice k).
-    volume = np.stack(planes, axis=-1).transpose(1, 0, 2)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * col_spacing
-    affine_lps[:3, 1] = col_cos * row_spacing
-    affine_lps[:3, 2] = slice_step
-    affine_lps[:3, 3] = positions[0]
-    img = nib.Nifti1Image(np.ascontiguousarray(volume), LPS_TO_RAS @ affine_lps)
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class _Slice:
+    path: Path
+    orientation: np.ndarray  # 6 direction cosines (row, column), LPS
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+    rows: int
+    columns: int
+    distance: float = 0.0  # along the slice normal, mm
+    pixels: np.ndarray | None = None  # (rows, columns) float32, rescaled
+
+
+def read_dicom_series(
+    folder: Path,
+    series: DicomSeriesRef | None = None,
+    *,
+    allow_gantry_tilt: bool = False,
+    max_bytes: int | None = None,
+) -> nib.Nifti1Image:
+    """Read one series into a float32 volume (rescaled values, e.g. HU) with a RAS affine in mm.
+
+    ``series`` picks one of :func:`find_dicom_series`; without it the folder must hold exactly one.
+    Files left out are logged (warning); :func:`read_dicom_series_report` also returns them.
+    """
+    img, report = read_dicom_series_report(folder, series, allow_gantry_tilt=allow_gantry_tilt, max_bytes=max_bytes)
+    if not report.clean:
+        log.warning("DICOM series %s", report.describe())
     return img
+
+
+def read_dicom_series_report(
+    folder: Path,
+    series: DicomSeriesRef | None = None,
+    *,
+    allow_gantry_tilt: bool = False,
+    max_bytes: int | None = None,
+) -> tuple[nib.Nifti1Image, DicomReadReport]:
+    """Like :func:`read_dicom_series`, and also the record of what was skipped, excluded or corrected.
+
+    ``allow_gantry_tilt``: resample a tilted series onto an orthogonal grid (linear interpolation)
+    instead of refusing it. ``max_bytes``: size cap (default 4 GiB, ``$MEDSEG_MAX_SCAN_BYTES``).
+    """
+    folder = Path(folder)
+    try:
+        return _read_series(folder, series, allow_gantry_tilt, max_bytes)
+    except MedsegError:
+        raise
+    except Exception as exc:  # anything pydicom/numpy raise on malformed input becomes one of ours
+        raise DicomSeriesError(folder, f"cannot read the DICOM series ({type(exc).__name__}: {exc})") from None
+
+
+def _read_series(
+    folder: Path, series: DicomSeriesRef | None, allow_gantry_tilt: bool, max_bytes: int | None
+) -> tuple[nib.Nifti1Image, DicomReadReport]:
+    if series is None:
+        if not folder.is_dir():
+            raise DicomSeriesError(folder, "not a folder")
+        found_all = find_dicom_series(folder)
+        found = [s for s in found_all if s.folder == folder] or found_all
+        if not found:
+            skipped = sum((list(s.skipped) for s in found_all), [])
+            raise DicomSeriesError(folder, "no DICOM image files found" + (f" ({len(skipped)} other files)" if skipped else ""))
+        if len(found) > 1:
+            where = sorted({str(s.folder.relative_to(folder)) for s in found})
+            raise DicomSeriesError(
+                folder,
+                f"holds {len(found)} DICOM series (different SeriesInstanceUID, in {where}); expected exactly one. "
+                "find_scans lists them as separate scans (<name>_s1, _s2, ...); `medseg convert` takes --series N",
+            )
+        series = found[0]
+    report = DicomReadReport(folder, skipped=list(series.skipped))
+
+    slices = _usable_slices(series.files, report)
+    slices = _majority_orientation(folder, slices, report)
+    first = slices[0]
+    for s in slices[1:]:
+        if (s.rows, s.columns) != (first.rows, first.columns) or not np.allclose(
+            s.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=0
+        ):
+            raise DicomSeriesError(
+                folder,
+                f"slices of one orientation differ in size or pixel spacing: {first.path.name} is "
+                f"{first.rows}x{first.columns} at {first.pixel_spacing} mm, {s.path.name} is {s.rows}x{s.columns} "
+                f"at {s.pixel_spacing} mm",
+            )
+    row_cos, col_cos, normal = _directions(folder, first)
+    check_size(folder, (first.columns, first.rows, len(slices)), 4, max_bytes)
+
+    slices = _decode(folder, slices, report)
+    for s in slices:
+        s.distance = float(np.dot(s.position, normal))
+    slices.sort(key=lambda s: (s.distance, s.path.name))
+    slices = _drop_duplicates(folder, slices, report)
+    if len(slices) < MIN_SLICES:
+        raise DicomSeriesError(
+            folder,
+            f"not a volume: {len(slices)} distinct slice position(s), at least {MIN_SLICES} are needed "
+            "(a localizer, a single image or an incomplete export?)" + _skip_hint(report),
+        )
+    step = _uniform_step(folder, slices, report)
+    volume = np.stack([s.pixels for s in slices], axis=-1).transpose(1, 0, 2)  # (columns i, rows j, slices k)
+    volume = _correct_gantry_tilt(folder, slices, volume, normal, row_cos, col_cos, allow_gantry_tilt, report)
+
+    row_spacing, col_spacing = first.pixel_spacing
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cos * col_spacing  # i runs along a row: columns are col_spacing apart
+    affine_lps[:3, 1] = col_cos * row_spacing
+    affine_lps[:3, 2] = normal * step
+    affine_lps[:3, 3] = slices[0].position
+    affine = LPS_TO_RAS @ affine_lps
+    check_affine(affine, folder)
+    img = nib.Nifti1Image(np.ascontiguousarray(volume, dtype=np.float32), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    report.slices_used = len(slices)
+    report.shape = tuple(int(v) for v in volume.shape)  # type: ignore[assignment]
+    report.spacing_mm = (float(col_spacing), float(row_spacing), float(step))
+    return img, report
+
+
+def _skip_hint(report: DicomReadReport) -> str:
+    left_out = report.skipped + report.excluded
+    if not left_out:
+        return ""
+    shown = "; ".join(f"{s.path.name}: {s.reason}" for s in left_out[:5])
+    return f" [left out: {shown}{' ...' if len(left_out) > 5 else ''}]"
+
+
+def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
+    """A multi-valued decimal tag as ``count`` finite floats, or None when absent or malformed."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str | bytes | float | int) else list(value)
+    try:
+        values = np.array([float(v) for v in items], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return values if values.shape == (count,) and np.all(np.isfinite(values)) else None
+
+
+def _usable_slices(files: Sequence[Path], report: DicomReadReport) -> list[_Slice]:
+    """Headers of the series' files; files that cannot be slices of a volume are skipped or excluded."""
+    slices: list[_Slice] = []
+    for path in files:
+        ds, reason = _read_header(Path(path))
+        if ds is None:
+            report.skipped.append(SkippedFile(Path(path), reason))
+            continue
+        frames = ds.get("NumberOfFrames")
+        if frames is not None and int(frames or 1) > 1:
+            raise DicomSeriesError(
+                path, f"multi-frame DICOM ({int(frames)} frames in one file) is not supported; convert it with dcm2niix"
+            )
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if samples != 1:
+            raise DicomSeriesError(path, f"expected a 3D scan of grey values, got {samples} samples per pixel (colour)")
+        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+        if "LOCALIZER" in image_type:
+            report.excluded.append(SkippedFile(Path(path), "localizer (ImageType LOCALIZER)"))
+            continue
+        orientation = _floats(ds, "ImageOrientationPatient", 6)
+        position = _floats(ds, "ImagePositionPatient", 3)
+        spacing = _floats(ds, "PixelSpacing", 2)
+        if orientation is None or position is None or spacing is None:
+            missing = [k for k, v in (("ImageOrientationPatient", orientation), ("ImagePositionPatient", position),
+                                      ("PixelSpacing", spacing)) if v is None]
+            report.excluded.append(SkippedFile(Path(path), f"no usable {', '.join(missing)}: cannot be placed in space"))
+            continue
+        check_spacing_values(spacing, Path(path), "PixelSpacing")
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        if rows < 1 or columns < 1:
+            report.skipped.append(SkippedFile(Path(path), f"empty image ({rows}x{columns})"))
+            continue
+        slices.append(_Slice(Path(path), orientation, position, (float(spacing[0]), float(spacing[1])), rows, columns))
+    if not slices:
+        raise DicomSeriesError(report.folder, "no usable image slices in the series" + _skip_hint(report))
+    return slices
+
+
+def _majority_orientation(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
+    """Keep the slices of the orientation held by more than half of them; the rest (localizers,
+    other planes) are excluded and recorded. Without such a majority, refuse: we cannot tell which plane is meant."""
+    groups: list[list[_Slice]] = []
+    for s in slices:
+        for group in groups:
+            if np.abs(group[0].orientation - s.orientation).max() <= ORIENTATION_TOLERANCE:
+                group.append(s)
+                break
+        else:
+            groups.append([s])
+    if len(groups) == 1:
+        return slices
+    groups.sort(key=len, reverse=True)
+    if 2 * len(groups[0]) <= len(slices):
+        described = "; ".join(
+            f"{len(g)} slice(s) with ImageOrientationPatient {np.round(g[0].orientation, 4).tolist()} (e.g. {g[0].path.name})"
+            for g in groups
+        )
+        raise DicomSeriesError(
+            folder, f"slices have {len(groups)} different orientations and none holds a majority: {described}"
+        )
+    for group in groups[1:]:
+        for s in group:
+            report.excluded.append(
+                SkippedFile(s.path, f"orientation differs from the {len(groups[0])} slices of the majority (localizer or other plane)")
+            )
+    return groups[0]
+
+
+def _directions(folder: Path, first: _Slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit row and column direction cosines and the slice normal (LPS) of ImageOrientationPatient."""
+    row_cos, col_cos = first.orientation[:3], first.orientation[3:]
+    norms = np.array([np.linalg.norm(row_cos), np.linalg.norm(col_cos)])
+    if np.any(np.abs(norms - 1) > 0.01) or abs(float(np.dot(row_cos, col_cos))) > SHEAR_TOLERANCE:
+        raise GeometryError(
+            folder,
+            f"ImageOrientationPatient {first.orientation.tolist()} (in {first.path.name}) is not two orthogonal "
+            "unit vectors",
+        )
+    row_cos, col_cos = row_cos / norms[0], col_cos / norms[1]
+    normal = np.cross(row_cos, col_cos)
+    return row_cos, col_cos, normal / np.linalg.norm(normal)
+
+
+def _decoder_problem(transfer_syntax: pydicom.uid.UID) -> str | None:
+    """Why pixels of this transfer syntax cannot be decoded here, or None when they can."""
+    from pydicom.pixels import get_decoder
+
+    name = f"{transfer_syntax.name} ({transfer_syntax})" if transfer_syntax.name != transfer_syntax else str(transfer_syntax)
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        return f"pixel data use transfer syntax {name}, which pydicom cannot decode"
+    if decoder.is_available:
+        return None
+    packages = _DECODER_PACKAGES.get(str(transfer_syntax), "pylibjpeg with its plugins, or python-gdcm")
+    return f"pixel data are compressed with {name} and no decoder for it is installed: pip install {packages}"
+
+
+def _decode(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
+    """Pixel values of each slice, rescaled per slice (RescaleSlope/Intercept) in float.
+
+    A missing decoder refuses the series (every slice would fail the same way); a slice whose pixel
+    data alone are broken (truncated file) is skipped and recorded.
+    """
+    checked: dict[str, str | None] = {}
+    decoded: list[_Slice] = []
+    for s in slices:
+        try:
+            ds = pydicom.dcmread(str(s.path), specific_tags=PIXEL_TAGS)
+        except Exception as exc:
+            report.skipped.append(SkippedFile(s.path, f"unreadable DICOM file ({type(exc).__name__})"))
+            continue
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if syntax is None:
+            report.skipped.append(SkippedFile(s.path, "no TransferSyntaxUID: pixel encoding unknown"))
+            continue
+        if syntax not in checked:
+            checked[syntax] = _decoder_problem(syntax)
+        if checked[syntax]:
+            raise DicomSeriesError(s.path, checked[syntax])
+        if "PixelData" not in ds:
+            report.skipped.append(SkippedFile(s.path, "no pixel data"))
+            continue
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # truncated or corrupt pixel data
+            report.skipped.append(SkippedFile(s.path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
+            continue
+        if pixels.shape != (s.rows, s.columns):
+            report.skipped.append(SkippedFile(s.path, f"pixel array of shape {pixels.shape}, expected {(s.rows, s.columns)}"))
+            continue
+        slope = float(ds.get("RescaleSlope", 1.0) if ds.get("RescaleSlope") is not None else 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) if ds.get("RescaleIntercept") is not None else 0.0)
+        if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+            raise DicomSeriesError(s.path, f"unusable RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+        # float64 arithmetic, then float32: exact for 16-bit pixels, and the slope is applied per slice.
+        s.pixels = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
+        decoded.append(s)
+    if not decoded:
+        raise DicomSeriesError(folder, "no slice has decodable pixel data" + _skip_hint(report))
+    return decoded
+
+
+def _drop_duplicates(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
+    """Slices at the same position: identical pixels -> keep one (recorded); different pixels -> refuse."""
+    kept = [slices[0]]
+    for s in slices[1:]:
+        previous = kept[-1]
+        if abs(s.distance - previous.distance) > DUPLICATE_TOLERANCE_MM:
+            kept.append(s)
+        elif np.array_equal(s.pixels, previous.pixels):
+            report.excluded.append(SkippedFile(s.path, f"duplicate of {previous.path.name} (same position, same pixels)"))
+        else:
+            raise DicomSeriesError(
+                folder,
+                f"{previous.path.name} and {s.path.name} are at the same position ({s.distance:.3f} mm along the slice "
+                "normal) but hold different pixels: several acquisitions, echoes or time points in one series, "
+                "or not a volume",
+            )
+    return kept
+
+
+def _uniform_step(folder: Path, slices: list[_Slice], report: DicomReadReport) -> float:
+    """The slice spacing (mm) of a uniformly spaced stack; gaps and irregular spacing are refused."""
+    distances = np.array([s.distance for s in slices])
+    steps = np.diff(distances)
+    median = float(np.median(steps))
+    tolerance = max(SPACING_ATOL_MM, SPACING_RTOL * median)
+    for k, step in enumerate(steps):
+        if abs(step - median) <= tolerance:
+            continue
+        a, b = slices[k], slices[k + 1]
+        where = (
+            f"between {a.path.name} at {np.round(a.position, 3).tolist()} and {b.path.name} at "
+            f"{np.round(b.position, 3).tolist()} (ImagePositionPatient, mm)"
+        )
+        if step > GAP_FACTOR * median:
+            missing = round(step / median) - 1
+            raise DicomSeriesError(
+                folder,
+                f"missing slice(s): a gap of {step:.3f} mm {where}, where the other slices are {median:.3f} mm apart "
+                f"(about {missing} slice(s) missing)" + _skip_hint(report),
+            )
+        raise DicomSeriesError(
+            folder,
+            f"slice spacing is not uniform: a step of {step:.3f} mm {where}, where the median step is {median:.3f} mm "
+            f"(tolerance {tolerance:.3f} mm)",
+        )
+    mean = float((distances[-1] - distances[0]) / (len(distances) - 1))
+    drift = np.abs(distances - distances[0] - mean * np.arange(len(distances)))
+    if drift.max() > tolerance:
+        k = int(drift.argmax())
+        raise DicomSeriesError(
+            folder,
+            f"slice spacing is not uniform: {slices[k].path.name} lies {drift[k]:.3f} mm off a uniform grid of "
+            f"{mean:.3f} mm steps (tolerance {tolerance:.3f} mm)",
+        )
+    return mean
+
+
+def _correct_gantry_tilt(
+    folder: Path,
+    slices: list[_Slice],
+    volume: np.ndarray,
+    normal: np.ndarray,
+    row_cos: np.ndarray,
+    col_cos: np.ndarray,
+    allow: bool,
+    report: DicomReadReport,
+) -> np.ndarray:
+    """Detect slices that step sideways (gantry tilt); refuse, or when ``allow`` shift each slice back.
+
+    A tilted stack has a sheared voxel grid, which NIfTI consumers cannot represent consistently, so
+    when allowed each slice is resampled (linear interpolation) onto the orthogonal grid through the
+    first slice; voxels shifted in from outside the field of view get the scan's minimum value.
+    """
+    offsets = np.array([s.position - slices[0].position for s in slices])
+    along = offsets @ normal
+    sideways = offsets - np.outer(along, normal)
+    row_spacing, col_spacing = slices[0].pixel_spacing
+    tolerance = TILT_TOLERANCE_PIXELS * min(row_spacing, col_spacing)
+    if np.linalg.norm(sideways, axis=1).max() <= tolerance:
+        return volume
+    per_mm = sideways[-1] / along[-1]  # sideways drift per mm travelled along the normal
+    off_line = np.linalg.norm(sideways - np.outer(along, per_mm), axis=1)
+    if off_line.max() > tolerance:
+        raise DicomSeriesError(
+            folder, f"slice positions do not lie on a straight line ({off_line.max():.3f} mm off it at most)"
+        )
+    angle = float(np.degrees(np.arctan(np.linalg.norm(per_mm))))
+    if not allow:
+        raise DicomSeriesError(
+            folder,
+            f"gantry tilt of {angle:.2f} degrees: each slice is shifted {np.linalg.norm(per_mm) * (along[1]):.3f} mm "
+            "sideways from the previous one, so the voxel grid is sheared. Pass allow_gantry_tilt=True "
+            "(`medseg convert --allow-gantry-tilt`) to resample it onto an orthogonal grid",
+        )
+    from scipy.ndimage import shift
+
+    fill = float(volume.min())
+    corrected = np.empty_like(volume)
+    for k in range(volume.shape[2]):
+        # Where voxel (i, j) of the orthogonal grid lies in slice k's own grid: i - di, j - dj.
+        di = float(np.dot(sideways[k], row_cos)) / col_spacing
+        dj = float(np.dot(sideways[k], col_cos)) / row_spacing
+        corrected[:, :, k] = shift(volume[:, :, k], (di, dj), order=1, mode="constant", cval=fill)
+    report.notes.append(f"gantry tilt of {angle:.2f} degrees corrected by resampling each slice (linear interpolation)")
+    return corrected

@@ -6,11 +6,21 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from medseg.atomic import write_atomic
-from medseg.errors import GeometryError, ScanError
+from medseg.errors import MedsegError, ScanError
+from medseg.io.geometry import check_affine, check_size, check_spacing_values
+
+__all__ = ["check_affine", "is_nifti_path", "load_nifti", "mask_like", "nifti_stem", "save_atomic"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Header fields that carry geometry; only these are copied from an input header into ours, so
+#: free-text fields (descrip, aux_file, db_name, intent_name), which may hold patient details, never travel.
+GEOMETRY_FIELDS = (
+    "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units",
+)
 
 
 def is_nifti_path(path: Path) -> bool:
@@ -28,8 +38,15 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
-def load_nifti(path: Path) -> nib.Nifti1Image:
-    """Load a 3D NIfTI scan; trailing singleton dimensions are dropped, anything else non-3D is refused."""
+def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
+    """Load a 3D NIfTI scan into memory, after checking that it can be used as a scan.
+
+    Trailing singleton dimensions are dropped; anything else non-3D (time series, vector images) is
+    refused, as are unusable geometry (:func:`medseg.io.geometry.check_affine`), non-positive pixdim
+    spacing, scans above the size cap (checked from the header, before voxels are read) and NaN or
+    infinite voxels. Voxels keep their stored dtype unless the header scales them (then float32).
+    The returned image has a fresh NIfTI-1 header holding only the input's geometry fields.
+    """
     path = Path(path)
     try:
         img = nib.load(str(path))
@@ -39,24 +56,61 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
         raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise ScanError(path, f"expected a NIfTI image, got {type(img).__name__}")
-    shape = img.shape
+    try:
+        # nibabel silently "fixes" zero or negative pixdim to 1 or |pixdim| on load; read them as stored.
+        with ImageOpener(str(path)) as fobj:
+            stored = type(img.header).from_fileobj(fobj, check=False)
+        check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
+        return _checked_in_memory(img, path, max_bytes)
+    except MedsegError:
+        raise
+    except Exception as exc:  # truncated voxel data, broken gzip stream, header nibabel cannot interpret...
+        raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+def _checked_in_memory(img: nib.Nifti1Image | nib.Nifti2Image, path: Path, max_bytes: int | None) -> nib.Nifti1Image:
+    shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
-        raise ScanError(path, f"expected a 3D scan, got an image of shape {img.shape}")
-    if shape != img.shape:
-        img = nib.Nifti1Image(np.asanyarray(img.dataobj).reshape(shape), None, img.header.copy())
+        raise ScanError(path, f"expected a 3D scan, got an image of shape {img.shape} (4D or vector image)")
+    if min(shape) < 1:
+        raise ScanError(path, f"image has an empty dimension: shape {img.shape}")
+    header = img.header
+    check_size(path, shape, header.get_data_dtype().itemsize, max_bytes)
     check_affine(img.affine, path)
-    return img
+    data = np.asanyarray(img.dataobj)
+    if data.dtype.kind not in "fiub":
+        raise ScanError(path, f"unsupported voxel type {data.dtype} (complex or structured NIfTI data)")
+    if data.dtype.kind == "f":
+        if data.dtype != header.get_data_dtype() and data.dtype.itemsize > 4:
+            # Scaled integers come back as float64; float32 holds them at scanner precision in half the memory.
+            data = data.astype(np.float32)
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(data.size - np.count_nonzero(finite))
+            raise ScanError(path, f"{bad} voxel(s) are NaN or infinite; a scan must hold finite values")
+    data = np.asarray(data).reshape(shape)
+    return _image_with_geometry(data, header)
 
 
-def check_affine(affine: np.ndarray, path: Path) -> None:
-    """Refuse affines that no scanner writes: non-finite values or zero spacing."""
-    if not np.all(np.isfinite(affine)):
-        raise GeometryError(path, f"affine has non-finite values:\n{affine}")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(spacing <= 0):
-        raise GeometryError(path, f"voxel spacing must be positive, got {spacing.tolist()} mm")
+def _geometry_header(source: nib.Nifti1Header, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
+    """A NIfTI-1 header with ``shape`` and ``dtype`` and only the geometry fields of ``source``, copied exactly."""
+    header = nib.Nifti1Header()
+    if isinstance(source, nib.Nifti1Header):  # Nifti2Header is a subclass: same field names
+        for key in GEOMETRY_FIELDS:
+            header[key] = source[key]
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(1.0, 0.0)
+    return header
+
+
+def _image_with_geometry(data: np.ndarray, source: nib.Nifti1Header) -> nib.Nifti1Image:
+    """``data`` in a NIfTI-1 image whose header geometry is copied exactly from ``source``."""
+    header = _geometry_header(source, data.shape, data.dtype)
+    # Passing the header's own best affine makes nibabel keep the copied qform/sform untouched.
+    return nib.Nifti1Image(data, header.get_best_affine(), header)
 
 
 def mask_like(mask: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -65,22 +119,16 @@ def mask_like(mask: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
     The affine is not recomputed: qform/sform and their codes are taken from the reference header,
     so the mask overlays the scan exactly in any viewer.
     """
-    spatial = reference.shape[:3]
-    if tuple(mask.shape) != tuple(spatial):
+    spatial = tuple(reference.shape[:3])
+    if tuple(mask.shape) != spatial:
         raise ValueError(f"mask shape {mask.shape} differs from the scan's {spatial}")
-    header = nib.Nifti1Header()
-    ref_header = reference.header
-    if isinstance(ref_header, nib.Nifti1Header):
-        for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
-                    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units"):
-            header[key] = ref_header[key]
-    header.set_data_shape(spatial)
-    header.set_data_dtype(np.uint8)
-    out = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), None, header)
-    if not isinstance(ref_header, nib.Nifti1Header):
+    if isinstance(reference.header, nib.Nifti1Header):
+        out = _image_with_geometry(np.asarray(mask, dtype=np.uint8), reference.header)
+    else:  # e.g. an image built by another library: its affine is all we have
+        out = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), reference.affine)
         out.set_sform(reference.affine, code=1)
         out.set_qform(reference.affine, code=1)
-    out.header.set_slope_inter(1.0, 0.0)
+        out.header.set_slope_inter(1.0, 0.0)
     return out
 
 

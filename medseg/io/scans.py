@@ -41,13 +41,15 @@ def find_scans(paths: Sequence[Path]) -> list[Scan]:
                 raise ScanError(path, "not a NIfTI file (.nii / .nii.gz) or a DICOM series folder")
             scans.append(Scan(nifti_stem(path), path, "nifti"))
         elif path.is_dir():
+            before = len(scans)
             niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti_path(p))
             scans.extend(Scan(nifti_stem(p), p, "nifti") for p in niftis)
             for series in find_dicom_series(path):
+                # Names come from folder names only, never from DICOM tags (which may identify the patient).
                 rel = series.folder.relative_to(path)
                 name = "_".join((path.name, *rel.parts)) if rel.parts else path.name
                 scans.append(Scan(name, series.folder, "dicom", series))
-            if not scans:
+            if len(scans) == before:
                 raise ScanError(path, "no NIfTI files or DICOM series found in this folder")
         else:
             raise ScanError(path, "no such file or folder")
@@ -67,26 +69,46 @@ def _number_duplicate_series(scans: list[Scan]) -> None:
             scans[i] = Scan(f"{scan.case_id}_s{seen[scan.case_id]}", scan.path, scan.kind, scan.series)
 
 
-def load_scan(scan: Scan | Path) -> nib.Nifti1Image:
-    """The scan as an in-memory NIfTI image (3D, RAS affine in mm)."""
+def load_scan(
+    scan: Scan | Path, *, allow_gantry_tilt: bool = False, max_bytes: int | None = None
+) -> nib.Nifti1Image:
+    """The scan as an in-memory NIfTI image (3D, RAS affine in mm), through all of medseg's checks.
+
+    NIfTI voxels keep their stored dtype (float32 when the header scales them); DICOM series are
+    float32 rescaled values (HU for CT). ``allow_gantry_tilt`` and ``max_bytes``: see
+    :func:`medseg.io.dicom.read_dicom_series_report`. Every failure is a :class:`ScanError`.
+    """
+    options = {"allow_gantry_tilt": allow_gantry_tilt, "max_bytes": max_bytes}
     if isinstance(scan, Scan):
         if scan.kind == "dicom":
-            return read_dicom_series(scan.path, scan.series)
-        return load_nifti(scan.path)
+            return read_dicom_series(scan.path, scan.series, **options)
+        return load_nifti(scan.path, max_bytes=max_bytes)
     path = Path(scan)
     if path.is_dir():
-        return read_dicom_series(path)
-    return load_nifti(path)
+        return read_dicom_series(path, **options)
+    if not path.exists():
+        raise ScanError(path, "no such file or folder")
+    if not is_nifti_path(path):
+        raise ScanError(path, "not a NIfTI file (.nii / .nii.gz); for DICOM, pass the folder holding the series")
+    return load_nifti(path, max_bytes=max_bytes)
 
 
 class ScanReader(ImageReader):
     """MONAI reader for NIfTI files and DICOM series folders, through medseg's checks."""
 
+    def __init__(self, *, allow_gantry_tilt: bool = False, max_bytes: int | None = None) -> None:
+        super().__init__()
+        self.allow_gantry_tilt = allow_gantry_tilt
+        self.max_bytes = max_bytes
+
     def verify_suffix(self, filename: Sequence[str] | str) -> bool:
         return all(Path(f).is_dir() or is_nifti_path(Path(f)) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str] | str, **kwargs):
-        images = [load_scan(Path(p)) for p in ensure_tuple(data)]
+        images = [
+            load_scan(Path(p), allow_gantry_tilt=self.allow_gantry_tilt, max_bytes=self.max_bytes)
+            for p in ensure_tuple(data)
+        ]
         return images if len(images) > 1 else images[0]
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:

@@ -1,0 +1,107 @@
+"""Tiny synthetic DICOM slices written with pydicom, for unit tests of the series reader.
+
+Each slice's pixels encode its own index along the stack (``base + 100 * index``), so a test can
+tell from the volume which slice landed where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+ROWS, COLS = 6, 5
+
+
+def slice_pixels(index: int, rows: int = ROWS, cols: int = COLS) -> np.ndarray:
+    """Stored pixels of slice ``index``: a ramp plus 100 x index, int16."""
+    return (np.arange(rows * cols, dtype=np.int16).reshape(rows, cols) + 100 * index).astype(np.int16)
+
+
+def write_slice(
+    path: Path,
+    *,
+    position: Sequence[float],
+    pixels: np.ndarray,
+    series_uid: str,
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    pixel_spacing: Sequence[float] = (0.8, 0.7),
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    instance: int = 1,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    **tags: object,
+) -> Path:
+    """Write one CT slice; extra keyword arguments become DICOM tags (e.g. ``ImageType=[...]``)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.PatientName = "Synthetic^Phantom"
+    ds.PatientID = "SYNTH0001"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.SliceThickness = 1.0
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.int16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if transfer_syntax == ImplicitVRLittleEndian:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=True)
+        return path
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def write_series(
+    folder: Path,
+    count: int = 5,
+    *,
+    origin: Sequence[float] = (10.0, -20.0, 30.0),
+    step: Sequence[float] = (0.0, 0.0, 2.5),
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    series_uid: str | None = None,
+    names: Sequence[str] | None = None,
+    **kwargs: object,
+) -> list[Path]:
+    """``count`` slices at ``origin + k * step`` (LPS mm); slice k holds :func:`slice_pixels` (k)."""
+    series_uid = series_uid or generate_uid()
+    names = names or [f"slice_{k:03d}.dcm" for k in range(count)]
+    origin_v, step_v = np.asarray(origin, float), np.asarray(step, float)
+    return [
+        write_slice(
+            folder / names[k],
+            position=origin_v + k * step_v,
+            pixels=slice_pixels(k),
+            series_uid=series_uid,
+            orientation=orientation,
+            instance=k + 1,
+            **kwargs,
+        )
+        for k in range(count)
+    ]
