@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import cc3d
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from nibabel.orientations import apply_orientation, io_orientation
@@ -35,6 +36,13 @@ def _png(fig: Figure) -> str:
 
 def _color(class_id: int) -> str:
     return _COLORS[(class_id - 1) % len(_COLORS)]
+
+
+def _prediction_color(class_id: int) -> tuple[float, float, float]:
+    """The class colour mixed halfway with white: where the dashed prediction runs along the solid reference
+    contour, a same-colour dash would vanish into it; a tint keeps both visible on grey images."""
+    rgb = to_rgb(_color(class_id))
+    return tuple(0.45 * c + 0.55 for c in rgb)  # type: ignore[return-value]
 
 
 def metric_boxplots(result: EvaluationResult) -> str:
@@ -143,16 +151,16 @@ def _draw(ax: Axes, image: np.ndarray | None, ref: np.ndarray, pred: np.ndarray,
     xs = (np.arange(nx) + 0.5) * spacing[0]
     ys = (np.arange(ny) + 0.5) * spacing[1]
     for k in classes:
-        for mask, style in ((ref == k, "solid"), (pred == k, "dashed")):
+        for mask, style, color, width in ((ref == k, "solid", _color(k), 1.8), (pred == k, "dashed", _prediction_color(k), 1.4)):
             if mask.any() and not mask.all():
-                ax.contour(xs, ys, mask.T.astype(np.float32), levels=[0.5], colors=[_color(k)], linestyles=style, linewidths=1.4)
+                ax.contour(xs, ys, mask.T.astype(np.float32), levels=[0.5], colors=[color], linestyles=style, linewidths=width)
     if flip_x:
         ax.invert_xaxis()
     ax.set_xticks([])
     ax.set_yticks([])
     left, right, bottom, top = letters
     for text, xy in ((left, (0.02, 0.5)), (right, (0.98, 0.5)), (bottom, (0.5, 0.02)), (top, (0.5, 0.98))):
-        ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=8, ha="center", va="center")
+        ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=10, fontweight="bold", ha="center", va="center")
 
 
 def case_overlay(case: CaseResult, label_names: dict[int, str]) -> str:
@@ -208,8 +216,9 @@ def case_overlay(case: CaseResult, label_names: dict[int, str]) -> str:
     from matplotlib.lines import Line2D
 
     for k in classes:
-        handles.append(Line2D([], [], color=_color(k), lw=1.5, label=f"{label_names.get(k, f'class_{k}')} reference"))
-        handles.append(Line2D([], [], color=_color(k), lw=1.5, ls="--", label="prediction"))
-    fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
+        name = label_names.get(k, f"class_{k}")
+        handles.append(Line2D([], [], color=_color(k), lw=1.8, label=f"{name} reference"))
+        handles.append(Line2D([], [], color=_prediction_color(k), lw=1.4, ls="--", label=f"{name} prediction"))
+    fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8, frameon=True, facecolor="#bbbbbb")
     fig.suptitle(f"{case.case_id}", fontsize=10)
     return _png(fig)

@@ -269,8 +269,9 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
         parts.append("<h2>Lesion detection</h2>")
         parts.append(f"<p class='muted'>{cfg.connectivity}-connected components; one-to-one matching maximising IoU with "
                      f"IoU ≥ {cfg.match_min_iou:g}; size by longest {'axial' if cfg.size_by == 'axial' else '3D'} diameter "
-                     f"of the reference lesion (false positives: their own); components below "
-                     f"{cfg.min_lesion_volume_ml:g} mL dropped.</p>")
+                     f"of the reference lesion (false positives: their own); "
+                     + (f"components below {cfg.min_lesion_volume_ml:g} mL dropped and counted.</p>" if cfg.min_lesion_volume_ml > 0
+                        else "no minimum lesion volume.</p>"))
         for name, les in result.lesion_summary.items():
             rows = [[html.escape(b), str(d.tp), str(d.fn), str(d.fp), _num(d.sensitivity), _num(d.precision), _num(d.f1)]
                     for b, d in les.detection.items()]

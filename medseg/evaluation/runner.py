@@ -141,11 +141,15 @@ class EvaluationResult:
         """A short human summary: per-class Dice table, lesion detection, problems, and the output files."""
         lines = [f"evaluated {len(self.cases)} case(s); mean foreground Dice {self.mean_foreground_dice:.4f}"]
         width = max([len(n) for n in self.per_class] + [5])
-        lines.append(f"  {'class':<{width}}  {'mean':>6}  {'median':>6}  {'std':>6}  {'n':>4}  {'undef':>5}  {'HD95 mm':>8}")
+        lines.append(f"  {'class':<{width}}  {'mean':>6}  {'median':>6}  {'std':>6}  {'n':>4}  {'both∅':>5}  {'pred∅':>5}  "
+                     f"{'ref∅':>5}  {'HD95 mm':>8}  {'NSD':>6}")
         for name, s in self.per_class.items():
-            hd = s.stats["hd95_mm"].median
-            lines.append(f"  {name:<{width}}  {_fmt(s.mean)}  {_fmt(s.median)}  {_fmt(s.std)}  {s.n:>4}  {s.n_undefined:>5}  "
-                         f"{_fmt(hd, 8, 2)}")
+            c = s.status_counts
+            lines.append(f"  {name:<{width}}  {_fmt(s.mean)}  {_fmt(s.median)}  {_fmt(s.std)}  {s.n:>4}  "
+                         f"{c[PairStatus.BOTH_EMPTY]:>5}  {c[PairStatus.PREDICTION_EMPTY]:>5}  {c[PairStatus.REFERENCE_EMPTY]:>5}  "
+                         f"{_fmt(s.stats['hd95_mm'].median, 8, 2)}  {_fmt(s.stats['nsd'].mean)}")
+        lines.append("  (Dice mean/median/std over cases where defined; both∅ = both masks empty, Dice undefined; "
+                     "pred∅/ref∅ = one side empty, Dice 0; HD95 median)")
         for name, les in self.lesion_summary.items():
             d = les.detection["all"]
             lines.append(f"  lesions '{name}': TP {d.tp}, FN {d.fn}, FP {d.fp}; sensitivity {_fmt(d.sensitivity, 0)}, "
@@ -379,6 +383,7 @@ def evaluate_folders(
     label_names_from: Path | None = None,
     *,
     images_dir: Path | None = None,
+    label_names: dict[int, str] | None = None,
     config: EvaluateConfig | None = None,
     progress: bool = True,
     **options: object,
@@ -386,7 +391,8 @@ def evaluate_folders(
     """Compare ``pred_dir/<case>.nii.gz`` with reference labels and write the results to ``output_dir``.
 
     ``labels`` is a folder of reference NIfTIs or a manifest JSON (which also gives label names and images).
-    ``label_names_from`` is a checkpoint or run folder whose ``label_names`` win over the manifest's.
+    ``label_names_from`` is a checkpoint or run folder whose ``label_names`` win over the manifest's;
+    ``label_names`` (``{value: name}``) wins over both. Without names, classes are ``class_<k>``.
     ``images_dir`` holds images (``<case>.nii.gz`` or ``<case>_0000.nii.gz``) for lesion intensities and
     report pictures. ``options`` override fields of ``config`` (:class:`medseg.config.EvaluateConfig`),
     e.g. ``lesion_classes=[2]``, ``nsd_tolerance_mm=1.0``.
@@ -400,7 +406,12 @@ def evaluate_folders(
     pred_dir, output_dir = Path(pred_dir), Path(output_dir)
     refs = _references(Path(labels))
     predictions = _nifti_files(pred_dir, "prediction")
-    label_names = load_label_names(Path(label_names_from)) if label_names_from is not None else dict(refs.label_names)
+    if label_names is not None:
+        label_names = {int(k): str(v) for k, v in label_names.items()}
+    elif label_names_from is not None:
+        label_names = load_label_names(Path(label_names_from))
+    else:
+        label_names = dict(refs.label_names)
     missing = sorted(set(refs.labels) - set(predictions))
     unmatched = sorted(set(predictions) - set(refs.labels))
     to_score = sorted(refs.labels) if cfg.missing_as_empty else sorted(set(refs.labels) & set(predictions))
