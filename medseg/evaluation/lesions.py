@@ -28,7 +28,7 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import cdist
 from skimage.measure import marching_cubes
 
-from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
+from medseg.evaluation.metrics import bounding_box, voxel_spacing, voxel_volume_ml
 
 # A voxel axis within this cosine of the world S axis counts as axial: its slices are the axial planes.
 _AXIAL_COSINE = 1.0 - 1e-3
@@ -66,6 +66,8 @@ class LesionSet:
     labels: np.ndarray
     lesions: list[Lesion]
     dropped: list[Lesion]
+    region: tuple[slice, ...] | None = None  # box holding every component (kept or dropped); None if none
+
 
     def __len__(self) -> int:
         return len(self.lesions)
@@ -160,21 +162,28 @@ def find_lesions(
     ``image`` (same grid) gives each lesion's mean intensity (e.g. HU).
     """
     mask = np.asarray(mask, dtype=bool)
-    raw = cc3d.connected_components(mask, connectivity=connectivity).astype(np.int32, copy=False)
+    region = bounding_box(mask)
+    if region is None:
+        return LesionSet(np.zeros(mask.shape, np.int32), [], [], None)
+    shift = np.array([s.start for s in region])
+    raw = cc3d.connected_components(np.ascontiguousarray(mask[region]), connectivity=connectivity).astype(np.int32, copy=False)
     stats = cc3d.statistics(raw)
     counts = np.asarray(stats["voxel_counts"])
     voxel_ml = voxel_volume_ml(affine)
-    sums = np.bincount(raw.ravel(), weights=image.ravel().astype(np.float64), minlength=len(counts)) if image is not None else None
+    sums = None
+    if image is not None:
+        sums = np.bincount(raw.ravel(), weights=np.asarray(image[region], dtype=np.float64).ravel(), minlength=len(counts))
 
     measured: list[tuple[int, Lesion]] = []
     for cid in range(1, len(counts)):
         if counts[cid] == 0:
             continue
-        box = tuple(stats["bounding_boxes"][cid])
-        origin = [s.start for s in box]
-        d3, dax = lesion_diameters(raw[box] == cid, affine, origin)
-        centroid = apply_affine(affine, np.asarray(stats["centroids"][cid], dtype=np.float64))
+        local = tuple(stats["bounding_boxes"][cid])
+        origin = [s.start + int(o) for s, o in zip(local, shift, strict=True)]
+        d3, dax = lesion_diameters(raw[local] == cid, affine, origin)
+        centroid = apply_affine(affine, np.asarray(stats["centroids"][cid], dtype=np.float64) + shift)
         mean = float(sums[cid] / counts[cid]) if sums is not None else None
+        box = tuple(slice(s.start + int(o), s.stop + int(o)) for s, o in zip(local, shift, strict=True))
         lesion = Lesion(0, int(counts[cid]), int(counts[cid]) * voxel_ml, d3, dax,
                         tuple(float(c) for c in centroid), mean, box)  # type: ignore[arg-type]
         measured.append((cid, lesion))
@@ -188,7 +197,9 @@ def find_lesions(
         lookup[cid] = new_index
         lesions.append(_renumbered(les, new_index))
     dropped = [_renumbered(les, len(kept) + i) for i, (_, les) in enumerate(small, start=1)]
-    return LesionSet(lookup[raw], lesions, dropped)
+    labels = np.zeros(mask.shape, np.int32)
+    labels[region] = lookup[raw]
+    return LesionSet(labels, lesions, dropped, region)
 
 
 def _renumbered(lesion: Lesion, index: int) -> Lesion:
@@ -224,8 +235,14 @@ class LesionMatch:
 def overlap_matrix(reference: LesionSet, prediction: LesionSet) -> np.ndarray:
     """Voxels shared by reference lesion i+1 and predicted lesion j+1, as an (n_ref, n_pred) array."""
     n_ref, n_pred = len(reference), len(prediction)
-    both = (reference.labels > 0) & (prediction.labels > 0)
-    pairs = reference.labels[both].astype(np.int64) * (n_pred + 1) + prediction.labels[both]
+    if reference.region is None or prediction.region is None:
+        return np.zeros((n_ref, n_pred), dtype=np.int64)
+    # Only where both sets have components can they overlap: intersect their boxes.
+    box = tuple(slice(max(a.start, b.start), max(min(a.stop, b.stop), max(a.start, b.start)))
+                for a, b in zip(reference.region, prediction.region, strict=True))
+    ref_labels, pred_labels = reference.labels[box], prediction.labels[box]
+    both = (ref_labels > 0) & (pred_labels > 0)
+    pairs = ref_labels[both].astype(np.int64) * (n_pred + 1) + pred_labels[both]
     counts = np.bincount(pairs, minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)
     return counts[1:, 1:]
 

@@ -251,7 +251,8 @@ def label_array(img, path: Path) -> np.ndarray:
         data = rounded
     if data.dtype.kind in "fi" and data.size and data.min() < 0:
         raise ScanError(path, f"not a label map: it has negative values (min {data.min()})")
-    return data.astype(np.int32, copy=False)
+    # The smallest unsigned type that holds the labels: a whole-body CT label map stays uint8, not 4x larger.
+    return data.astype(np.min_scalar_type(int(data.max()) if data.size else 0), copy=False)
 
 
 def check_same_grid(ref_img, ref_path: Path, other_img, other_path: Path, what: str = "prediction") -> None:
@@ -322,7 +323,9 @@ def evaluate_case(
         prediction = label_array(pred_img, prediction_path)
     else:
         prediction = np.zeros_like(reference)
-    present = set(np.flatnonzero(np.bincount(reference.ravel()))) | set(np.flatnonzero(np.bincount(prediction.ravel())))
+    # order="K" reads in memory order: no copy of Fortran-ordered NIfTI arrays.
+    present = (set(np.flatnonzero(np.bincount(reference.ravel(order="K"))))
+               | set(np.flatnonzero(np.bincount(prediction.ravel(order="K")))))
     case_classes = sorted({int(k) for k in classes} | {int(k) for k in present if k != 0})
     tolerances = {k: config.tolerance_mm(k) for k in case_classes}
     affine = np.asarray(ref_img.affine)
