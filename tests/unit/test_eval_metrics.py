@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medseg.evaluation.metrics import (
     PairStatus,
@@ -122,3 +124,19 @@ def test_spacing_and_voxel_volume_come_from_the_affine_even_when_rotated() -> No
     affine[:3, :3] = rotation @ np.diag([0.5, 0.7, 3.0])
     assert voxel_spacing(affine) == pytest.approx((0.5, 0.7, 3.0))
     assert voxel_volume_ml(affine) == pytest.approx(0.5 * 0.7 * 3.0 / 1000)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), spacing=st.tuples(*[st.sampled_from([0.5, 1.0, 2.5])] * 3))
+def test_metrics_are_symmetric_and_bounded_on_random_blobs(seed: int, spacing: tuple[float, float, float]) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.random((10, 10, 6)) < 0.3
+    b = rng.random((10, 10, 6)) < 0.3
+    ab = binary_metrics(a, b, spacing, 1.0, 0.001)
+    ba = binary_metrics(b, a, spacing, 1.0, 0.001)
+    if ab.status != PairStatus.BOTH:
+        return
+    assert ab.dice == pytest.approx(ba.dice) and 0 <= ab.dice <= 1
+    assert ab.hd95_mm == pytest.approx(ba.hd95_mm) and ab.assd_mm == pytest.approx(ba.assd_mm)
+    assert ab.nsd == pytest.approx(ba.nsd) and 0 <= ab.nsd <= 1
+    assert ab.volume_difference_ml == pytest.approx(-ba.volume_difference_ml)
