@@ -47,7 +47,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medseg.evaluation.runner import evaluate_folders
 
-    result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model)
+    config = None
+    if args.config is not None:
+        from medseg.config import load_config
+
+        config = load_config(args.config).evaluate
+    options: dict[str, object] = {}
+    for flag, key in (("lesion_classes", "lesion_classes"), ("connectivity", "connectivity"),
+                      ("min_lesion_ml", "min_lesion_volume_ml"), ("match_min_iou", "match_min_iou"),
+                      ("size_buckets", "size_buckets_mm"), ("size_by", "size_by"), ("nsd_tolerance", "nsd_tolerance_mm")):
+        if getattr(args, flag) is not None:
+            options[key] = getattr(args, flag)
+    if args.nsd_tolerance_class:
+        per_class: dict[int, float] = dict(config.nsd_tolerance_mm_per_class) if config else {}
+        for item in args.nsd_tolerance_class:
+            try:
+                k, mm = item.split("=")
+                per_class[int(k)] = float(mm)
+            except ValueError:
+                raise MedsegError(f"--nsd-tolerance-class expects CLASS=MM (e.g. 2=1.5), got {item!r}") from None
+        options["nsd_tolerance_mm_per_class"] = per_class
+    if args.missing_as_empty:
+        options["missing_as_empty"] = True
+    if args.no_html:
+        options["html_report"] = False
+    result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model,
+                              images_dir=args.images, config=config, **options)
     print(result.describe())
     return 0
 
@@ -119,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, type=Path, help="folder of reference labels, or a manifest JSON")
     p.add_argument("--output", required=True, type=Path, help="folder for metrics CSV/JSON and the report")
     p.add_argument("--model", type=Path, default=None, help="run folder or checkpoint whose label names to use")
+    p.add_argument("--images", type=Path, default=None,
+                   help="folder of images (<case>.nii.gz or <case>_0000.nii.gz) for lesion intensities and report pictures")
+    p.add_argument("--config", default=None, help="experiment YAML whose 'evaluate' section sets the defaults below")
+    p.add_argument("--lesion-classes", type=int, nargs="+", default=None, help="classes reported lesion by lesion")
+    p.add_argument("--connectivity", type=int, choices=[6, 18, 26], default=None, help="lesion connectivity (default 26)")
+    p.add_argument("--min-lesion-ml", type=float, default=None, help="drop (and count) lesions smaller than this, mL")
+    p.add_argument("--match-min-iou", type=float, default=None, help="least IoU for a lesion match (default 0.1)")
+    p.add_argument("--size-buckets", type=float, nargs="+", default=None, help="lesion size bucket edges, mm (default 5 10 20)")
+    p.add_argument("--size-by", choices=["axial", "3d"], default=None, help="diameter for size buckets (default axial)")
+    p.add_argument("--nsd-tolerance", type=float, default=None, help="surface Dice tolerance, mm (default 2)")
+    p.add_argument("--nsd-tolerance-class", action="append", default=[], metavar="CLASS=MM",
+                   help="per-class surface Dice tolerance, repeatable")
+    p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty masks")
+    p.add_argument("--no-html", action="store_true", help="skip report.html")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("convert", help="convert a DICOM series folder (or NIfTI) to NIfTI")

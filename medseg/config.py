@@ -153,9 +153,39 @@ class InferConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """What evaluation reports beyond per-class Dice."""
+    """What evaluation reports beyond per-class Dice (see docs/evaluation.md for the definitions)."""
 
     lesion_classes: list[int] = Field(default_factory=list, description="classes reported lesion by lesion")
+    connectivity: Literal[6, 18, 26] = Field(default=26, description="3D neighbourhood that joins voxels into one lesion")
+    min_lesion_volume_ml: float = Field(default=0.0, ge=0, description="components smaller than this (mL) are dropped and counted apart")
+    match_min_iou: float = Field(default=0.1, gt=0, le=1, description="least IoU for a predicted lesion to match a reference lesion")
+    size_buckets_mm: list[float] = Field(default_factory=lambda: [5.0, 10.0, 20.0], min_length=1,
+                                         description="bucket edges (mm) of the lesion diameter for detection by size")
+    size_by: Literal["axial", "3d"] = Field(default="axial", description="diameter used for size buckets: longest axial (RECIST) or 3D")
+    nsd_tolerance_mm: float = Field(default=2.0, gt=0, description="normalised surface Dice tolerance (mm) for classes not listed below")
+    nsd_tolerance_mm_per_class: dict[int, float] = Field(default_factory=dict, description="class -> NSD tolerance (mm)")
+    missing_as_empty: bool = Field(default=False, description="score a missing prediction as an empty mask instead of only listing it")
+    overlay_cases: int = Field(default=2, ge=0, description="worst and best cases (each) drawn in report.html")
+    html_report: bool = True
+
+    @field_validator("size_buckets_mm")
+    @classmethod
+    def _buckets_increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= 0 for b in v) or any(b2 <= b1 for b1, b2 in zip(v, v[1:], strict=False)):
+            raise ValueError(f"size buckets must be positive and increasing mm values, got {v}")
+        return v
+
+    @field_validator("nsd_tolerance_mm_per_class")
+    @classmethod
+    def _tolerances_positive(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {k: t for k, t in v.items() if t <= 0}
+        if bad:
+            raise ValueError(f"NSD tolerances must be positive mm values, got {bad}")
+        return v
+
+    def tolerance_mm(self, class_id: int) -> float:
+        """NSD tolerance (mm) of one class."""
+        return self.nsd_tolerance_mm_per_class.get(class_id, self.nsd_tolerance_mm)
 
 
 class ExperimentConfig(_Section):
