@@ -92,7 +92,8 @@ def build_hippocampus_cases(shared: Path, root: Path) -> dict[str, Path]:
         cases.append({"id": case, "image": str((shared / "hippocampus" / "images" / f"{case}.nii.gz").resolve()),
                       "label": str(label_path.resolve())})
     manifest = {"name": "hippocampus-perturbed", "modality": "MR",
-                "labels": {"0": "background", "1": "anterior", "2": "posterior"}, "cases": cases}
+                "labels": {"0": "background", "1": "anterior", "2": "posterior"}, "cases": cases,
+                "allow_paths_outside_root": True}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return {"pred": pred_dir, "manifest": root / "manifest.json"}
 
