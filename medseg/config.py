@@ -286,3 +286,15 @@ def load_config(path: str | Path) -> ExperimentConfig:
 def dump_config(config: ExperimentConfig) -> str:
     """The config as YAML text (all defaults written out), as saved beside checkpoints."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A copy of ``config`` with nested values replaced (``{"train": {"epochs": 2}}``), validated again."""
+
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in extra.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return config_from_dict(merge(config.model_dump(mode="json"), overrides), source="config with overrides")

@@ -9,10 +9,11 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from medseg.config import load_config
+from medseg.config import load_config, with_overrides
 from medseg.data.manifest import load_manifest, save_manifest
-from medseg.data.phantom import write_phantom_dataset
+from medseg.data.phantom import PhantomSpec, write_phantom_dataset
 from medseg.errors import OutputError
 from medseg.evaluation.runner import evaluate_folders
 from medseg.inference.runner import predict_paths
@@ -54,24 +55,28 @@ def _prepare(output_dir: Path, overwrite: bool) -> None:
 
 
 def run_demo(output_dir: Path = Path("medseg_demo"), num_cases: int = 16, minutes: float = 4.0,
-             overwrite: bool = False, seed: int = 0, epochs: int | None = None) -> DemoResult:
-    """Run the whole pipeline on generated phantoms; ``minutes`` caps the training time."""
+             overwrite: bool = False, seed: int = 0, phantom_spec: PhantomSpec | None = None,
+             config_overrides: dict[str, Any] | None = None) -> DemoResult:
+    """Run the whole pipeline on generated phantoms; ``minutes`` caps the training time.
+
+    ``phantom_spec`` and ``config_overrides`` (nested dict over ``configs/demo.yaml``) shrink it for tests.
+    """
     start = time.monotonic()
     output_dir = Path(output_dir).resolve()
     _prepare(output_dir, overwrite)
     print(f"[1/4] generating {num_cases} synthetic CT phantoms in {output_dir / 'data'}")
-    manifest_path = write_phantom_dataset(output_dir / "data", num_cases=num_cases, seed=seed)
+    manifest_path = write_phantom_dataset(output_dir / "data", num_cases=num_cases, seed=seed,
+                                          spec=phantom_spec or PhantomSpec())
     manifest = load_manifest(manifest_path)
     test_manifest = manifest.model_copy(update={"cases": manifest.split("test"), "splits": {"test": manifest.splits["test"]}})
     test_manifest_path = save_manifest(test_manifest, output_dir / "data" / "manifest_test.json")
 
-    config = load_config("demo.yaml")
-    config.seed = seed
-    config.data.manifest = manifest_path
-    config.train.output_dir = output_dir / "run"
-    config.train.max_minutes = minutes
-    if epochs is not None:
-        config.train.epochs = epochs
+    config = with_overrides(load_config("demo.yaml"), {
+        **(config_overrides or {}),
+        "seed": seed,
+        "data": {**(config_overrides or {}).get("data", {}), "manifest": str(manifest_path)},
+        "train": {**(config_overrides or {}).get("train", {}), "output_dir": str(output_dir / "run"), "max_minutes": minutes},
+    })
     print(f"[2/4] training a 3D U-Net for up to {minutes:g} min ({len(manifest.split('train'))} train, "
           f"{len(manifest.split('val'))} validation phantoms)")
     result = train(config)
@@ -81,6 +86,6 @@ def run_demo(output_dir: Path = Path("medseg_demo"), num_cases: int = 16, minute
 
     print("[4/4] evaluating against the phantoms' known labels")
     evaluation = evaluate_folders(output_dir / "predictions", test_manifest_path, output_dir / "evaluation",
-                                  label_names_from=result.best_checkpoint)
+                                  label_names_from=result.best_checkpoint, config=config.evaluate)
     per_class = {name: s.mean for name, s in evaluation.per_class.items()}
     return DemoResult(output_dir, evaluation.mean_foreground_dice, per_class, time.monotonic() - start, evaluation.describe())
