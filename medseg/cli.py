@@ -41,6 +41,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(summary.describe())
+    if args.report:
+        from medseg.evaluation.runner import lesion_inventory
+        from medseg.models.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.model)
+        classes = args.lesion_classes or ckpt.config.evaluate.lesion_classes
+        if not classes:
+            raise MedsegError(f"{ckpt.path}: the model's config names no evaluate.lesion_classes; pass --lesion-classes")
+        inventory = lesion_inventory(args.output, classes, label_names=ckpt.label_names, config=ckpt.config.evaluate)
+        print("lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
 
 
@@ -137,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--report", action="store_true",
+                   help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
+    p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
+                   help="classes for --report (default: the model config's evaluate.lesion_classes)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")

@@ -52,3 +52,40 @@ def test_mask_of_a_dicom_series_matches_simpleitk_geometry(shared_data, trained_
     assert mask.shape == tuple(size)
     np.testing.assert_allclose(mask.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+CANARIES = {"PatientName": "ZZCANARY^PERSON", "PatientID": "CANARYID9876", "PatientBirthDate": "19010203",
+            "StudyDate": "19020304", "InstitutionName": "CANARY HOSPITAL OF QUUX"}
+
+
+def test_predict_and_its_lesion_report_carry_no_patient_identifiers(shared_data, trained_run, tmp_path, caplog, capsys):
+    import gzip
+    import logging
+
+    import pydicom
+
+    from medseg.cli import main
+
+    folder = tmp_path / "in" / "series_a"
+    folder.mkdir(parents=True)
+    for path in sorted((shared_data / "dicom" / "series" / "torchio_ct_17").iterdir()):
+        ds = pydicom.dcmread(str(path))
+        for key, value in CANARIES.items():
+            setattr(ds, key, value)
+        ds.save_as(str(folder / path.name))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.DEBUG):
+        code = main(["-v", "predict", "--model", str(trained_run), "--input", str(folder), "--output", str(out),
+                     "--device", "cpu", "--report", "--lesion-classes", "2"])
+    assert code == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "series_a.nii.gz" in names and "lesion_inventory.csv" in names
+    texts = [r.getMessage() for r in caplog.records] + list(capsys.readouterr())
+    for path in out.iterdir():
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+        for canary in CANARIES.values():
+            for part in canary.split("^"):
+                assert part.encode() not in raw, (path.name, part)
+                assert part not in path.name
+                assert not any(part in t for t in texts), part
