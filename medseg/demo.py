@@ -54,7 +54,7 @@ def _prepare(output_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(part)
 
 
-def run_demo(output_dir: Path = Path("medseg_demo"), num_cases: int = 16, minutes: float = 4.0,
+def run_demo(output_dir: Path = Path("medseg_demo"), num_cases: int = 16, minutes: float = 8.0,
              overwrite: bool = False, seed: int = 0, phantom_spec: PhantomSpec | None = None,
              config_overrides: dict[str, Any] | None = None) -> DemoResult:
     """Run the whole pipeline on generated phantoms; ``minutes`` caps the training time.
@@ -77,8 +77,8 @@ def run_demo(output_dir: Path = Path("medseg_demo"), num_cases: int = 16, minute
         "data": {**(config_overrides or {}).get("data", {}), "manifest": str(manifest_path)},
         "train": {**(config_overrides or {}).get("train", {}), "output_dir": str(output_dir / "run"), "max_minutes": minutes},
     })
-    print(f"[2/4] training a 3D U-Net for up to {minutes:g} min ({len(manifest.split('train'))} train, "
-          f"{len(manifest.split('val'))} validation phantoms)")
+    print(f"[2/4] training a 3D U-Net for {config.train.epochs} epochs, at most {minutes:g} min "
+          f"({len(manifest.split('train'))} train, {len(manifest.split('val'))} validation phantoms)")
     result = train(config)
 
     print(f"[3/4] predicting {len(test_manifest.cases)} held-out phantoms")

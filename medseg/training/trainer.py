@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from medseg.atomic import write_text_atomic
 from medseg.config import ExperimentConfig, dump_config
-from medseg.data.manifest import Manifest, load_manifest
+from medseg.data.manifest import Manifest, ManifestCase, check_case_geometry, load_manifest
 from medseg.data.transforms import IMAGE, LABEL, training_transforms, validation_transforms
 from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, resolve_device
@@ -57,9 +57,12 @@ def _seed_everything(seed: int) -> None:
     set_determinism(seed=seed)
 
 
-def _case_dicts(manifest: Manifest, split: str, fold: int | None) -> list[dict[str, str]]:
-    return [{IMAGE: str(manifest.image_path(c)), LABEL: str(manifest.label_path(c))}
-            for c in manifest.split(split, fold) if c.label]
+def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCase]:
+    return [c for c in manifest.split(split, fold) if c.label]
+
+
+def _case_dicts(manifest: Manifest, cases: list[ManifestCase]) -> list[dict[str, str]]:
+    return [{IMAGE: str(manifest.image_path(c)), LABEL: str(manifest.label_path(c))} for c in cases]
 
 
 def _lr_lambda(config: ExperimentConfig):
@@ -115,11 +118,15 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
     """Train the configured network; returns the best checkpoint (by mean foreground validation Dice)."""
     manifest = load_manifest(config.data.manifest)
     fold = config.data.fold
-    train_cases = _case_dicts(manifest, "train", fold)
-    val_cases = _case_dicts(manifest, "val", fold)
-    if not train_cases:
+    train_split, val_split = _labelled_cases(manifest, "train", fold), _labelled_cases(manifest, "val", fold)
+    if not train_split:
         raise ConfigError(f"{config.data.manifest}: no labelled cases in the train split"
                           + (f" of fold {fold}" if fold is not None else ""))
+    # A label off its image's grid would silently train on the wrong voxels: refuse it before any work.
+    for case in tqdm({c.id: c for c in train_split + val_split}.values(), desc="checking cases", unit="case",
+                     leave=False, disable=None):
+        check_case_geometry(manifest, case)
+    train_cases, val_cases = _case_dicts(manifest, train_split), _case_dicts(manifest, val_split)
     run_dir = prepare_run_dir(config, resume)
     write_text_atomic(run_dir / "config.yaml", dump_config(config))
     dev = resolve_device(device or config.train.device)

@@ -54,3 +54,28 @@ def test_2d_model_trains_on_slices(phantom_manifest, tmp_path):
     ckpt = load_checkpoint(result.run_dir)
     assert ckpt.config.model.spatial_dims == 2
     assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.05
+
+
+def test_a_label_off_its_image_grid_stops_training_naming_the_file(phantom_manifest, tmp_path):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.data.manifest import load_manifest, save_manifest
+    from medseg.errors import GeometryError
+
+    src = load_manifest(phantom_manifest)
+    root = tmp_path / "data"
+    shutil.copytree(src.root, root)
+    case = src.split("train")[0]
+    label_path = root / case.label
+    label = nib.load(label_path)
+    shifted = label.affine.copy()
+    shifted[0, 3] += 3.0  # 3 mm off: a label exported from another grid
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), label_path)
+    save_manifest(src, root / "manifest.json")
+    with pytest.raises(GeometryError) as err:
+        train(tiny_config(root / "manifest.json", tmp_path / "run"), device="cpu")
+    assert label_path.name in str(err.value) and "origin" in str(err.value)
+    assert not (tmp_path / "run" / "last.pt").exists()
