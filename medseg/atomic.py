@@ -8,6 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = "") -> Path:
     """Call ``write(tmp_path)`` and move the result to ``path`` only once it is complete.
 
@@ -20,6 +29,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = "") ->
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp makes owner-only files; outputs get the usual permissions (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
