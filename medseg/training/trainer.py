@@ -218,8 +218,8 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
                 since_best = 0 if improved else since_best + 1
                 log.info("epoch %d: loss %.4f, val Dice %.4f (%s)", epoch + 1, record["loss"], mean_dice,
                          ", ".join(f"{n} {d:.3f}" for n, d in zip(fg_names, per_class, strict=True)))
-            elif val_loader is None:
-                improved = True
+            else:
+                improved = val_loader is None  # without validation cases the latest epoch counts as best
                 log.info("epoch %d: loss %.4f", epoch + 1, record["loss"])
             if improved:
                 best_dice, best_epoch = record.get("val_dice", -1.0), epoch + 1
