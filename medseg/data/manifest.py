@@ -50,6 +50,8 @@ class Manifest(BaseModel):
     cases: list[ManifestCase]
     splits: dict[str, list[str]] = Field(default_factory=dict)
     folds: list[dict[str, list[str]]] = Field(default_factory=list)
+    allow_paths_outside_root: bool = Field(
+        default=False, description="case paths may leave the manifest's folder (e.g. ../../shared/data)")
     _root: Path = PrivateAttr(default=Path("."))
 
     @field_validator("labels")
