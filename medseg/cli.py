@@ -30,15 +30,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from medseg.planning.planner import PlanOptions, write_plan
+
+    target = {"auto": None, "cpu": False, "cuda": True}[args.target]
+    options = PlanOptions(name=args.name or args.output.stem, output_dir=args.run_dir, memory_gib=args.memory_gib,
+                          base_features=args.base_features, cuda=target)
+    config_path, fingerprint_path, config = write_plan(args.manifest, args.output, args.fingerprint, options,
+                                                       max_cases=args.max_cases, overwrite=args.overwrite)
+    print(f"wrote {fingerprint_path}\nwrote {config_path}: {config.model.spatial_dims}D {config.model.name}, "
+          f"patch {config.train.patch_size}, batch {config.train.batch_size}, spacing {list(config.preprocessing.spacing or [])} mm, "
+          f"{config.preprocessing.intensity.kind} normalisation")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from medseg.inference.runner import predict_paths
 
     summary = predict_paths(
-        model=args.model,
+        model=args.model if len(args.model) > 1 else args.model[0],
         inputs=args.input,
         output_dir=args.output,
         overwrite=args.overwrite,
         device=args.device,
+        mirror=True if args.mirror else None,
     )
     print(summary.describe())
     if args.report:
@@ -141,8 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("plan", help="fingerprint a manifest's cases and write an experiment YAML planned from them")
+    p.add_argument("manifest", type=Path, help="data manifest JSON")
+    p.add_argument("--output", required=True, type=Path, help="config YAML to write, e.g. configs/NAME.yaml")
+    p.add_argument("--fingerprint", type=Path, default=None,
+                   help="where to write the fingerprint JSON (default: <output stem>.fingerprint.json beside it)")
+    p.add_argument("--name", default=None, help="experiment name (default: the output file's stem)")
+    p.add_argument("--run-dir", default=None, help="train.output_dir to write (default runs/<name>)")
+    p.add_argument("--target", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="machine to plan for (memory budget, network width); auto: this one")
+    p.add_argument("--memory-gib", type=float, default=None, help="memory budget of a training step, GiB")
+    p.add_argument("--base-features", type=int, default=None, help="channels of the top level (default 32 CUDA, 16 CPU)")
+    p.add_argument("--max-cases", type=int, default=None, help="fingerprint only the first N cases (quick look)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing config / fingerprint")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("predict", help="segment NIfTI files, folders of them and DICOM series folders")
-    p.add_argument("--model", required=True, type=Path, help="run folder or checkpoint file")
+    p.add_argument("--model", required=True, nargs="+", type=Path,
+                   help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
     p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")

@@ -89,7 +89,10 @@ class ModelConfig(_Section):
     name: Literal["unet", "dynunet", "segresnet", "deeplab"] = "unet"
     spatial_dims: Literal[2, 3] = 3
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
-    strides: list[int] | None = Field(default=None, description="downsampling per level; default 2 each")
+    strides: list[int | list[int]] | None = Field(
+        default=None, description="downsampling per level below the top: an int for all axes or one per axis; default 2 each")
+    kernel_sizes: list[int | list[int]] | None = Field(
+        default=None, description="dynunet: convolution kernel per level (int or one per axis); default 3 each")
     num_res_units: int = Field(default=2, ge=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     norm: Literal["instance", "batch"] = "instance"
@@ -99,6 +102,15 @@ class ModelConfig(_Section):
     def _strides_match(self) -> ModelConfig:
         if self.strides is not None and len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"strides needs {len(self.channels) - 1} entries (one per level below the top), got {len(self.strides)}")
+        if self.kernel_sizes is not None and len(self.kernel_sizes) != len(self.channels):
+            raise ValueError(f"kernel_sizes needs {len(self.channels)} entries (one per level), got {len(self.kernel_sizes)}")
+        for key, values in (("strides", self.strides), ("kernel_sizes", self.kernel_sizes)):
+            for v in values or []:
+                per_axis = v if isinstance(v, list) else [v]
+                if isinstance(v, list) and len(v) != self.spatial_dims:
+                    raise ValueError(f"{key} entry {v} must have one value per spatial axis ({self.spatial_dims})")
+                if min(per_axis) < 1:
+                    raise ValueError(f"{key} entries must be positive, got {v}")
         return self
 
 
@@ -139,6 +151,11 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: Path = Path("runs/experiment")
     max_minutes: float | None = Field(default=None, gt=0, description="stop after this wall time (checkpoint kept)")
+    schedule_over: Literal["epochs", "time"] = Field(
+        default="epochs", description="time: the lr schedule runs over max_minutes of wall time instead of the epochs")
+    compile: bool = Field(default=False, description="torch.compile the network on CUDA (ignored on CPU)")
+    choose_postprocessing: bool = Field(
+        default=True, description="after training, enable infer.keep_largest_component for classes where it helps on val")
 
 
 class InferConfig(_Section):
@@ -210,6 +227,12 @@ class ExperimentConfig(_Section):
             raise ValueError(f"train.patch_size has {len(self.train.patch_size)} entries but model.spatial_dims is {dims}")
         if self.infer.roi_size is not None and len(self.infer.roi_size) != dims:
             raise ValueError(f"infer.roi_size has {len(self.infer.roi_size)} entries but model.spatial_dims is {dims}")
+        return self
+
+    @model_validator(mode="after")
+    def _time_schedule_needs_budget(self) -> ExperimentConfig:
+        if self.train.schedule_over == "time" and self.train.max_minutes is None:
+            raise ValueError("train.schedule_over: 'time' needs train.max_minutes")
         return self
 
     @property

@@ -6,6 +6,7 @@ so what is validated is what is shipped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,7 @@ from torch import nn
 
 from medseg.config import ExperimentConfig
 from medseg.data.transforms import IMAGE, preprocessing
+from medseg.errors import CheckpointError
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
 from medseg.models import build_model
@@ -32,11 +34,21 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 class Predictor:
-    """A trained network plus its preprocessing: scans in, label maps on the scans' grids out."""
+    """Trained network(s) plus their preprocessing: scans in, label maps on the scans' grids out.
 
-    def __init__(self, model: nn.Module, config: ExperimentConfig, label_names: dict[int, str], device: torch.device):
-        self.model = model.to(device).eval()
+    Several models (e.g. the folds of a cross-validation) form an ensemble: their softmax probabilities
+    are averaged. ``mirror_axes`` overrides ``config.infer.mirror_axes`` (test-time flips).
+    """
+
+    def __init__(self, model: nn.Module | Sequence[nn.Module], config: ExperimentConfig, label_names: dict[int, str],
+                 device: torch.device, mirror_axes: Sequence[int] | None = None):
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        if not models:
+            raise ValueError("Predictor needs at least one model")
+        self.models = [m.to(device).eval() for m in models]
+        self.model = self.models[0]
         self.config = config
+        self.mirror_axes = list(config.infer.mirror_axes if mirror_axes is None else mirror_axes)
         self.label_names = label_names
         self.device = device
         self.preprocess = preprocessing(config, keys=(IMAGE,), load=False)
@@ -50,30 +62,67 @@ class Predictor:
                                                 overlap=infer.overlap, mode=infer.mode, progress=False)
 
     @classmethod
-    def from_checkpoint(cls, model_path: Path, device: str | None = None) -> Predictor:
-        """Load a run folder or checkpoint file (``weights_only=True``)."""
-        ckpt = load_checkpoint(model_path)
-        model = build_model(ckpt.config.model, ckpt.raw.get("in_channels", 1), len(ckpt.label_names))
-        model.load_state_dict(ckpt.model_state)
-        return cls(model, ckpt.config, ckpt.label_names, resolve_device(device))
+    def from_checkpoint(cls, model_path: Path | Sequence[Path], device: str | None = None,
+                        mirror: bool | None = None) -> Predictor:
+        """Load run folder(s) or checkpoint file(s) (``weights_only=True``); several form an ensemble.
+
+        The models of an ensemble must share labels, preprocessing and patch size (the folds of one
+        config); keep-largest-component applies to the classes every member chose. ``mirror`` True flips
+        over every spatial axis at test time, False never, None as each config says.
+        """
+        paths = [Path(model_path)] if isinstance(model_path, str | Path) else [Path(p) for p in model_path]
+        if not paths:
+            raise CheckpointError("no model given: pass a run folder or checkpoint file")
+        ckpts = [load_checkpoint(p) for p in paths]
+        first = ckpts[0]
+        for other in ckpts[1:]:
+            for what, a, b in (("label names", first.label_names, other.label_names),
+                               ("preprocessing", first.config.preprocessing, other.config.preprocessing),
+                               ("spatial dims", first.config.model.spatial_dims, other.config.model.spatial_dims),
+                               ("patch size", first.config.roi_size, other.config.roi_size)):
+                if a != b:
+                    raise CheckpointError(f"{other.path}: its {what} differ from {first.path}'s, so they cannot "
+                                          f"form an ensemble ({b} vs {a})")
+        models = []
+        for ckpt in ckpts:
+            model = build_model(ckpt.config.model, ckpt.raw.get("in_channels", 1), len(ckpt.label_names))
+            model.load_state_dict(ckpt.model_state)
+            models.append(model)
+        config = first.config.model_copy(deep=True)
+        config.infer.keep_largest_component = sorted(
+            set.intersection(*(set(c.config.infer.keep_largest_component) for c in ckpts)))
+        axes = None if mirror is None else (list(range(config.model.spatial_dims)) if mirror else [])
+        return cls(models, config, first.label_names, resolve_device(device), mirror_axes=axes)
+
+    def _forward_with(self, model: nn.Module):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = model(x)
+            # Deep-supervision networks return stacked heads while training only; eval gives one tensor.
+            return out[0] if isinstance(out, list | tuple) else out
+
+        return forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        # Deep-supervision networks return stacked heads while training only; eval gives one tensor.
-        return out[0] if isinstance(out, list | tuple) else out
+        return self._forward_with(self.model)(x)
 
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax class probabilities (B, K, ...) for a preprocessed batch (B, 1, ...), with optional mirroring."""
+        """Softmax class probabilities (B, K, ...) for a preprocessed batch (B, 1, ...), averaged over the
+        ensemble's models and the mirrored copies (each flip along one axis, undone after)."""
         image = image.to(self.device)
         use_amp = self.device.type == "cuda" and self.config.train.amp
+        probs: torch.Tensor | None = None
         with torch.autocast(self.device.type, enabled=use_amp):
-            probs = torch.softmax(self.inferer(image, self._forward).float(), dim=1)
-            for axis in self.config.infer.mirror_axes:
-                flip = [axis + 2]
-                logits = self.inferer(torch.flip(image, flip), self._forward).float()
-                probs += torch.flip(torch.softmax(logits, dim=1), flip)
-        return probs / (1 + len(self.config.infer.mirror_axes))
+            for model in self.models:
+                forward = self._forward_with(model)
+                for axis in [None, *self.mirror_axes]:
+                    flip = [] if axis is None else [axis + 2]
+                    logits = self.inferer(torch.flip(image, flip) if flip else image, forward).float()
+                    p = torch.softmax(logits, dim=1)
+                    p = torch.flip(p, flip) if flip else p
+                    probs = p if probs is None else probs + p
+        assert probs is not None
+        return probs / (len(self.models) * (1 + len(self.mirror_axes)))
 
     def predict_image(self, reference: nib.Nifti1Image) -> nib.Nifti1Image:
         """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry."""

@@ -88,9 +88,13 @@ def _write_failures(output_dir: Path, failures: Sequence[PredictFailure]) -> Non
     write_text_atomic(path, buf.getvalue())
 
 
-def predict_paths(model: Path, inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
-                  device: str | None = "auto", predictor: Predictor | None = None) -> PredictSummary:
+def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
+                  device: str | None = "auto", predictor: Predictor | None = None,
+                  mirror: bool | None = None) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
+
+    Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
+    ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
 
     One failing scan is recorded (``failures.csv``) and the rest go on. Existing masks are skipped unless
     ``overwrite``; masks are written atomically, so a killed run resumes where it stopped.
@@ -98,7 +102,7 @@ def predict_paths(model: Path, inputs: Sequence[Path], output_dir: Path, overwri
     output_dir = Path(output_dir)
     scans = find_scans(inputs)
     check_outputs(scans, output_dir)
-    predictor = predictor or Predictor.from_checkpoint(model, device)
+    predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
     summary = PredictSummary(output_dir)
     for scan in tqdm(scans, desc="predict", unit="scan", disable=None):
         target = output_path(output_dir, scan)

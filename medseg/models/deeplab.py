@@ -17,7 +17,7 @@ class DeepLabASPP(nn.Module):
     """Encoder -> ASPP -> decoder with a skip from the first encoder stage; logits at input resolution."""
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, channels: list[int],
-                 strides: list[int], norm: str = "instance"):
+                 strides: list[int | tuple[int, ...]], norm: str = "instance"):
         super().__init__()
         stages: list[nn.Module] = []
         prev = in_channels

@@ -12,8 +12,17 @@ from medseg.config import ModelConfig
 from medseg.models.deeplab import DeepLabASPP
 
 
-def _strides(cfg: ModelConfig) -> list[int]:
-    return list(cfg.strides) if cfg.strides is not None else [2] * (len(cfg.channels) - 1)
+def _strides(cfg: ModelConfig) -> list[int | tuple[int, ...]]:
+    """Strides per level below the top; a per-axis list becomes a tuple, which MONAI convolutions accept."""
+    if cfg.strides is None:
+        return [2] * (len(cfg.channels) - 1)
+    return [tuple(s) if isinstance(s, list) else s for s in cfg.strides]
+
+
+def _kernels(cfg: ModelConfig) -> list[int | tuple[int, ...]]:
+    if cfg.kernel_sizes is None:
+        return [3] * len(cfg.channels)
+    return [tuple(k) if isinstance(k, list) else k for k in cfg.kernel_sizes]
 
 
 def _unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
@@ -35,7 +44,7 @@ def _dynunet(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
         spatial_dims=cfg.spatial_dims,
         in_channels=in_channels,
         out_channels=num_classes,
-        kernel_size=[3] * len(strides),
+        kernel_size=_kernels(cfg),
         strides=strides,
         upsample_kernel_size=strides[1:],
         filters=cfg.channels,
