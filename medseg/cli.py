@@ -60,7 +60,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         from medseg.evaluation.runner import lesion_inventory
         from medseg.models.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(args.model)
+        ckpt = load_checkpoint(args.model[0])  # every model of an ensemble shares the config and labels
         classes = args.lesion_classes or ckpt.config.evaluate.lesion_classes
         if not classes:
             raise MedsegError(f"{ckpt.path}: the model's config names no evaluate.lesion_classes; pass --lesion-classes")
