@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -108,15 +108,20 @@ class Manifest(BaseModel):
         return [by_id[i] for i in members]
 
 
+def read_json_file(path: Path, what: str = "manifest") -> Any:
+    """Parse a JSON file; a missing or malformed file is a ManifestError naming it (``what`` says what it is)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+
+
 def load_manifest(path: Path) -> Manifest:
     """Read and validate a manifest; errors name the file and the offending field."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_json_file(path)
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:

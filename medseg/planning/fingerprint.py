@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.atomic import write_text_atomic
-from medseg.data.manifest import Manifest
+from medseg.data.manifest import Manifest, read_json_file
 from medseg.errors import ManifestError, ScanError
 from medseg.io.scans import load_scan
 
@@ -227,12 +227,7 @@ def _from_dict(raw: dict[str, Any]) -> Fingerprint:
 def load_fingerprint(path: Path) -> Fingerprint:
     """Read a fingerprint JSON written by :meth:`Fingerprint.save`; errors name the file and key."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: fingerprint not found") from None
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_json_file(path, "fingerprint")
     if not isinstance(raw, dict) or raw.get("format") != FINGERPRINT_FORMAT:
         raise ManifestError(f"{path}: not a medseg fingerprint (expected format {FINGERPRINT_FORMAT})")
     try:
