@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from itertools import cycle, islice
@@ -51,13 +50,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     keep_largest_component: list[int] | None = None
     """Classes whose keep-largest-component postprocessing helped on validation (None: not evaluated)."""
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    set_determinism(seed=seed)
 
 
 def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCase]:
@@ -185,7 +177,7 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
     use_amp = dev.type == "cuda" and config.train.amp
     num_classes = manifest.num_classes
 
-    _seed_everything(config.seed)
+    set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
     model = build_model(config.model, 1, num_classes).to(dev)
     # Compiling pays off only on GPUs; on CPU the compile time outweighs the gain for our patch sizes.
     step_model = torch.compile(model) if config.train.compile and dev.type == "cuda" else model
@@ -228,8 +220,9 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, config.train.epochs):
-            _seed_everything(config.seed * 100_003 + epoch)
-            train_tf.set_random_state(seed=(config.seed * 100_003 + epoch) % 2**32)
+            epoch_seed = (config.seed * 100_003 + epoch) % 2**32
+            set_determinism(seed=epoch_seed)
+            train_tf.set_random_state(seed=epoch_seed)
             loader = DataLoader(train_ds, batch_size=config.train.batch_size, shuffle=True, drop_last=False,
                                 num_workers=config.data.num_workers, collate_fn=list_data_collate)
             steps = config.train.iterations_per_epoch or len(loader)
