@@ -69,10 +69,11 @@ def baseline_config(manifest: Path, output_dir: Path, minutes: float) -> Experim
 
 def seconds_per_step(config: ExperimentConfig, num_classes: int, steps: int = 3) -> float:
     """Median wall time (s) of a training step on random data of the config's batch shape (CPU now)."""
-    model = build_model(config.model, 1, num_classes)
+    fmt = torch.channels_last_3d if config.model.spatial_dims == 3 else torch.contiguous_format  # as the trainer
+    model = build_model(config.model, 1, num_classes).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     batch = config.train.batch_size * config.train.samples_per_volume
-    x = torch.randn(batch, 1, *config.train.patch_size)
+    x = torch.randn(batch, 1, *config.train.patch_size).contiguous(memory_format=fmt)
     times = []
     for _ in range(steps + 1):
         t = time.monotonic()
@@ -235,6 +236,8 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "bench_hippocampus")
     parser.add_argument("--only", choices=["planned", "baseline"], default=None)
     parser.add_argument("--docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the planned run's network (about 1 min)")
+    parser.add_argument("--val-interval", type=int, default=1, help="validate every N epochs (1: the finest curve)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(2)
@@ -247,7 +250,8 @@ def main() -> int:
     planned.train.max_minutes = args.minutes
     planned.train.device = "cpu"
     planned.train.iterations_per_epoch = ITERATIONS_PER_EPOCH
-    planned.train.val_interval = 1
+    planned.train.val_interval = args.val_interval
+    planned.train.compile = args.compile
     # On a shared CPU the pace of a step varies several-fold, so the poly decay follows the wall clock.
     planned.train.schedule_over = "time"
     planned.train.epochs = 100_000

@@ -153,7 +153,7 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(default=None, gt=0, description="stop after this wall time (checkpoint kept)")
     schedule_over: Literal["epochs", "time"] = Field(
         default="epochs", description="time: the lr schedule runs over max_minutes of wall time instead of the epochs")
-    compile: bool = Field(default=False, description="torch.compile the network on CUDA (ignored on CPU)")
+    compile: bool = Field(default=False, description="torch.compile the training network (on CPU it needs a C++ compiler; without one training runs eagerly)")
     choose_postprocessing: bool = Field(
         default=True, description="after training, enable infer.keep_largest_component for classes where it helps on val")
 
