@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import DiceMetric
 from monai.transforms import KeepLargestConnectedComponent
@@ -159,6 +159,11 @@ def _choose_postprocessing(config: ExperimentConfig, run_dir: Path, model: torch
     return chosen
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor without MONAI's metadata (a MetaTensor's data as a plain ``torch.Tensor``)."""
+    return t.as_tensor() if isinstance(t, MetaTensor) else t
+
+
 def _compiled(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     """``torch.compile`` the training step's network. On CPU Inductor needs a C++ compiler; without one
     training runs eagerly (with a warning) rather than failing at the first step."""
@@ -251,7 +256,8 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
             bar = tqdm(islice(cycle(loader), steps) if config.train.iterations_per_epoch else loader, total=steps,
                        desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False, disable=None)
             for batch in bar:
-                x, y = batch[IMAGE].to(dev), batch[LABEL].to(dev)
+                # Plain tensors: the step needs no metadata, and torch.compile cannot trace MONAI's MetaTensor.
+                x, y = _plain(batch[IMAGE]).to(dev), _plain(batch[LABEL]).to(dev)
                 if memory_format is not None:
                     x = x.contiguous(memory_format=memory_format)
                 optimizer.zero_grad(set_to_none=True)

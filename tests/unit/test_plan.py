@@ -129,6 +129,17 @@ def test_patch_and_batch_fit_the_memory_budget():
     assert sum(small.train.patch_size) < sum(large.train.patch_size)
 
 
+def test_a_cpu_plan_trains_for_a_wall_clock_budget_and_a_cuda_plan_for_nnunet_epochs():
+    fp = _synthetic_fingerprint([1.0] * 10)
+    cpu = plan_experiment(fp, "m.json", PlanOptions(name="t", cuda=False)).config()
+    gpu = plan_experiment(fp, "m.json", PlanOptions(name="t", cuda=True, memory_gib=8.0)).config()
+    # CPU: the lr decay spans 2 h of wall time, however fast the machine; CUDA: nnU-Net's 1000 x 250 steps.
+    assert (cpu.train.max_minutes, cpu.train.schedule_over) == (120.0, "time")
+    assert cpu.train.iterations_per_epoch < gpu.train.iterations_per_epoch == 250
+    assert (gpu.train.max_minutes, gpu.train.schedule_over, gpu.train.epochs) == (None, "epochs", 1000)
+    assert cpu.train.compile and gpu.train.compile
+
+
 def test_plan_cli_writes_a_commented_config_that_loads(phantom_manifest, tmp_path, capsys):
     out = tmp_path / "configs" / "phantom_plan.yaml"
     assert main(["plan", str(phantom_manifest), "--output", str(out), "--target", "cpu"]) == 0

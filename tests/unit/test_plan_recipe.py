@@ -32,6 +32,7 @@ def planned_run(phantom_manifest, tmp_path_factory):
     config = load_config(config_path)
     config.data.fold = 1
     config.train.epochs = 1
+    config.train.compile = False  # compiling costs a minute; the step is the same network
     config.train.iterations_per_epoch = 2
     config.train.output_dir = root / "run"
     return train(config, device="cpu")
