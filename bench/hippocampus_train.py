@@ -209,7 +209,7 @@ def docs_section(results: dict, png: Path, json_path: Path) -> str:
         lines.append(f"Mean test Dice ratio planned / baseline: **{ratio:.2f}** in the same budget. Ratio to "
                      f"nnU-Net's reported 0.895 mean: planned {p['test']['dice_mean_of_classes'] / 0.895:.2f}, "
                      f"baseline {b['test']['dice_mean_of_classes'] / 0.895:.2f} (nnU-Net trains 1000 x 250 "
-                     "iterations of batch 9 on a GPU, five folds ensembled; these runs get minutes on a CPU).")
+                     "iterations of batch 9 on a GPU, figures from 5-fold cross-validation; these runs get minutes on a CPU).")
     lines += ["", f"![Dice vs time]({png.as_posix()})", "",
               f"All figures: [`{json_path.as_posix()}`]({json_path.as_posix()}).", "",
               "Data attribution: MSD Task04 Hippocampus, CC BY-SA 4.0. Antonelli et al., \"The Medical "
