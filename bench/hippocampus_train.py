@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
+from training_step import time_steps  # bench/ is this script's folder, first on sys.path
 
 from medseg.atomic import write_text_atomic
 from medseg.config import ExperimentConfig, config_from_dict, load_config
@@ -40,7 +41,7 @@ from medseg.data.manifest import load_manifest
 from medseg.inference.predictor import Predictor
 from medseg.models import build_model
 from medseg.models.registry import count_parameters
-from medseg.training.trainer import train
+from medseg.training.trainer import step_memory_format, train
 
 REPO = Path(__file__).resolve().parents[1]
 NNUNET_REFERENCE = {"anterior": 0.90, "posterior": 0.89}
@@ -71,21 +72,9 @@ def baseline_config(manifest: Path, output_dir: Path, minutes: float) -> Experim
 
 
 def seconds_per_step(config: ExperimentConfig, num_classes: int, steps: int = 3) -> float:
-    """Median wall time (s) of a training step on random data of the config's batch shape (CPU now)."""
-    fmt = torch.channels_last_3d if config.model.spatial_dims == 3 else torch.contiguous_format  # as the trainer
-    model = build_model(config.model, 1, num_classes).to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    batch = config.train.batch_size * config.train.samples_per_volume
-    x = torch.randn(batch, 1, *config.train.patch_size).contiguous(memory_format=fmt)
-    times = []
-    for _ in range(steps + 1):
-        t = time.monotonic()
-        out = model(x)
-        out.float().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.monotonic() - t)
-    return float(np.median(times[1:]))
+    """Median wall time (s) of a CPU training step of ``config``'s network, in the trainer's memory layout."""
+    fmt = step_memory_format(config, torch.device("cpu")) or torch.contiguous_format
+    return time_steps(config, fmt, compiled=False, steps=steps, num_classes=num_classes)["seconds_per_step"]
 
 
 def test_dice(run_dir: Path, manifest_path: Path, mirror: bool | None) -> dict:

@@ -164,6 +164,15 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.as_tensor() if isinstance(t, MetaTensor) else t
 
 
+def step_memory_format(config: ExperimentConfig, dev: torch.device) -> torch.memory_format | None:
+    """The memory layout of the network and its batches during training; None: PyTorch's default.
+
+    3D convolutions on CPU run faster channels-last (oneDNN): with DynUNet on the hippocampus plan
+    (batch 2 of 40x56x40, 2 cores) 0.975 -> 0.798 s per step (bench/training_step.py, docs/benchmarks.md).
+    """
+    return torch.channels_last_3d if dev.type == "cpu" and config.model.spatial_dims == 3 else None
+
+
 def _compiled(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     """``torch.compile`` the training step's network. On CPU Inductor needs a C++ compiler; without one
     training runs eagerly (with a warning) rather than failing at the first step."""
@@ -194,9 +203,7 @@ def train(config: ExperimentConfig, resume: bool = False, device: str | None = N
 
     set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
     model = build_model(config.model, 1, num_classes).to(dev)
-    # 3D convolutions on CPU run faster channels-last (oneDNN). Measured with DynUNet on the hippocampus
-    # plan (batch 2 of 40x56x40, 2 cores): 0.95 -> 0.77 s per training step; docs/benchmarks.md.
-    memory_format = torch.channels_last_3d if dev.type == "cpu" and config.model.spatial_dims == 3 else None
+    memory_format = step_memory_format(config, dev)
     if memory_format is not None:
         model = model.to(memory_format=memory_format)
     step_model = _compiled(model, dev) if config.train.compile else model
