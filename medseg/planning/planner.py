@@ -55,7 +55,8 @@ CPU_BASE_FEATURES = 16
 CPU_MAX_BATCH = 2
 # nnU-Net's 1000 x 250 steps take weeks on a CPU. A CPU plan trains for a wall-clock budget instead (the
 # issue's 2 h per fold), with the lr decay spread over it, in short epochs so that validation (every
-# CPU_VAL_INTERVAL epochs, about 9 s per 34 hippocampus cases) samples the curve without costing much.
+# CPU_VAL_INTERVAL epochs; on hippocampus about 9 s for 34 cases against ~80 s of training) samples the
+# curve without costing much.
 CPU_TIME_BUDGET_MIN = 120.0
 CPU_ITERATIONS_PER_EPOCH = 60
 CPU_VAL_INTERVAL = 2
@@ -351,7 +352,7 @@ def plan_experiment(fp: Fingerprint, manifest_ref: str, options: PlanOptions,
         "train.epochs": "nnU-Net's 1000 x 250 iterations" if cuda else "an upper bound; train.max_minutes ends a CPU run",
         "train.iterations_per_epoch": "nnU-Net's 250" if cuda else "short CPU epochs: the curve is sampled every few minutes",
         "train.val_interval": "nnU-Net validates every epoch on a subset; every 5 here" if cuda
-                              else "about 9 s of validation per 2 epochs (~80 s of training)",
+                              else f"every {CPU_VAL_INTERVAL} short epochs (hippocampus: ~9 s of validation per ~80 s of training)",
         "train.max_minutes": "no wall-clock limit on CUDA" if cuda
                              else f"{CPU_TIME_BUDGET_MIN:g} min: CPU training is budgeted by time, not nnU-Net's 250k steps",
         "train.schedule_over": "poly decay over the epochs" if cuda else "poly decay over the wall-clock budget",
@@ -362,7 +363,7 @@ def plan_experiment(fp: Fingerprint, manifest_ref: str, options: PlanOptions,
         "train.samples_per_volume": "one patch per case draw; batch_size is the batch",
         "train.foreground_fraction": "nnU-Net: a third of patches centred on foreground",
         "train.compile": "torch.compile" if cuda
-                         else "CPU too: 0.77 -> 0.66 s/step measured for hippocampus, ~1 min to compile; needs a C++ compiler",
+                         else "CPU too: 0.80 -> 0.69 s/step measured for hippocampus, ~1 min to compile; needs a C++ compiler",
         "train.choose_postprocessing": "after training, keep-largest-component only where it helps on val",
         "infer.mirror_axes": "[] here; `medseg predict --mirror` mirrors every axis at test time",
         "infer.keep_largest_component": "filled in by training (choose_postprocessing) in the run's config",
