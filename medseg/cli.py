@@ -58,13 +58,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(summary.describe())
     if args.report:
         from medseg.evaluation.runner import lesion_inventory
-        from medseg.models.checkpoint import load_checkpoint
+        from medseg.models.bundle import load_bundle
 
-        ckpt = load_checkpoint(args.model[0])  # every model of an ensemble shares the config and labels
-        classes = args.lesion_classes or ckpt.config.evaluate.lesion_classes
+        bundle = load_bundle(args.model[0])  # every model of an ensemble shares the config and labels
+        evaluate = bundle.config.evaluate
+        classes = args.lesion_classes or evaluate.lesion_classes
         if not classes:
-            raise MedsegError(f"{ckpt.path}: the model's config names no evaluate.lesion_classes; pass --lesion-classes")
-        inventory = lesion_inventory(args.output, classes, label_names=ckpt.label_names, config=ckpt.config.evaluate)
+            raise MedsegError(f"{bundle.path}: the model's config names no evaluate.lesion_classes; pass --lesion-classes")
+        inventory = lesion_inventory(args.output, classes, label_names=bundle.label_names, config=evaluate)
         print("lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
 

@@ -1,6 +1,6 @@
 """MONAI dictionary transforms built from the config: the one place that knows the preprocessing.
 
-``preprocessing(config, keys)`` is deterministic and invertible (prediction inverts its geometric part);
+``preprocessing(config.preprocessing, keys)`` is deterministic and invertible (prediction inverts its geometric part);
 ``training_transforms`` adds patch sampling and augmentation after it.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from monai import transforms as mt
 
-from medseg.config import ExperimentConfig, IntensityConfig
+from medseg.config import ExperimentConfig, IntensityConfig, PreprocessingConfig
 from medseg.io.scans import ScanReader
 
 IMAGE, LABEL = "image", "label"
@@ -28,13 +28,12 @@ def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
     return []
 
 
-def preprocessing(config: ExperimentConfig, keys: tuple[str, ...] = (IMAGE, LABEL), load: bool = True) -> mt.Compose:
+def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABEL), load: bool = True) -> mt.Compose:
     """Load, channel-first, reorient, resample and normalise. Labels are resampled nearest-neighbour.
 
     With ``load=False`` the items already hold channel-less MetaTensors (prediction loads scans itself
     so it keeps the source image for writing the mask in its geometry).
     """
-    pre = config.preprocessing
     steps: list[mt.Transform] = [mt.LoadImaged(keys, reader=ScanReader(), image_only=True)] if load else []
     steps += [
         mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
@@ -87,7 +86,7 @@ def training_transforms(config: ExperimentConfig) -> mt.Compose:
     crop = list(train.patch_size) if config.model.spatial_dims == 3 else [*train.patch_size, 1]
     fg = train.foreground_fraction
     steps: list[mt.Transform] = [
-        *preprocessing(config).transforms,
+        *preprocessing(config.preprocessing).transforms,
         mt.EnsureTyped(LABEL, dtype="uint8", track_meta=False),
         mt.EnsureTyped(IMAGE, track_meta=False),
         mt.SpatialPadd(keys, spatial_size=crop),
@@ -102,4 +101,4 @@ def training_transforms(config: ExperimentConfig) -> mt.Compose:
 
 def validation_transforms(config: ExperimentConfig) -> mt.Compose:
     """Preprocessing of whole volumes for sliding-window validation."""
-    return mt.Compose([*preprocessing(config).transforms, mt.EnsureTyped(LABEL, dtype="uint8")])
+    return mt.Compose([*preprocessing(config.preprocessing).transforms, mt.EnsureTyped(LABEL, dtype="uint8")])

@@ -210,35 +210,23 @@ def _references(labels: Path) -> _ReferenceSet:
 
 
 def load_label_names(source: Path) -> dict[int, str]:
-    """Label names ``{value: name}`` stored with a checkpoint (``"label_names"``) or a run folder.
+    """Label names ``{value: name}`` of a model bundle (a file or a run folder's ``best.pt``/``last.pt``).
 
-    A run folder is searched for ``best.pt`` then ``last.pt``; without a checkpoint, its ``config.yaml``
-    manifest's labels are used.
+    A run folder without a model (training stopped before its first epoch) gives its ``config.yaml``
+    manifest's labels.
     """
+    from medseg.models.bundle import load_bundle
+
     source = Path(source)
-    if source.is_dir():
-        checkpoints = [source / n for n in ("best.pt", "last.pt") if (source / n).is_file()]
-        if not checkpoints:
-            config_path = source / "config.yaml"
-            if config_path.is_file():
-                from medseg.config import load_config
-                from medseg.data.manifest import load_manifest
+    if source.is_dir() and not any((source / n).is_file() for n in ("best.pt", "last.pt")):
+        config_path = source / "config.yaml"
+        if config_path.is_file():
+            from medseg.config import load_config
+            from medseg.data.manifest import load_manifest
 
-                return dict(load_manifest(load_config(config_path).data.manifest).labels)
-            raise CheckpointError(f"{source}: no best.pt, last.pt or config.yaml in this run folder")
-        source = checkpoints[0]
-    if not source.is_file():
-        raise CheckpointError(f"{source}: checkpoint not found")
-    import torch
-
-    try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for foreign files
-        raise CheckpointError(f"{source}: not a readable medseg checkpoint ({type(exc).__name__}: {exc})") from None
-    names = checkpoint.get("label_names") if isinstance(checkpoint, dict) else None
-    if not isinstance(names, dict) or not names:
-        raise CheckpointError(f"{source}: checkpoint has no 'label_names' mapping")
-    return {int(k): str(v) for k, v in names.items()}
+            return dict(load_manifest(load_config(config_path).data.manifest).labels)
+        raise CheckpointError(f"{source}: no best.pt, last.pt or config.yaml in this run folder")
+    return load_bundle(source, verify=False).label_names
 
 
 def label_array(img, path: Path) -> np.ndarray:

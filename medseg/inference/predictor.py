@@ -17,13 +17,11 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer, SlidingWindowInferer
 from torch import nn
 
-from medseg.config import ExperimentConfig
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import CheckpointError
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
-from medseg.models import build_model
-from medseg.models.checkpoint import load_checkpoint
+from medseg.models.bundle import ModelBundle, load_bundle
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -33,66 +31,68 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+_AUTOCAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class Predictor:
     """Trained network(s) plus their preprocessing: scans in, label maps on the scans' grids out.
 
-    Several models (e.g. the folds of a cross-validation) form an ensemble: their softmax probabilities
-    are averaged. ``mirror_axes`` overrides ``config.infer.mirror_axes`` (test-time flips).
+    Everything but the networks comes from one model bundle: preprocessing, patch, overlap, mirroring,
+    keep-largest-component and precision. Several networks (e.g. the folds of a cross-validation) form an
+    ensemble: their softmax probabilities are averaged. ``mirror_axes`` overrides the bundle's
+    (test-time flips).
     """
 
-    def __init__(self, model: nn.Module | Sequence[nn.Module], config: ExperimentConfig, label_names: dict[int, str],
-                 device: torch.device, mirror_axes: Sequence[int] | None = None):
+    def __init__(self, model: nn.Module | Sequence[nn.Module], bundle: ModelBundle, device: torch.device,
+                 mirror_axes: Sequence[int] | None = None):
         models = [model] if isinstance(model, nn.Module) else list(model)
         if not models:
             raise ValueError("Predictor needs at least one model")
         self.models = [m.to(device).eval() for m in models]
         self.model = self.models[0]
-        self.config = config
-        self.mirror_axes = list(config.infer.mirror_axes if mirror_axes is None else mirror_axes)
-        self.label_names = label_names
+        self.bundle = bundle
+        self.settings = bundle.inference
+        self.mirror_axes = list(self.settings.mirror_axes if mirror_axes is None else mirror_axes)
+        self.label_names = bundle.label_names
         self.device = device
-        self.preprocess = preprocessing(config, keys=(IMAGE,), load=False)
-        infer = config.infer
-        if config.model.spatial_dims == 2:
+        self.preprocess = preprocessing(bundle.spec.preprocessing, keys=(IMAGE,), load=False)
+        infer = self.settings
+        if bundle.network.spatial_dims == 2:
             # A 2D network runs slice by slice along the third (axial in RAS) axis of the 3D volume.
-            self.inferer = SliceInferer(roi_size=config.roi_size, spatial_dim=2, sw_batch_size=infer.sw_batch_size,
+            self.inferer = SliceInferer(roi_size=infer.roi_size, spatial_dim=2, sw_batch_size=infer.sw_batch_size,
                                         overlap=infer.overlap, mode=infer.mode, progress=False)
         else:
-            self.inferer = SlidingWindowInferer(roi_size=config.roi_size, sw_batch_size=infer.sw_batch_size,
+            self.inferer = SlidingWindowInferer(roi_size=infer.roi_size, sw_batch_size=infer.sw_batch_size,
                                                 overlap=infer.overlap, mode=infer.mode, progress=False)
 
     @classmethod
     def from_checkpoint(cls, model_path: Path | Sequence[Path], device: str | None = None,
                         mirror: bool | None = None) -> Predictor:
-        """Load run folder(s) or checkpoint file(s) (``weights_only=True``); several form an ensemble.
+        """Load model bundles (run folders or files, ``weights_only=True``); several form an ensemble.
 
         The models of an ensemble must share labels, preprocessing and patch size (the folds of one
         config); keep-largest-component applies to the classes every member chose. ``mirror`` True flips
-        over every spatial axis at test time, False never, None as each config says.
+        over every spatial axis at test time, False never, None as each bundle says.
         """
         paths = [Path(model_path)] if isinstance(model_path, str | Path) else [Path(p) for p in model_path]
         if not paths:
-            raise CheckpointError("no model given: pass a run folder or checkpoint file")
-        ckpts = [load_checkpoint(p) for p in paths]
-        first = ckpts[0]
-        for other in ckpts[1:]:
+            raise CheckpointError("no model given: pass a run folder or model file")
+        bundles = [load_bundle(p) for p in paths]
+        first = bundles[0]
+        for other in bundles[1:]:
             for what, a, b in (("label names", first.label_names, other.label_names),
-                               ("preprocessing", first.config.preprocessing, other.config.preprocessing),
-                               ("spatial dims", first.config.model.spatial_dims, other.config.model.spatial_dims),
-                               ("patch size", first.config.roi_size, other.config.roi_size)):
+                               ("preprocessing", first.spec.preprocessing, other.spec.preprocessing),
+                               ("spatial dims", first.network.spatial_dims, other.network.spatial_dims),
+                               ("input channels", first.network.in_channels, other.network.in_channels),
+                               ("patch size", first.inference.roi_size, other.inference.roi_size)):
                 if a != b:
                     raise CheckpointError(f"{other.path}: its {what} differ from {first.path}'s, so they cannot "
                                           f"form an ensemble ({b} vs {a})")
-        models = []
-        for ckpt in ckpts:
-            model = build_model(ckpt.config.model, ckpt.raw.get("in_channels", 1), len(ckpt.label_names))
-            model.load_state_dict(ckpt.model_state)
-            models.append(model)
-        config = first.config.model_copy(deep=True)
-        config.infer.keep_largest_component = sorted(
-            set.intersection(*(set(c.config.infer.keep_largest_component) for c in ckpts)))
-        axes = None if mirror is None else (list(range(config.model.spatial_dims)) if mirror else [])
-        return cls(models, config, first.label_names, resolve_device(device), mirror_axes=axes)
+        common = sorted(set.intersection(*(set(b.inference.keep_largest_component) for b in bundles)))
+        inference = first.inference.model_copy(update={"keep_largest_component": common})
+        ensemble = ModelBundle(first.spec.model_copy(update={"inference": inference}), first.weights, first.path)
+        axes = None if mirror is None else (list(range(first.network.spatial_dims)) if mirror else [])
+        return cls([b.build_network() for b in bundles], ensemble, resolve_device(device), mirror_axes=axes)
 
     def _forward_with(self, model: nn.Module):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +110,10 @@ class Predictor:
         """Softmax class probabilities (B, K, ...) for a preprocessed batch (B, 1, ...), averaged over the
         ensemble's models and the mirrored copies (each flip along one axis, undone after)."""
         image = image.to(self.device)
-        use_amp = self.device.type == "cuda" and self.config.train.amp
+        dtype = _AUTOCAST_DTYPES.get(self.settings.precision)
+        use_amp = self.device.type == "cuda" and dtype is not None
         probs: torch.Tensor | None = None
-        with torch.autocast(self.device.type, enabled=use_amp):
+        with torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
             for model in self.models:
                 forward = self._forward_with(model)
                 for axis in [None, *self.mirror_axes]:
@@ -134,8 +135,8 @@ class Predictor:
         # Invert orientation and resampling: probabilities go back to the source grid (linear), then argmax.
         inverted = mt.Invertd("pred", transform=self.preprocess, orig_keys=IMAGE, nearest_interp=False)(data)["pred"]
         labels = torch.argmax(inverted, dim=0).numpy().astype(np.uint8)
-        if self.config.infer.keep_largest_component:
-            keep = mt.KeepLargestConnectedComponent(applied_labels=self.config.infer.keep_largest_component,
+        if self.settings.keep_largest_component:
+            keep = mt.KeepLargestConnectedComponent(applied_labels=self.settings.keep_largest_component,
                                                     is_onehot=False, independent=True)
             labels = np.asarray(keep(labels[None])[0]).astype(np.uint8)
         return mask_like(labels, reference)

@@ -1,5 +1,6 @@
-"""The training loop: patches from cached MONAI datasets, Dice+CE, AMP on CUDA, sliding-window
-validation, atomic ``last``/``best`` checkpoints, TensorBoard scalars and exact ``--resume``.
+"""The training loop (:class:`Trainer`): patches from cached MONAI datasets, Dice+CE, AMP on CUDA,
+sliding-window validation, atomic ``last``/``best`` model bundles, callbacks for logging and trackers
+(TensorBoard by default) and exact ``--resume``.
 
 Exact resume: every epoch reseeds all random number generators from ``(seed, epoch)``, so an
 interrupted run resumed from its ``last.pt`` draws the same patches and augmentations as an
@@ -8,6 +9,7 @@ uninterrupted one; model, optimizer, scheduler and AMP scaler states come from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,7 +36,7 @@ from medseg.data.transforms import IMAGE, LABEL, training_transforms, validation
 from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, resolve_device
 from medseg.models import build_model
-from medseg.models.checkpoint import load_checkpoint, save_checkpoint
+from medseg.models.bundle import DataProvenance, ModelBundle, ValidationSummary, load_bundle
 
 log = logging.getLogger(__name__)
 
@@ -132,33 +134,6 @@ def postprocessing_effect(predictor: Predictor, loader: DataLoader, num_classes:
     return {k + 1: (float(before[k]), float(after[k])) for k in range(num_classes - 1)}
 
 
-def _choose_postprocessing(config: ExperimentConfig, run_dir: Path, model: torch.nn.Module, predictor: Predictor,
-                           loader: DataLoader, num_classes: int) -> list[int]:
-    """Enable keep-largest-component for the classes where it raised validation Dice (strictly), in the
-    best checkpoint's config and the run's ``config.yaml``; the numbers go to ``postprocessing.json``."""
-    best = load_checkpoint(run_dir / "best.pt")
-    model.load_state_dict(best.model_state)
-    model.eval()
-    effect = postprocessing_effect(predictor, loader, num_classes)
-    chosen = [k for k, (before, after) in effect.items() if after > before]
-    decided = config.model_copy(deep=True)
-    decided.infer.keep_largest_component = chosen
-    fields = {k: v for k, v in best.raw.items() if k not in ("format", "config", "label_names", "in_channels", "model_state")}
-    save_checkpoint(best.path, config=decided, label_names=best.label_names, model_state=best.model_state, **fields)
-    write_text_atomic(run_dir / "config.yaml", dump_config(decided))
-    record = {
-        "rule": "keep the largest connected component of a class when that raises its mean validation Dice",
-        "evaluated_on": "validation cases, preprocessed grid, best checkpoint",
-        "checkpoint_epoch": best.raw.get("best_epoch"),
-        "classes": {str(k): {"dice": b, "dice_largest_component": a, "enabled": k in chosen} for k, (b, a) in effect.items()},
-        "keep_largest_component": chosen,
-    }
-    write_text_atomic(run_dir / "postprocessing.json", json.dumps(record, indent=1))
-    log.info("postprocessing: keep largest component for classes %s (%s)", chosen or "none",
-             ", ".join(f"{k}: {b:.4f} -> {a:.4f}" for k, (b, a) in effect.items()))
-    return chosen
-
-
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """The tensor without MONAI's metadata (a MetaTensor's data as a plain ``torch.Tensor``)."""
     return t.as_tensor() if isinstance(t, MetaTensor) else t
@@ -182,152 +157,327 @@ def _compiled(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     return torch.compile(model)
 
 
+
+@dataclass
+class LoopState:
+    """Where the loop stands; stored in ``last.pt`` so ``--resume`` continues exactly."""
+
+    epoch: int = -1
+    """Index (0-based) of the last finished epoch; -1 before the first."""
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    since_best: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    def to_checkpoint(self) -> dict:
+        return {"epoch": self.epoch, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
+                "since_best": self.since_best, "elapsed_s": self.elapsed_s, "history": self.history}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> LoopState:
+        return cls(int(state["epoch"]), float(state["best_dice"]), int(state["best_epoch"]), int(state["since_best"]),
+                   float(state["elapsed_s"]), list(state["history"]))
+
+
+class TrainerCallback:
+    """Hooks into the loop (logging, trackers, distributed bookkeeping); every method is optional."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Model, data and run folder are ready; ``trainer.state`` holds a resumed run's state."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        """An epoch finished (and validated, when ``"val_dice"`` is in ``record``); checkpoints are written."""
+
+    def on_fit_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """The loop ended (finished, early-stopped, out of time or interrupted: then ``result`` is None)."""
+
+
+class TensorBoardCallback(TrainerCallback):
+    """Loss, learning rate and validation Dice per class as TensorBoard scalars in ``<run>/tensorboard``."""
+
+    def __init__(self) -> None:
+        self.writer: SummaryWriter | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.writer = SummaryWriter(log_dir=str(trainer.run_dir / "tensorboard"))
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        assert self.writer is not None
+        epoch = record["epoch"]
+        self.writer.add_scalar("train/loss", record["loss"], epoch)
+        self.writer.add_scalar("train/lr", record["lr"], epoch)
+        if "val_dice" in record:
+            self.writer.add_scalar("val/mean_dice", record["val_dice"], epoch)
+            for name in trainer.foreground_names:
+                self.writer.add_scalar(f"val/dice_{name}", record[f"val_dice_{name}"], epoch)
+
+    def on_fit_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class LogCallback(TrainerCallback):
+    """One log line per epoch: loss, and validation Dice per class when validated."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.state.epoch >= 0:
+            log.info("resuming %s at epoch %d", trainer.run_dir, trainer.state.epoch + 2)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        if "val_dice" in record:
+            log.info("epoch %d: loss %.4f, val Dice %.4f (%s)", record["epoch"], record["loss"], record["val_dice"],
+                     ", ".join(f"{n} {record[f'val_dice_{n}']:.3f}" for n in trainer.foreground_names))
+        else:
+            log.info("epoch %d: loss %.4f", record["epoch"], record["loss"])
+
+
+class Trainer:
+    """The training loop in parts: :meth:`train_step`, :meth:`train_epoch`, :meth:`validate_epoch`,
+    :meth:`save_checkpoints`, and :meth:`fit`, which runs them and calls the callbacks.
+
+    Patches come from cached MONAI datasets; Dice + cross-entropy; AMP on CUDA; sliding-window
+    validation through the same :class:`Predictor` that ``medseg predict`` uses. Checkpoints are model
+    bundles (:mod:`medseg.models.bundle`); ``last.pt`` adds what exact resume needs.
+    """
+
+    def __init__(self, config: ExperimentConfig, device: str | None = None,
+                 callbacks: list[TrainerCallback] | None = None):
+        self.config = config
+        self.callbacks = [LogCallback(), TensorBoardCallback()] if callbacks is None else list(callbacks)
+        self.manifest = load_manifest(config.data.manifest)
+        fold = config.data.fold
+        self.train_split = _labelled_cases(self.manifest, "train", fold)
+        self.val_split = _labelled_cases(self.manifest, "val", fold)
+        if not self.train_split:
+            raise ConfigError(f"{config.data.manifest}: no labelled cases in the train split"
+                              + (f" of fold {fold}" if fold is not None else ""))
+        self.device = resolve_device(device or config.train.device)
+        self.num_classes = self.manifest.num_classes
+        self.in_channels = 1
+        self.label_names = dict(self.manifest.labels)
+        self.foreground_names = [self.label_names[k] for k in range(1, self.num_classes)]
+        self.use_amp = self.device.type == "cuda" and config.train.amp
+        self.state = LoopState()
+        self.run_dir = config.train.output_dir
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def _check_cases(self) -> None:
+        # A label off its image's grid would silently train on the wrong voxels: refuse it before any work.
+        cases = {c.id: c for c in self.train_split + self.val_split}.values()
+        for case in tqdm(cases, desc="checking cases", unit="case", leave=False, disable=None):
+            check_case_geometry(self.manifest, case)
+
+    def _data_provenance(self) -> DataProvenance:
+        digest = hashlib.sha256(Path(self.config.data.manifest).read_bytes()).hexdigest()
+        return DataProvenance(manifest_name=self.manifest.name, manifest_sha256=digest, fold=self.config.data.fold,
+                              train_cases=len(self.train_split), val_cases=len(self.val_split))
+
+    def setup(self, resume: bool) -> None:
+        """Check the cases, prepare the run folder, build network, optimizer, data and predictor."""
+        config, dev = self.config, self.device
+        self._check_cases()
+        self.run_dir = prepare_run_dir(config, resume)
+        write_text_atomic(self.run_dir / "config.yaml", dump_config(config))
+        self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance())
+
+        set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
+        self.model = build_model(config.model, self.in_channels, self.num_classes).to(dev)
+        self.memory_format = step_memory_format(config, dev)
+        if self.memory_format is not None:
+            self.model = self.model.to(memory_format=self.memory_format)
+        self.step_model = _compiled(self.model, dev) if config.train.compile else self.model
+        loss_fn: torch.nn.Module = DiceCELoss(
+            to_onehot_y=True, softmax=True, include_background=config.loss.include_background,
+            batch=config.loss.batch_dice, lambda_dice=config.loss.lambda_dice, lambda_ce=config.loss.lambda_ce,
+        )
+        self.loss_fn = DeepSupervisionLoss(loss_fn) if config.model.deep_supervision else loss_fn
+        self.optimizer = _optimizer(config, self.model.parameters())
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if resume:
+            self._restore(load_bundle(self.run_dir / "last.pt"))
+
+        self.train_transforms = training_transforms(config)
+        self.train_dataset = CacheDataset(_case_dicts(self.manifest, self.train_split), self.train_transforms,
+                                          cache_rate=config.data.cache_rate, num_workers=None, progress=False)
+        self.val_loader = None
+        if self.val_split:
+            val_ds = CacheDataset(_case_dicts(self.manifest, self.val_split), validation_transforms(config),
+                                  cache_rate=config.data.cache_rate, progress=False)
+            self.val_loader = DataLoader(val_ds, batch_size=1, num_workers=config.data.num_workers)
+        self.predictor = Predictor(self.model, self.bundle, dev)
+
+    def _restore(self, last: ModelBundle) -> None:
+        state = last.training_state
+        self.model.load_state_dict(last.weights)
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.scaler.load_state_dict(state["scaler_state"])
+        self.state = LoopState.from_checkpoint(state)
+
+    # --- the loop's parts --------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> float:
+        """One optimisation step on a batch of patches; returns its loss."""
+        dev = self.device
+        # Plain tensors: the step needs no metadata, and torch.compile cannot trace MONAI's MetaTensor.
+        x, y = _plain(batch[IMAGE]).to(dev), _plain(batch[LABEL]).to(dev)
+        if self.memory_format is not None:
+            x = x.contiguous(memory_format=self.memory_format)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, enabled=self.use_amp):
+            out = self.step_model(x)
+            if self.config.model.deep_supervision and out.ndim == x.ndim + 1:
+                out = list(torch.unbind(out, dim=1))  # DynUNet stacks its supervision heads on dim 1
+            loss = self.loss_fn(out, y)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def _set_time_schedule_lr(self, epoch: int, elapsed_s: float) -> None:
+        config = self.config
+        if config.train.schedule_over == "time" and epoch >= config.optim.warmup_epochs:
+            # A wall-clock budget: the decay ends when the budget does, however fast this machine is.
+            # (Exact resume still holds for everything but the lr, which follows the clock.)
+            progress = elapsed_s / (60 * (config.train.max_minutes or 1.0))
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * _schedule_factor(config, progress)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch of steps (reseeded from ``(seed, epoch)`` for exact resume); returns the mean loss."""
+        config = self.config
+        epoch_seed = (config.seed * 100_003 + epoch) % 2**32
+        set_determinism(seed=epoch_seed)
+        self.train_transforms.set_random_state(seed=epoch_seed)
+        loader = DataLoader(self.train_dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=False,
+                            num_workers=config.data.num_workers, collate_fn=list_data_collate)
+        steps = config.train.iterations_per_epoch or len(loader)
+        self.model.train()
+        batches = islice(cycle(loader), steps) if config.train.iterations_per_epoch else loader
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False,
+                   disable=None)
+        losses = []
+        for batch in bar:
+            losses.append(self.train_step(batch))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if config.train.schedule_over == "epochs" or epoch + 1 < config.optim.warmup_epochs:
+            self.scheduler.step()
+        return float(np.mean(losses))
+
+    def validate_epoch(self) -> list[float]:
+        """Per foreground class mean validation Dice (NaN for a class absent from every case)."""
+        assert self.val_loader is not None
+        self.model.eval()
+        return validate(self.predictor, self.val_loader, self.num_classes)
+
+    def _due_for_validation(self, epoch: int) -> bool:
+        every = self.config.train.val_interval
+        return self.val_loader is not None and ((epoch + 1) % every == 0 or epoch + 1 == self.config.train.epochs)
+
+    def save_checkpoints(self, improved: bool) -> None:
+        """``best.pt`` when this epoch improved, ``last.pt`` always (with the optimizer state), history.json."""
+        s = self.state
+        weights = self.model.state_dict()
+        last_record = s.history[-1] if s.history else {}
+        loop = {"epoch": s.epoch, "best_dice": s.best_dice, "best_epoch": s.best_epoch}
+        if improved:
+            validation = ValidationSummary(
+                mean_dice=last_record.get("val_dice"), epoch=s.epoch + 1,
+                per_class_dice={n: last_record[f"val_dice_{n}"] for n in self.foreground_names
+                                if f"val_dice_{n}" in last_record})
+            self.bundle.with_weights(weights, validation).save(self.run_dir / "best.pt", **loop)
+        self.bundle.with_weights(weights).save(
+            self.run_dir / "last.pt", **s.to_checkpoint(), optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict(), scaler_state=self.scaler.state_dict())
+        write_text_atomic(self.run_dir / "history.json", json.dumps(s.history, indent=1))
+
+    def _should_stop(self, record: dict) -> bool:
+        patience = self.config.train.early_stopping_patience
+        if patience is not None and self.state.since_best >= patience:
+            log.info("early stopping: no improvement in %d validations", patience)
+            return True
+        budget = self.config.train.max_minutes
+        if budget is not None and record["elapsed_s"] >= 60 * budget:
+            log.info("time budget of %.1f min reached after epoch %d", budget, record["epoch"])
+            return True
+        return False
+
+    # --- the whole run -------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Train to the configured end (epochs, early stopping or time budget); returns the best checkpoint."""
+        self.setup(resume)
+        s = self.state
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        elapsed_before, t0 = s.elapsed_s, time.monotonic()
+        result: TrainResult | None = None
+        try:
+            for epoch in range(s.epoch + 1, self.config.train.epochs):
+                self._set_time_schedule_lr(epoch, elapsed_before + time.monotonic() - t0)
+                loss = self.train_epoch(epoch)
+                record = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                          "elapsed_s": elapsed_before + time.monotonic() - t0}
+                if self._due_for_validation(epoch):
+                    per_class = self.validate_epoch()
+                    record["val_dice"] = float(np.nanmean(per_class)) if not all(np.isnan(per_class)) else 0.0
+                    record.update({f"val_dice_{n}": d for n, d in zip(self.foreground_names, per_class, strict=True)})
+                    improved = record["val_dice"] > s.best_dice
+                    s.since_best = 0 if improved else s.since_best + 1
+                else:
+                    improved = self.val_loader is None  # without validation cases the latest epoch counts as best
+                if improved:
+                    s.best_dice, s.best_epoch = record.get("val_dice", -1.0), epoch + 1
+                s.epoch, s.elapsed_s = epoch, record["elapsed_s"]
+                s.history.append(record)
+                self.save_checkpoints(improved)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, record)
+                if self._should_stop(record):
+                    break
+            chosen = None
+            if self.config.train.choose_postprocessing and self.val_loader is not None \
+                    and (self.run_dir / "best.pt").is_file():
+                chosen = self.choose_postprocessing()
+            result = TrainResult(self.run_dir, self.run_dir / "best.pt", s.best_dice, s.best_epoch, s.epoch + 1,
+                                 s.history, chosen)
+        finally:
+            for cb in self.callbacks:
+                cb.on_fit_end(self, result)
+        return result
+
+    def choose_postprocessing(self) -> list[int]:
+        """Enable keep-largest-component for the classes where it raised validation Dice (strictly), in the
+        best bundle's inference settings and the run's ``config.yaml``; the numbers go to ``postprocessing.json``."""
+        best = load_bundle(self.run_dir / "best.pt")
+        self.model.load_state_dict(best.weights)
+        self.model.eval()
+        effect = postprocessing_effect(self.predictor, self.val_loader, self.num_classes)
+        chosen = [k for k, (before, after) in effect.items() if after > before]
+        decided = self.config.model_copy(deep=True)
+        decided.infer.keep_largest_component = chosen
+        spec = best.spec.model_copy(update={
+            "inference": best.inference.model_copy(update={"keep_largest_component": chosen}),
+            "provenance": best.spec.provenance.model_copy(update={"config": decided.model_dump(mode="json")}),
+        })
+        ModelBundle(spec, best.weights).save(best.path, **best.training_state)
+        write_text_atomic(self.run_dir / "config.yaml", dump_config(decided))
+        record = {
+            "rule": "keep the largest connected component of a class when that raises its mean validation Dice",
+            "evaluated_on": "validation cases, preprocessed grid, best checkpoint",
+            "checkpoint_epoch": best.training_state.get("best_epoch"),
+            "classes": {str(k): {"dice": b, "dice_largest_component": a, "enabled": k in chosen}
+                        for k, (b, a) in effect.items()},
+            "keep_largest_component": chosen,
+        }
+        write_text_atomic(self.run_dir / "postprocessing.json", json.dumps(record, indent=1))
+        log.info("postprocessing: keep largest component for classes %s (%s)", chosen or "none",
+                 ", ".join(f"{k}: {b:.4f} -> {a:.4f}" for k, (b, a) in effect.items()))
+        return chosen
+
+
 def train(config: ExperimentConfig, resume: bool = False, device: str | None = None) -> TrainResult:
     """Train the configured network; returns the best checkpoint (by mean foreground validation Dice)."""
-    manifest = load_manifest(config.data.manifest)
-    fold = config.data.fold
-    train_split, val_split = _labelled_cases(manifest, "train", fold), _labelled_cases(manifest, "val", fold)
-    if not train_split:
-        raise ConfigError(f"{config.data.manifest}: no labelled cases in the train split"
-                          + (f" of fold {fold}" if fold is not None else ""))
-    # A label off its image's grid would silently train on the wrong voxels: refuse it before any work.
-    for case in tqdm({c.id: c for c in train_split + val_split}.values(), desc="checking cases", unit="case",
-                     leave=False, disable=None):
-        check_case_geometry(manifest, case)
-    train_cases, val_cases = _case_dicts(manifest, train_split), _case_dicts(manifest, val_split)
-    run_dir = prepare_run_dir(config, resume)
-    write_text_atomic(run_dir / "config.yaml", dump_config(config))
-    dev = resolve_device(device or config.train.device)
-    use_amp = dev.type == "cuda" and config.train.amp
-    num_classes = manifest.num_classes
-
-    set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
-    model = build_model(config.model, 1, num_classes).to(dev)
-    memory_format = step_memory_format(config, dev)
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
-    step_model = _compiled(model, dev) if config.train.compile else model
-    loss_fn: torch.nn.Module = DiceCELoss(
-        to_onehot_y=True, softmax=True, include_background=config.loss.include_background, batch=config.loss.batch_dice,
-        lambda_dice=config.loss.lambda_dice, lambda_ce=config.loss.lambda_ce,
-    )
-    if config.model.deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn)
-    optimizer = _optimizer(config, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, best_dice, best_epoch, history, since_best = 0, -1.0, -1, [], 0
-    elapsed_before = 0.0
-    if resume:
-        state = load_checkpoint(run_dir / "last.pt").raw
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
-        scaler.load_state_dict(state["scaler_state"])
-        start_epoch = int(state["epoch"]) + 1
-        best_dice, best_epoch = float(state["best_dice"]), int(state["best_epoch"])
-        since_best, elapsed_before = int(state["since_best"]), float(state["elapsed_s"])
-        history = list(state["history"])
-        log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
-
-    train_tf = training_transforms(config)
-    train_ds = CacheDataset(train_cases, train_tf, cache_rate=config.data.cache_rate, num_workers=None, progress=False)
-    val_loader = None
-    if val_cases:
-        val_ds = CacheDataset(val_cases, validation_transforms(config), cache_rate=config.data.cache_rate, progress=False)
-        val_loader = DataLoader(val_ds, batch_size=1, num_workers=config.data.num_workers)
-    predictor = Predictor(model, config, manifest.labels, dev)
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    label_names = manifest.labels
-    fg_names = [label_names[k] for k in range(1, num_classes)]
-
-    t0 = time.monotonic()
-    epoch = start_epoch - 1
-    try:
-        for epoch in range(start_epoch, config.train.epochs):
-            epoch_seed = (config.seed * 100_003 + epoch) % 2**32
-            set_determinism(seed=epoch_seed)
-            train_tf.set_random_state(seed=epoch_seed)
-            loader = DataLoader(train_ds, batch_size=config.train.batch_size, shuffle=True, drop_last=False,
-                                num_workers=config.data.num_workers, collate_fn=list_data_collate)
-            steps = config.train.iterations_per_epoch or len(loader)
-            if config.train.schedule_over == "time" and epoch >= config.optim.warmup_epochs:
-                # A wall-clock budget: the decay ends when the budget does, however fast this machine is.
-                # (Exact resume still holds for everything but the lr, which follows the clock.)
-                progress = (elapsed_before + time.monotonic() - t0) / (60 * (config.train.max_minutes or 1.0))
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"] * _schedule_factor(config, progress)
-            model.train()
-            losses = []
-            bar = tqdm(islice(cycle(loader), steps) if config.train.iterations_per_epoch else loader, total=steps,
-                       desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False, disable=None)
-            for batch in bar:
-                # Plain tensors: the step needs no metadata, and torch.compile cannot trace MONAI's MetaTensor.
-                x, y = _plain(batch[IMAGE]).to(dev), _plain(batch[LABEL]).to(dev)
-                if memory_format is not None:
-                    x = x.contiguous(memory_format=memory_format)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, enabled=use_amp):
-                    out = step_model(x)
-                    if config.model.deep_supervision and out.ndim == x.ndim + 1:
-                        out = list(torch.unbind(out, dim=1))  # DynUNet stacks its supervision heads on dim 1
-                    loss = loss_fn(out, y)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if config.train.schedule_over == "epochs" or epoch + 1 < config.optim.warmup_epochs:
-                scheduler.step()
-            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": optimizer.param_groups[0]["lr"],
-                      "elapsed_s": elapsed_before + time.monotonic() - t0}
-            writer.add_scalar("train/loss", record["loss"], epoch + 1)
-            writer.add_scalar("train/lr", record["lr"], epoch + 1)
-
-            improved = False
-            if val_loader is not None and ((epoch + 1) % config.train.val_interval == 0 or epoch + 1 == config.train.epochs):
-                model.eval()
-                per_class = validate(predictor, val_loader, num_classes)
-                mean_dice = float(np.nanmean(per_class)) if not all(np.isnan(per_class)) else 0.0
-                record["val_dice"] = mean_dice
-                record.update({f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)})
-                writer.add_scalar("val/mean_dice", mean_dice, epoch + 1)
-                for name, d in zip(fg_names, per_class, strict=True):
-                    writer.add_scalar(f"val/dice_{name}", d, epoch + 1)
-                improved = mean_dice > best_dice
-                since_best = 0 if improved else since_best + 1
-                log.info("epoch %d: loss %.4f, val Dice %.4f (%s)", epoch + 1, record["loss"], mean_dice,
-                         ", ".join(f"{n} {d:.3f}" for n, d in zip(fg_names, per_class, strict=True)))
-            else:
-                improved = val_loader is None  # without validation cases the latest epoch counts as best
-                log.info("epoch %d: loss %.4f", epoch + 1, record["loss"])
-            if improved:
-                best_dice, best_epoch = record.get("val_dice", -1.0), epoch + 1
-            history.append(record)
-
-            common = dict(config=config, label_names=label_names, model_state=model.state_dict())
-            if improved:
-                save_checkpoint(run_dir / "best.pt", **common, epoch=epoch, best_dice=best_dice, best_epoch=best_epoch)
-            save_checkpoint(
-                run_dir / "last.pt", **common, epoch=epoch, best_dice=best_dice, best_epoch=best_epoch,
-                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                scaler_state=scaler.state_dict(), since_best=since_best, elapsed_s=record["elapsed_s"], history=history,
-            )
-            write_text_atomic(run_dir / "history.json", json.dumps(history, indent=1))
-
-            patience = config.train.early_stopping_patience
-            if patience is not None and since_best >= patience:
-                log.info("early stopping: no improvement in %d validations", patience)
-                break
-            if config.train.max_minutes is not None and record["elapsed_s"] >= 60 * config.train.max_minutes:
-                log.info("time budget of %.1f min reached after epoch %d", config.train.max_minutes, epoch + 1)
-                break
-    finally:
-        writer.close()
-    chosen = None
-    if config.train.choose_postprocessing and val_loader is not None and (run_dir / "best.pt").is_file():
-        chosen = _choose_postprocessing(config, run_dir, model, predictor, val_loader, num_classes)
-    return TrainResult(run_dir, run_dir / "best.pt", best_dice, best_epoch, epoch + 1, history, chosen)
+    return Trainer(config, device).fit(resume)

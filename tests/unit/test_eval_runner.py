@@ -116,18 +116,25 @@ def test_probability_maps_are_refused(folders: dict[str, Path]) -> None:
         evaluate_folders(folders["pred"], folders["ref"], folders["out"], progress=False)
 
 
-def test_label_names_come_from_a_checkpoint_or_run_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_label_names_come_from_a_model_bundle_or_run_folder(folders: dict[str, Path], tmp_path: Path) -> None:
+    from medseg.config import config_from_dict
+    from medseg.models import build_model
+    from medseg.models.bundle import ModelBundle
+
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"label_names": {0: "background", 1: "lung", 2: "nodule"}, "model": {}}, run / "best.pt")
-    assert load_label_names(run) == {0: "background", 1: "lung", 2: "nodule"}
+    config = config_from_dict({"name": "t", "data": {"manifest": "m.json"}, "model": {"channels": [4, 8]},
+                               "train": {"patch_size": [16, 16, 16]}})
+    names = {0: "background", 1: "lung", 2: "nodule"}
+    bundle = ModelBundle.from_config(config, names, in_channels=1)
+    bundle.with_weights(build_model(config.model, 1, 3).state_dict()).save(run / "best.pt")
+    assert load_label_names(run) == names
     result = evaluate_folders(folders["pred"], folders["ref"], folders["out"], label_names_from=run / "best.pt",
                               html_report=False, progress=False)
     assert list(result.per_class) == ["lung", "nodule"]
     with pytest.raises(CheckpointError, match="no best.pt"):
         load_label_names(tmp_path / "img")
-    torch.save({"model": {}}, run / "best.pt")
-    with pytest.raises(CheckpointError, match="label_names"):
+    torch.save({"label_names": names, "model": {}}, run / "best.pt")  # not a medseg model
+    with pytest.raises(CheckpointError, match="not a medseg model"):
         load_label_names(run)
 
 

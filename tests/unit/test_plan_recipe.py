@@ -13,7 +13,7 @@ from medseg.cli import build_parser, main
 from medseg.config import load_config
 from medseg.data.manifest import load_manifest, save_manifest
 from medseg.inference.predictor import Predictor
-from medseg.models.checkpoint import load_checkpoint, save_checkpoint
+from medseg.models.bundle import load_bundle
 from medseg.planning import PlanOptions, cross_validation_folds, write_plan
 from medseg.training.trainer import train
 
@@ -41,15 +41,15 @@ def planned_run(phantom_manifest, tmp_path_factory):
 def test_a_generated_plan_trains_and_records_its_postprocessing_choice(planned_run):
     run = planned_run.run_dir
     assert planned_run.epochs_run == 1 and np.isfinite(planned_run.history[0]["loss"])
-    assert load_checkpoint(run).config.data.fold == 1
+    assert load_bundle(run).config.data.fold == 1
     record = json.loads((run / "postprocessing.json").read_text())
     assert set(record["classes"]) == {"1", "2"}
     chosen = [int(k) for k, v in record["classes"].items() if v["enabled"]]
     for v in record["classes"].values():
         assert v["enabled"] == (v["dice_largest_component"] > v["dice"])
     assert planned_run.keep_largest_component == chosen == record["keep_largest_component"]
-    ckpt = load_checkpoint(run)
-    assert ckpt.config.infer.keep_largest_component == chosen
+    ckpt = load_bundle(run)
+    assert ckpt.inference.keep_largest_component == chosen == ckpt.config.infer.keep_largest_component
     assert ckpt.config.model.name == "dynunet" and ckpt.config.model.deep_supervision
     assert load_config(run / "config.yaml").infer.keep_largest_component == chosen
 
@@ -81,10 +81,9 @@ def test_predict_cli_takes_several_models_and_a_mirror_flag(planned_run, phantom
 
 
 def test_ensemble_refuses_models_with_different_preprocessing(planned_run, phantom_manifest, capsys, tmp_path):
-    ckpt = load_checkpoint(planned_run.run_dir)
-    other = ckpt.config.model_copy(deep=True)
-    other.preprocessing.spacing = (2.0, 2.0, 2.0)
-    save_checkpoint(tmp_path / "other.pt", config=other, label_names=ckpt.label_names, model_state=ckpt.model_state)
+    ckpt = load_bundle(planned_run.run_dir)
+    other = ckpt.spec.preprocessing.model_copy(update={"spacing": (2.0, 2.0, 2.0)})
+    type(ckpt)(ckpt.spec.model_copy(update={"preprocessing": other}), ckpt.weights).save(tmp_path / "other.pt")
     scan = phantom_manifest.parent / "images" / "phantom_005.nii.gz"
     code = main(["predict", "--model", str(planned_run.run_dir), str(tmp_path / "other.pt"), "--input", str(scan),
                  "--output", str(tmp_path / "o"), "--device", "cpu"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medseg.errors import CheckpointError, ConfigError
-from medseg.models.checkpoint import load_checkpoint
+from medseg.models.bundle import load_bundle
 from medseg.training.trainer import train
 from tests.conftest import tiny_config
 
@@ -18,7 +18,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(trained_run):
     for name in ("best.pt", "last.pt", "config.yaml", "history.json"):
         assert (trained_run / name).is_file()
     assert any((trained_run / "tensorboard").iterdir())
-    ckpt = load_checkpoint(trained_run)
+    ckpt = load_bundle(trained_run)
     assert ckpt.path.name == "best.pt"
     assert ckpt.label_names == {0: "background", 1: "lung", 2: "nodule"}
     assert "val_dice_lung" in history[-1] and history[-1]["val_dice_lung"] > 0.5
@@ -28,16 +28,16 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(phantom_ma
     straight = train(tiny_config(phantom_manifest, tmp_path / "straight", epochs=2, iterations_per_epoch=2), device="cpu")
     interrupted = tiny_config(phantom_manifest, tmp_path / "resumed", epochs=1, iterations_per_epoch=2)
     train(interrupted, device="cpu")
-    assert load_checkpoint(tmp_path / "resumed" / "last.pt").raw["epoch"] == 0
+    assert load_bundle(tmp_path / "resumed" / "last.pt").training_state["epoch"] == 0
     interrupted.train.epochs = 2
     resumed = train(interrupted, resume=True, device="cpu")
 
     assert resumed.epochs_run == 2
-    a = load_checkpoint(tmp_path / "straight" / "last.pt").raw
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt").raw
+    last_a, last_b = load_bundle(tmp_path / "straight" / "last.pt"), load_bundle(tmp_path / "resumed" / "last.pt")
+    a, b = last_a.training_state, last_b.training_state
     assert a["epoch"] == b["epoch"] == 1
-    for key, tensor in a["model_state"].items():
-        assert torch.allclose(tensor, b["model_state"][key], atol=1e-6), key
+    for key, tensor in last_a.weights.items():
+        assert torch.allclose(tensor, last_b.weights[key], atol=1e-6), key
     assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)
     assert a["optimizer_state"]["state"].keys() == b["optimizer_state"]["state"].keys()
 
@@ -51,7 +51,7 @@ def test_an_existing_run_is_not_overwritten_and_resume_needs_one(phantom_manifes
 
 def test_2d_model_trains_on_slices(phantom_manifest, tmp_path):
     result = train(tiny_config(phantom_manifest, tmp_path / "run2d", spatial_dims=2, epochs=2), device="cpu")
-    ckpt = load_checkpoint(result.run_dir)
+    ckpt = load_bundle(result.run_dir)
     assert ckpt.config.model.spatial_dims == 2
     assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.05
 

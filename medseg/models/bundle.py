@@ -1,0 +1,283 @@
+"""The model bundle: one contract between training and everything that uses a trained model.
+
+Training writes it (``best.pt`` / ``last.pt`` in the run folder); prediction, evaluation, export and
+the service read it with :func:`load_bundle`, and nothing else reads checkpoint files. A bundle holds
+
+- the network spec (architecture, input channels, classes, deep supervision),
+- the label table (value, name, colour),
+- the preprocessing (orientation, spacing, intensity normalisation),
+- the inference settings (patch, overlap, mirroring, keep-largest-component, precision),
+- provenance (the experiment config, the data it was trained on, validation metrics, library
+  versions and a SHA-256 of the weights, checked on every load),
+
+and the weights. Only tensors and plain Python containers are stored, so ``torch.load(...,
+weights_only=True)`` reads it and a file from an untrusted source cannot run code. ``last.pt`` adds
+the optimizer, scheduler and loop state that ``--resume`` needs.
+
+Run folders written before the bundle (format ``medseg-checkpoint-1``) still load: their bundle is
+derived from the embedded config (documented in docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch import nn
+
+from medseg import __version__
+from medseg.atomic import write_atomic
+from medseg.config import ExperimentConfig, ModelConfig, PreprocessingConfig, _format_errors, config_from_dict
+from medseg.data.labels import LabelInfo, label_table
+from medseg.errors import CheckpointError
+from medseg.models.registry import build_model
+
+BUNDLE_FORMAT = "medseg-bundle-1"
+LEGACY_CHECKPOINT_FORMAT = "medseg-checkpoint-1"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkSpec(_Spec):
+    """What to build: the registry architecture, the input channels and the output classes."""
+
+    architecture: ModelConfig
+    in_channels: int = Field(ge=1)
+    num_classes: int = Field(ge=2)
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.architecture.deep_supervision
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.architecture.spatial_dims
+
+
+class InferenceSpec(_Spec):
+    """How the network is applied to a whole scan."""
+
+    roi_size: list[int] = Field(min_length=2, max_length=3)
+    sw_batch_size: int = Field(ge=1)
+    overlap: float = Field(ge=0, lt=1)
+    mode: Literal["gaussian", "constant"]
+    mirror_axes: list[int] = Field(default_factory=list)
+    keep_largest_component: list[int] = Field(default_factory=list)
+    precision: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="autocast dtype on CUDA; float32 on CPU unless an exported backend says otherwise")
+
+
+class DataProvenance(_Spec):
+    """The data a model was trained on (no case names: they can be patient identifiers)."""
+
+    manifest_name: str | None = None
+    manifest_sha256: str | None = None
+    fold: int | None = None
+    train_cases: int | None = None
+    val_cases: int | None = None
+
+
+class ValidationSummary(_Spec):
+    """Validation metrics of the stored weights (mean foreground Dice and per class, by name)."""
+
+    mean_dice: float | None = None
+    epoch: int | None = None
+    per_class_dice: dict[str, float] = Field(default_factory=dict)
+
+
+class Provenance(_Spec):
+    """Where the weights came from: config, data, validation, versions and their checksum."""
+
+    config: dict[str, Any]
+    data: DataProvenance = Field(default_factory=DataProvenance)
+    validation: ValidationSummary = Field(default_factory=ValidationSummary)
+    versions: dict[str, str] = Field(default_factory=dict)
+    weights_sha256: str = ""
+    created: str = ""
+
+
+class BundleSpec(_Spec):
+    """Everything of a bundle but the weights; plain data, validated when read."""
+
+    format: Literal["medseg-bundle-1"] = BUNDLE_FORMAT
+    name: str
+    network: NetworkSpec
+    labels: list[LabelInfo]
+    preprocessing: PreprocessingConfig
+    inference: InferenceSpec
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BundleSpec:
+        values = [label.value for label in self.labels]
+        if values != list(range(self.network.num_classes)):
+            raise ValueError(f"labels must be the values 0..{self.network.num_classes - 1} in order, got {values}")
+        if len(self.inference.roi_size) != self.network.spatial_dims:
+            raise ValueError(f"inference.roi_size {self.inference.roi_size} does not fit a "
+                             f"{self.network.spatial_dims}D network")
+        bad_axes = [a for a in self.inference.mirror_axes if not 0 <= a < self.network.spatial_dims]
+        if bad_axes:
+            raise ValueError(f"inference.mirror_axes {bad_axes} outside the {self.network.spatial_dims} spatial axes")
+        bad_classes = [k for k in self.inference.keep_largest_component if not 1 <= k < self.network.num_classes]
+        if bad_classes:
+            raise ValueError(f"inference.keep_largest_component names classes {bad_classes} the network does not have")
+        return self
+
+
+def inference_spec(config: ExperimentConfig) -> InferenceSpec:
+    """The inference settings a config trains for (its ``infer`` section; AMP on CUDA means float16)."""
+    infer = config.infer
+    return InferenceSpec(roi_size=config.roi_size, sw_batch_size=infer.sw_batch_size, overlap=infer.overlap,
+                         mode=infer.mode, mirror_axes=list(infer.mirror_axes),
+                         keep_largest_component=list(infer.keep_largest_component),
+                         precision="float16" if config.train.amp else "float32")
+
+
+def library_versions() -> dict[str, str]:
+    """medseg, torch, MONAI and Python versions, as recorded in a bundle's provenance."""
+    import monai
+
+    return {"medseg": __version__, "torch": torch.__version__, "monai": monai.__version__,
+            "python": platform.python_version()}
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the weights' names, dtypes, shapes and bytes (logical order, any memory layout)."""
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        tensor = weights[key].detach().cpu()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelBundle:
+    """A trained model: its spec (see :class:`BundleSpec`) and weights; ``training_state`` only in ``last.pt``."""
+
+    spec: BundleSpec
+    weights: dict[str, torch.Tensor]
+    path: Path | None = None
+    training_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, label_names: dict[int, str], in_channels: int,
+                    weights: dict[str, torch.Tensor] | None = None, data: DataProvenance | None = None) -> ModelBundle:
+        """A bundle for a config about to be trained (weights filled in when saving)."""
+        spec = BundleSpec(
+            name=config.name,
+            network=NetworkSpec(architecture=config.model, in_channels=in_channels, num_classes=len(label_names)),
+            labels=label_table(label_names),
+            preprocessing=config.preprocessing,
+            inference=inference_spec(config),
+            provenance=Provenance(config=config.model_dump(mode="json"), data=data or DataProvenance(),
+                                  versions=library_versions()),
+        )
+        return cls(spec, dict(weights or {}))
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        """``{value: name}`` of every class, background included."""
+        return {label.value: label.name for label in self.spec.labels}
+
+    @property
+    def config(self) -> ExperimentConfig:
+        """The experiment config the model was trained with (its evaluate section, resume, ...)."""
+        return config_from_dict(self.spec.provenance.config, source=f"{self.path or 'bundle'} (embedded config)")
+
+    @property
+    def network(self) -> NetworkSpec:
+        return self.spec.network
+
+    @property
+    def inference(self) -> InferenceSpec:
+        return self.spec.inference
+
+    def build_network(self) -> nn.Module:
+        """The network with the bundle's weights, in eval mode, on the CPU."""
+        net = build_model(self.network.architecture, self.network.in_channels, self.network.num_classes)
+        try:
+            net.load_state_dict(self.weights)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.path}: weights do not fit the network spec ({str(exc).splitlines()[0]})") from None
+        return net.eval()
+
+    def with_weights(self, weights: dict[str, torch.Tensor], validation: ValidationSummary | None = None) -> ModelBundle:
+        """A copy holding ``weights`` (and their validation metrics), stamped with a new checksum and time."""
+        provenance = self.spec.provenance.model_copy(update={
+            "weights_sha256": weights_sha256(weights),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **({"validation": validation} if validation is not None else {}),
+        })
+        return ModelBundle(self.spec.model_copy(update={"provenance": provenance}), weights, self.path)
+
+    def save(self, path: Path, **training_state: Any) -> Path:
+        """Write the bundle atomically (temporary file, then rename); ``training_state`` for resuming."""
+        payload = {"format": BUNDLE_FORMAT, "bundle": self.spec.model_dump(mode="json"), "model_state": self.weights,
+                   **training_state}
+        return write_atomic(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def resolve_bundle_path(model: Path) -> Path:
+    """A bundle file as given, or a run folder's ``best.pt`` (else ``last.pt``)."""
+    model = Path(model)
+    if model.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (model / name).is_file():
+                return model / name
+        raise CheckpointError(f"{model}: run folder holds no best.pt or last.pt")
+    if not model.is_file():
+        raise CheckpointError(f"{model}: no such model file or run folder")
+    return model
+
+
+def _legacy_spec(raw: dict[str, Any], path: Path) -> BundleSpec:
+    """The bundle of a ``medseg-checkpoint-1`` file, derived from its embedded config."""
+    config = config_from_dict(raw["config"], source=f"{path} (embedded config)")
+    names = {int(k): str(v) for k, v in raw["label_names"].items()}
+    bundle = ModelBundle.from_config(config, names, int(raw.get("in_channels", 1)))
+    best = raw.get("best_dice")
+    validation = ValidationSummary(mean_dice=float(best) if best is not None and best >= 0 else None,
+                                   epoch=raw.get("best_epoch"))
+    provenance = bundle.spec.provenance.model_copy(update={"validation": validation, "versions": {}})
+    return bundle.spec.model_copy(update={"provenance": provenance})
+
+
+def load_bundle(model: Path, verify: bool = True) -> ModelBundle:
+    """Read a bundle (a file, or a run folder's best one) with ``weights_only=True``.
+
+    ``verify`` checks the weights against their recorded SHA-256 (a corrupted or edited file is refused).
+    """
+    path = resolve_bundle_path(model)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for foreign files
+        raise CheckpointError(f"{path}: not a readable medseg model ({type(exc).__name__}: {exc})") from None
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt not in (BUNDLE_FORMAT, LEGACY_CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path}: not a medseg model (expected format {BUNDLE_FORMAT}, found {fmt!r})")
+    weights = raw.get("model_state")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: holds no weights ('model_state')")
+    if fmt == LEGACY_CHECKPOINT_FORMAT:
+        spec = _legacy_spec(raw, path)
+        state = {k: v for k, v in raw.items() if k not in ("format", "config", "label_names", "in_channels", "model_state")}
+    else:
+        try:
+            spec = BundleSpec.model_validate(raw["bundle"])
+        except (ValidationError, KeyError) as exc:
+            detail = _format_errors(exc) if isinstance(exc, ValidationError) else "  no 'bundle' entry"
+            raise CheckpointError(f"{path}: invalid model bundle\n{detail}") from None
+        state = {k: v for k, v in raw.items() if k not in ("format", "bundle", "model_state")}
+        recorded = spec.provenance.weights_sha256
+        if verify and recorded and weights_sha256(weights) != recorded:
+            raise CheckpointError(f"{path}: the weights do not match their recorded SHA-256 (file corrupted or edited)")
+    return ModelBundle(spec, weights, path, state)
