@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -14,10 +15,25 @@ from medseg import __version__
 from medseg.errors import MedsegError
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
+    from medseg.training.distributed import launched_by_torchrun, relaunch_with_torchrun
     from medseg.training.trainer import train
 
+    if args.nproc is not None and not launched_by_torchrun():
+        return relaunch_with_torchrun(args.nproc, _without_nproc(args.argv))
     config = load_config(args.config)
     if args.output_dir is not None:
         config.train.output_dir = args.output_dir.resolve()
@@ -26,6 +42,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.fold is not None:
         config.data.fold = args.fold
     result = train(config, resume=args.resume, device=args.device)
+    if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"best checkpoint: {result.best_checkpoint}  (mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch})")
     return 0
 
@@ -155,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train data-parallel in N processes on this machine (torchrun --standalone; one per GPU "
+                        "on CUDA, gloo on CPU); for several machines run torchrun yourself (docs/training.md)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("plan", help="fingerprint a manifest's cases and write an experiment YAML planned from them")
@@ -229,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medseg`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -16,14 +16,13 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
-from itertools import cycle, islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, MetaTensor, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.transforms import KeepLargestConnectedComponent
 from monai.utils import set_determinism
 from torch.utils.tensorboard import SummaryWriter
@@ -37,6 +36,8 @@ from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, resolve_device
 from medseg.models import build_model
 from medseg.models.bundle import DataProvenance, ModelBundle, ValidationSummary, load_bundle
+from medseg.training.distributed import DistributedContext, init_distributed
+from medseg.training.sampling import DrawSeededDataset, epoch_draws, rank_keys, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -105,33 +106,52 @@ def prepare_run_dir(config: ExperimentConfig, resume: bool) -> Path:
     return run_dir
 
 
-def validate(predictor: Predictor, loader: DataLoader, num_classes: int) -> list[float]:
-    """Per-class (foreground) mean Dice over the validation cases; NaN for a class absent everywhere."""
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
+def case_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Dice per case and foreground class, shape (B, K-1), of label maps (B, 1, ...); NaN where a case's
+    reference lacks the class (that case does not count for the class)."""
+    dice = compute_dice(pred, label, include_background=False, ignore_empty=True, num_classes=num_classes)
+    return dice.cpu().numpy().reshape(len(pred), num_classes - 1)
+
+
+def class_means(rows: list[np.ndarray], num_classes: int) -> list[float]:
+    """Mean Dice per foreground class over the cases of ``rows``; NaN for a class absent everywhere."""
+    table = np.concatenate(rows) if rows else np.full((0, num_classes - 1), np.nan)
+    counted = ~np.isnan(table)
+    sums = np.where(counted, table, 0.0).sum(axis=0)
+    return [float(t / n) if n else float("nan") for t, n in zip(sums, counted.sum(axis=0), strict=True)]
+
+
+def validate(predictor: Predictor, loader: DataLoader, num_classes: int,
+             dist: DistributedContext | None = None) -> list[float]:
+    """Per-class (foreground) mean Dice over the validation cases; NaN for a class absent everywhere.
+
+    In a distributed run each process scores its share of the cases and the rows are gathered, so every
+    process gets the mean over all of them.
+    """
+    rows = []
     for batch in loader:
-        probs = predictor.probabilities(batch[IMAGE])
-        pred = torch.argmax(probs, dim=1, keepdim=True).cpu()
-        metric(y_pred=pred, y=batch[LABEL].cpu())
-    per_class = metric.aggregate()
-    return [float(v) for v in per_class]
+        pred = torch.argmax(predictor.probabilities(batch[IMAGE]), dim=1, keepdim=True).cpu()
+        rows.append(case_dice(pred, batch[LABEL].cpu(), num_classes))
+    return class_means((dist or DistributedContext()).gather(rows), num_classes)
 
 
-def postprocessing_effect(predictor: Predictor, loader: DataLoader, num_classes: int) -> dict[int, tuple[float, float]]:
+def postprocessing_effect(predictor: Predictor, loader: DataLoader, num_classes: int,
+                          dist: DistributedContext | None = None) -> dict[int, tuple[float, float]]:
     """Per foreground class: (mean validation Dice as predicted, with only its largest component kept).
 
     Components are kept per class independently, so each class's Dice depends only on its own choice and
     one pass serves all classes. Evaluated on the preprocessed grid, like :func:`validate`.
     """
-    plain = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
-    kept = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, num_classes=num_classes)
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), is_onehot=False, independent=True)
+    plain, kept = [], []
     for batch in loader:
         pred = torch.argmax(predictor.probabilities(batch[IMAGE]), dim=1, keepdim=True).cpu()
         label = batch[LABEL].cpu()
-        plain(y_pred=pred, y=label)
-        kept(y_pred=torch.stack([torch.as_tensor(keep(p)) for p in pred]), y=label)
-    before, after = plain.aggregate(), kept.aggregate()
-    return {k + 1: (float(before[k]), float(after[k])) for k in range(num_classes - 1)}
+        plain.append(case_dice(pred, label, num_classes))
+        kept.append(case_dice(torch.stack([torch.as_tensor(keep(p)) for p in pred]), label, num_classes))
+    dist = dist or DistributedContext()
+    before, after = class_means(dist.gather(plain), num_classes), class_means(dist.gather(kept), num_classes)
+    return {k + 1: (before[k], after[k]) for k in range(num_classes - 1)}
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -252,7 +272,14 @@ class Trainer:
         if not self.train_split:
             raise ConfigError(f"{config.data.manifest}: no labelled cases in the train split"
                               + (f" of fold {fold}" if fold is not None else ""))
-        self.device = resolve_device(device or config.train.device)
+        self.dist: DistributedContext = init_distributed(resolve_device(device or config.train.device))
+        self.device = self.dist.device
+        if config.train.batch_size % self.dist.world_size:
+            raise ConfigError(f"train.batch_size {config.train.batch_size} is the global batch and must divide evenly "
+                              f"among {self.dist.world_size} processes")
+        self.rank_batch = config.train.batch_size // self.dist.world_size
+        if not self.dist.is_main:
+            self.callbacks = []  # one writer: rank 0 logs, tracks and checkpoints
         self.num_classes = self.manifest.num_classes
         self.in_channels = 1
         self.label_names = dict(self.manifest.labels)
@@ -265,7 +292,7 @@ class Trainer:
     def _check_cases(self) -> None:
         # A label off its image's grid would silently train on the wrong voxels: refuse it before any work.
         cases = {c.id: c for c in self.train_split + self.val_split}.values()
-        for case in tqdm(cases, desc="checking cases", unit="case", leave=False, disable=None):
+        for case in tqdm(cases, desc="checking cases", unit="case", leave=False, disable=self._quiet):
             check_case_geometry(self.manifest, case)
 
     def _data_provenance(self) -> DataProvenance:
@@ -278,7 +305,8 @@ class Trainer:
         config, dev = self.config, self.device
         self._check_cases()
         self.run_dir = prepare_run_dir(config, resume)
-        write_text_atomic(self.run_dir / "config.yaml", dump_config(config))
+        if self.dist.is_main:
+            write_text_atomic(self.run_dir / "config.yaml", dump_config(config))
         self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance())
 
         set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
@@ -286,7 +314,13 @@ class Trainer:
         self.memory_format = step_memory_format(config, dev)
         if self.memory_format is not None:
             self.model = self.model.to(memory_format=self.memory_format)
-        self.step_model = _compiled(self.model, dev) if config.train.compile else self.model
+        self.step_model: torch.nn.Module = self.model
+        if self.dist.enabled:
+            # Gradients are averaged over the processes in backward; each process keeps an identical model.
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dev] if dev.type == "cuda" else None)
+        if config.train.compile:
+            self.step_model = _compiled(self.step_model, dev)
         loss_fn: torch.nn.Module = DiceCELoss(
             to_onehot_y=True, softmax=True, include_background=config.loss.include_background,
             batch=config.loss.batch_dice, lambda_dice=config.loss.lambda_dice, lambda_ce=config.loss.lambda_ce,
@@ -299,11 +333,13 @@ class Trainer:
             self._restore(load_bundle(self.run_dir / "last.pt"))
 
         self.train_transforms = training_transforms(config)
-        self.train_dataset = CacheDataset(_case_dicts(self.manifest, self.train_split), self.train_transforms,
-                                          cache_rate=config.data.cache_rate, num_workers=None, progress=False)
+        self.train_dataset = DrawSeededDataset(_case_dicts(self.manifest, self.train_split), self.train_transforms,
+                                               cache_rate=config.data.cache_rate, num_workers=None, progress=False)
         self.val_loader = None
         if self.val_split:
-            val_ds = CacheDataset(_case_dicts(self.manifest, self.val_split), validation_transforms(config),
+            # Each process validates its share of the cases (a process may have none); scores are gathered.
+            shard = self.val_split[self.dist.rank::self.dist.world_size]
+            val_ds = CacheDataset(_case_dicts(self.manifest, shard), validation_transforms(config),
                                   cache_rate=config.data.cache_rate, progress=False)
             self.val_loader = DataLoader(val_ds, batch_size=1, num_workers=config.data.num_workers)
         self.predictor = Predictor(self.model, self.bundle, dev)
@@ -346,32 +382,44 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * _schedule_factor(config, progress)
 
+    @property
+    def _quiet(self) -> bool | None:
+        """tqdm's ``disable``: bars on rank 0 only (None: shown on a terminal)."""
+        return None if self.dist.is_main else True
+
     def train_epoch(self, epoch: int) -> float:
-        """One epoch of steps (reseeded from ``(seed, epoch)`` for exact resume); returns the mean loss."""
+        """One epoch of steps; returns the mean loss over the steps (and the processes).
+
+        The draws, their patches and augmentation follow from ``(seed, epoch)`` alone
+        (:mod:`medseg.training.sampling`), so a resumed run continues exactly and a distributed run
+        sees, batch by batch, what one process with the same global batch would.
+        """
         config = self.config
         epoch_seed = (config.seed * 100_003 + epoch) % 2**32
-        set_determinism(seed=epoch_seed)
-        self.train_transforms.set_random_state(seed=epoch_seed)
-        loader = DataLoader(self.train_dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=False,
+        set_determinism(seed=epoch_seed + self.dist.rank)  # dropout etc.: each process its own stream
+        num_cases, global_batch = len(self.train_dataset), config.train.batch_size
+        steps = steps_per_epoch(num_cases, global_batch, config.train.iterations_per_epoch)
+        draws = epoch_draws(num_cases, global_batch, steps, epoch_seed)
+        self.train_dataset.epoch_seed = epoch_seed
+        keys = rank_keys(draws, num_cases, global_batch, self.dist.rank, self.dist.world_size)
+        loader = DataLoader(self.train_dataset, batch_size=self.rank_batch, sampler=keys,
                             num_workers=config.data.num_workers, collate_fn=list_data_collate)
-        steps = config.train.iterations_per_epoch or len(loader)
         self.model.train()
-        batches = islice(cycle(loader), steps) if config.train.iterations_per_epoch else loader
-        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False,
-                   disable=None)
+        bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False,
+                   disable=self._quiet)
         losses = []
         for batch in bar:
             losses.append(self.train_step(batch))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if config.train.schedule_over == "epochs" or epoch + 1 < config.optim.warmup_epochs:
             self.scheduler.step()
-        return float(np.mean(losses))
+        return self.dist.mean(float(np.mean(losses)))
 
     def validate_epoch(self) -> list[float]:
         """Per foreground class mean validation Dice (NaN for a class absent from every case)."""
         assert self.val_loader is not None
         self.model.eval()
-        return validate(self.predictor, self.val_loader, self.num_classes)
+        return validate(self.predictor, self.val_loader, self.num_classes, self.dist)
 
     def _due_for_validation(self, epoch: int) -> bool:
         every = self.config.train.val_interval
@@ -416,7 +464,8 @@ class Trainer:
         result: TrainResult | None = None
         try:
             for epoch in range(s.epoch + 1, self.config.train.epochs):
-                self._set_time_schedule_lr(epoch, elapsed_before + time.monotonic() - t0)
+                # Rank 0's clock for every process: the lr and the time budget must agree among them.
+                self._set_time_schedule_lr(epoch, self.dist.broadcast(elapsed_before + time.monotonic() - t0))
                 loss = self.train_epoch(epoch)
                 record = {"epoch": epoch + 1, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                           "elapsed_s": elapsed_before + time.monotonic() - t0}
@@ -427,17 +476,21 @@ class Trainer:
                     improved = record["val_dice"] > s.best_dice
                     s.since_best = 0 if improved else s.since_best + 1
                 else:
-                    improved = self.val_loader is None  # without validation cases the latest epoch counts as best
+                    improved = not self.val_split  # without validation cases the latest epoch counts as best
+                # Rank 0 validated; the others wait here for its record, so every process decides alike.
+                record, improved, s.since_best = self.dist.broadcast((record, improved, s.since_best))
                 if improved:
                     s.best_dice, s.best_epoch = record.get("val_dice", -1.0), epoch + 1
                 s.epoch, s.elapsed_s = epoch, record["elapsed_s"]
                 s.history.append(record)
-                self.save_checkpoints(improved)
+                if self.dist.is_main:
+                    self.save_checkpoints(improved)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, record)
                 if self._should_stop(record):
                     break
             chosen = None
+            self.dist.barrier()  # rank 0's last checkpoints are on disk before anyone reads best.pt
             if self.config.train.choose_postprocessing and self.val_loader is not None \
                     and (self.run_dir / "best.pt").is_file():
                 chosen = self.choose_postprocessing()
@@ -446,6 +499,9 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_fit_end(self, result)
+            if result is not None:
+                self.dist.barrier()  # the others wait for rank 0's last writes
+            self.dist.shutdown()
         return result
 
     def choose_postprocessing(self) -> list[int]:
@@ -454,7 +510,7 @@ class Trainer:
         best = load_bundle(self.run_dir / "best.pt")
         self.model.load_state_dict(best.weights)
         self.model.eval()
-        effect = postprocessing_effect(self.predictor, self.val_loader, self.num_classes)
+        effect = postprocessing_effect(self.predictor, self.val_loader, self.num_classes, self.dist)
         chosen = [k for k, (before, after) in effect.items() if after > before]
         decided = self.config.model_copy(deep=True)
         decided.infer.keep_largest_component = chosen
@@ -462,6 +518,14 @@ class Trainer:
             "inference": best.inference.model_copy(update={"keep_largest_component": chosen}),
             "provenance": best.spec.provenance.model_copy(update={"config": decided.model_dump(mode="json")}),
         })
+        if self.dist.is_main:
+            self._write_postprocessing_choice(best, spec, decided, effect, chosen)
+        log.info("postprocessing: keep largest component for classes %s (%s)", chosen or "none",
+                 ", ".join(f"{k}: {b:.4f} -> {a:.4f}" for k, (b, a) in effect.items()))
+        return chosen
+
+    def _write_postprocessing_choice(self, best: ModelBundle, spec, decided: ExperimentConfig,
+                                     effect: dict[int, tuple[float, float]], chosen: list[int]) -> None:
         ModelBundle(spec, best.weights).save(best.path, **best.training_state)
         write_text_atomic(self.run_dir / "config.yaml", dump_config(decided))
         record = {
@@ -473,9 +537,6 @@ class Trainer:
             "keep_largest_component": chosen,
         }
         write_text_atomic(self.run_dir / "postprocessing.json", json.dumps(record, indent=1))
-        log.info("postprocessing: keep largest component for classes %s (%s)", chosen or "none",
-                 ", ".join(f"{k}: {b:.4f} -> {a:.4f}" for k, (b, a) in effect.items()))
-        return chosen
 
 
 def train(config: ExperimentConfig, resume: bool = False, device: str | None = None) -> TrainResult:
