@@ -314,11 +314,12 @@ class ExperimentConfig(_Section):
                 continue
             for axis, (side, factor) in enumerate(zip(size, factors or [1] * dims, strict=True)):
                 if side < 1 or side % factor:
-                    below, above = side // factor * factor, (side // factor + 1) * factor
-                    nearest = f"{below} or {above}" if below else f"{above}"
+                    below = side // factor * factor
+                    above = max(below + factor, factor)
+                    nearest = f"{below} or {above}" if below >= factor else f"{above}"
                     why = ("2x per level below the top of model.channels" if self.model.name == "segresnet"
                            else "the product of model.strides along it")
-                    problems.append((key, f"axis {axis} is {side}, not a multiple of {factor} ({self.model.name} "
+                    problems.append((key, f"axis {axis} is {side}, not a positive multiple of {factor} ({self.model.name} "
                                           f"downsamples that axis {factor}x: {why}); nearest valid sizes: {nearest}"))
         bad_axes = [a for a in self.infer.mirror_axes if not 0 <= a < dims]
         if bad_axes:

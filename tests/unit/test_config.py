@@ -155,17 +155,17 @@ def test_patch_size_not_divisible_by_the_downsampling_names_axis_multiple_and_ne
     # Default unet: 4 levels, 3 strides of 2 -> every side a multiple of 8 (else MONAI fails at the skip concat).
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, MINIMAL + "train: {patch_size: [64, 36, 64]}\n"))
-    assert ("train.patch_size: axis 1 is 36, not a multiple of 8 (unet downsamples that axis 8x: the product of "
+    assert ("train.patch_size: axis 1 is 36, not a positive multiple of 8 (unet downsamples that axis 8x: the product of "
             "model.strides along it); nearest valid sizes: 32 or 40") in str(err.value)
 
 
 def test_patch_size_multiple_follows_per_axis_strides_and_the_network(tmp_path):
     anisotropic = "model: {channels: [8, 16, 32], strides: [[2, 2, 1], [2, 2, 2]]}\n"
     assert load_config(write(tmp_path, MINIMAL + anisotropic + "train: {patch_size: [64, 64, 10]}\n"))
-    with pytest.raises(ConfigError, match=r"infer\.roi_size: axis 2 is 5, not a multiple of 2 .* nearest valid sizes: 4 or 6"):
+    with pytest.raises(ConfigError, match=r"infer\.roi_size: axis 2 is 5, not a positive multiple of 2 .* nearest valid sizes: 4 or 6"):
         load_config(write(tmp_path, MINIMAL + anisotropic + "train: {patch_size: [64, 64, 10]}\ninfer: {roi_size: [64, 64, 5]}\n"))
     # segresnet ignores model.strides: one 2x per level below the top of model.channels.
-    with pytest.raises(ConfigError, match=r"axis 2 is 6, not a multiple of 4 \(segresnet"):
+    with pytest.raises(ConfigError, match=r"axis 2 is 6, not a positive multiple of 4 \(segresnet"):
         load_config(write(tmp_path, MINIMAL + "model: {name: segresnet, channels: [8, 16, 32]}\ntrain: {patch_size: [64, 64, 6]}\n"))
     # deeplab resizes its deep features to the input, so any size works.
     assert load_config(write(tmp_path, MINIMAL + "model: {name: deeplab}\ntrain: {patch_size: [33, 35, 7]}\n"))
@@ -252,7 +252,7 @@ def test_set_data_manifest_is_relative_to_the_current_folder(tmp_path, monkeypat
     ("trian.epochs=3", "--set trian: unknown key"),
     ("infer.mirror_axes=[7]", "--set infer.mirror_axes: axes [7] are not spatial axes"),
     ("preprocessing.orientation=RRR", "--set preprocessing.orientation: orientation 'RRR'"),
-    ("train.patch_size=[64, 64, 30]", "--set train.patch_size: axis 2 is 30, not a multiple of 8"),
+    ("train.patch_size=[64, 64, 30]", "--set train.patch_size: axis 2 is 30, not a positive multiple of 8"),
     ("evaluate.lesion_classes=[3]", "--set evaluate.lesion_classes: classes [3] are not labels"),
     ("train.epochs", "--set expects SECTION.KEY=VALUE"),
     ("train.epochs=[1", "--set train.epochs: '[1' is not a valid YAML value"),
@@ -280,3 +280,8 @@ def test_evaluate_takes_set_with_its_config(tmp_path, capsys):
     assert "--set evaluate.connectivity: Input should be 6, 18 or 26" in capsys.readouterr().err
     assert main([*args, "--set", "evaluate.connectivity=6"]) == 2
     assert "--set changes a config: pass --config too" in capsys.readouterr().err
+
+
+def test_patch_side_below_the_multiple_suggests_the_multiple(tmp_path):
+    with pytest.raises(ConfigError, match=r"axis 2 is 0, not a positive multiple of 8 .* nearest valid sizes: 8$"):
+        load_config(write(tmp_path, MINIMAL + "train: {patch_size: [64, 64, 0]}\n"))
