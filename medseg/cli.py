@@ -27,6 +27,17 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--set section.key=value`` items (and the shorthand flags, which win) as dotted keys."""
+    from medseg.config import parse_set
+
+    overrides = dict(parse_set(item) for item in args.set)
+    for flag, key in (("output_dir", "train.output_dir"), ("epochs", "train.epochs"), ("fold", "data.fold")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    return overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from medseg.config import load_config
     from medseg.training.distributed import launched_by_torchrun, relaunch_with_torchrun
@@ -34,13 +45,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and not launched_by_torchrun():
         return relaunch_with_torchrun(args.nproc, _without_nproc(args.argv))
-    config = load_config(args.config)
-    if args.output_dir is not None:
-        config.train.output_dir = args.output_dir.resolve()
-    if args.epochs is not None:
-        config.train.epochs = args.epochs
-    if args.fold is not None:
-        config.data.fold = args.fold
+    config = load_config(args.config, _overrides(args))
     result = train(config, resume=args.resume, device=args.device)
     if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -95,7 +100,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.config is not None:
         from medseg.config import load_config
 
-        config = load_config(args.config).evaluate
+        config = load_config(args.config, _overrides(args)).evaluate
+    elif args.set:
+        raise MedsegError("--set changes a config: pass --config too")
     options: dict[str, object] = {}
     for flag, key in (("lesion_classes", "lesion_classes"), ("connectivity", "connectivity"),
                       ("min_lesion_ml", "min_lesion_volume_ml"), ("match_min_iou", "match_min_iou"),
@@ -172,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=None, help="cross-validation fold of the manifest")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (read as YAML, checked like the file), repeatable: --set train.amp=false")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train data-parallel in N processes on this machine (torchrun --standalone; one per GPU "
@@ -215,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None,
                    help="folder of images (<case>.nii.gz or <case>_0000.nii.gz) for lesion intensities and report pictures")
     p.add_argument("--config", default=None, help="experiment YAML whose 'evaluate' section sets the defaults below")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a value of --config (read as YAML, checked like the file), repeatable")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None, help="classes reported lesion by lesion")
     p.add_argument("--connectivity", type=int, choices=[6, 18, 26], default=None, help="lesion connectivity (default 26)")
     p.add_argument("--min-lesion-ml", type=float, default=None, help="drop (and count) lesions smaller than this, mL")

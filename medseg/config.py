@@ -2,29 +2,69 @@
 
 ``load_config(path)`` returns an :class:`ExperimentConfig`; any unknown key, wrong type or bad value is
 a :class:`~medseg.errors.ConfigError` naming the file and the key (``train.patch_size: ...``).
-A relative manifest path is relative to the config file; a relative output folder to the current folder.
+Types are strict (``epochs: "3"`` is refused, not coerced) and values are checked against each other
+(orientation codes, mirror axes, patch size against the network's downsampling, lesion classes against
+the manifest's labels). A relative manifest path is relative to the config file; a relative output
+folder to the current folder.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
+from collections.abc import Collection, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import ConfigError
 
 
+class _Problems(ValueError):
+    """Cross-check failures, each on a dotted key below the model that raised it."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("; ".join(f"{k}: {m}" for k, m in problems))
+        self.problems = problems
+
+
+def _no_float(value: Any) -> Any:
+    # Literal[2, 3] matches 2.0 by equality; a strict int key should not.
+    if isinstance(value, float):
+        raise ValueError(f"Input should be a valid integer, got {value!r}")
+    return value
+
+
+def _class_key(value: Any) -> Any:
+    # JSON (model_dump(mode="json"), as checkpoints store the config) writes int mapping keys as strings.
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+_ClassId = Annotated[int, BeforeValidator(_class_key)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: YAML already gives ints, floats, bools and strings, so another type is a mistake to report,
+    # not to coerce (`epochs: true` was 1, `amp: "no"` False). Paths and tuples opt out per field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class DataConfig(_Section):
     """Where the cases come from and how they are loaded."""
 
-    manifest: Path
+    manifest: Path = Field(strict=False)
     fold: int | None = Field(default=None, ge=0, description="use manifest folds[fold] instead of splits")
     cache_rate: float = Field(default=1.0, ge=0.0, le=1.0, description="fraction of cases cached after preprocessing")
     num_workers: int = Field(default=0, ge=0)
@@ -53,8 +93,16 @@ class PreprocessingConfig(_Section):
     """Geometry and intensity preprocessing; prediction inverts the geometric part exactly."""
 
     orientation: str = Field(default="RAS", pattern=r"^[RLAPSI]{3}$")
-    spacing: tuple[float, float, float] | None = Field(default=None, description="target spacing in mm; null keeps the scan's")
+    spacing: tuple[float, float, float] | None = Field(
+        default=None, strict=False, description="target spacing in mm; null keeps the scan's")  # from a YAML list
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+
+    @field_validator("orientation")
+    @classmethod
+    def _one_code_per_axis(cls, v: str) -> str:
+        if any(sum(c in pair for c in v) != 1 for pair in ("RL", "AP", "SI")):
+            raise ValueError(f"orientation {v!r} must name each axis once: one of R/L, one of A/P, one of S/I (e.g. RAS, LPS)")
+        return v
 
     @field_validator("spacing")
     @classmethod
@@ -87,7 +135,7 @@ class ModelConfig(_Section):
     """The network. ``name`` picks an entry of the model registry (``medseg.models``)."""
 
     name: Literal["unet", "dynunet", "segresnet", "deeplab"] = "unet"
-    spatial_dims: Literal[2, 3] = 3
+    spatial_dims: Annotated[Literal[2, 3], BeforeValidator(_no_float)] = 3
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     strides: list[int | list[int]] | None = Field(
         default=None, description="downsampling per level below the top: an int for all axes or one per axis; default 2 each")
@@ -112,6 +160,17 @@ class ModelConfig(_Section):
                 if min(per_axis) < 1:
                     raise ValueError(f"{key} entries must be positive, got {v}")
         return self
+
+    def downsampling(self) -> list[int] | None:
+        """Overall downsampling factor of each spatial axis, as ``medseg.models.registry`` builds the network:
+        a patch side must be a multiple of it. None when any size works (deeplab resizes its deep features)."""
+        if self.name == "deeplab":
+            return None
+        if self.name == "segresnet":  # built from channels alone: one 2x downsampling per level below the top
+            return [2 ** (len(self.channels) - 1)] * self.spatial_dims
+        strides = self.strides if self.strides is not None else [2] * (len(self.channels) - 1)
+        per_level = [s if isinstance(s, list) else [s] * self.spatial_dims for s in strides]
+        return [math.prod(level[axis] for level in per_level) for axis in range(self.spatial_dims)]
 
 
 class LossConfig(_Section):
@@ -149,7 +208,7 @@ class TrainConfig(_Section):
     early_stopping_patience: int | None = Field(default=None, ge=1, description="validations without improvement before stopping")
     amp: bool = Field(default=True, description="mixed precision on CUDA (ignored on CPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: Path = Path("runs/experiment")
+    output_dir: Path = Field(default=Path("runs/experiment"), strict=False)
     max_minutes: float | None = Field(default=None, gt=0, description="stop after this wall time (checkpoint kept)")
     schedule_over: Literal["epochs", "time"] = Field(
         default="epochs", description="time: the lr schedule runs over max_minutes of wall time instead of the epochs")
@@ -168,22 +227,43 @@ class InferConfig(_Section):
     mirror_axes: list[int] = Field(default_factory=list, description="test-time flips over these spatial axes")
     keep_largest_component: list[int] = Field(default_factory=list, description="classes post-processed to one component")
 
+    @field_validator("mirror_axes", "keep_largest_component")
+    @classmethod
+    def _no_repeats(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must not repeat, got {v}")
+        return v
+
+    @field_validator("keep_largest_component")
+    @classmethod
+    def _foreground(cls, v: list[int]) -> list[int]:
+        if any(c < 1 for c in v):
+            raise ValueError(f"classes must be foreground (>= 1; 0 is background), got {v}")
+        return v
+
 
 class EvaluateConfig(_Section):
     """What evaluation reports beyond per-class Dice (see docs/evaluation.md for the definitions)."""
 
     lesion_classes: list[int] = Field(default_factory=list, description="classes reported lesion by lesion")
-    connectivity: Literal[6, 18, 26] = Field(default=26, description="3D neighbourhood that joins voxels into one lesion")
+    connectivity: Annotated[Literal[6, 18, 26], BeforeValidator(_no_float)] = Field(default=26, description="3D neighbourhood that joins voxels into one lesion")
     min_lesion_volume_ml: float = Field(default=0.0, ge=0, description="components smaller than this (mL) are dropped and counted apart")
     match_min_iou: float = Field(default=0.1, gt=0, le=1, description="least IoU for a predicted lesion to match a reference lesion")
     size_buckets_mm: list[float] = Field(default_factory=lambda: [5.0, 10.0, 20.0], min_length=1,
                                          description="bucket edges (mm) of the lesion diameter for detection by size")
     size_by: Literal["axial", "3d"] = Field(default="axial", description="diameter used for size buckets: longest axial (RECIST) or 3D")
     nsd_tolerance_mm: float = Field(default=2.0, gt=0, description="normalised surface Dice tolerance (mm) for classes not listed below")
-    nsd_tolerance_mm_per_class: dict[int, float] = Field(default_factory=dict, description="class -> NSD tolerance (mm)")
+    nsd_tolerance_mm_per_class: dict[_ClassId, float] = Field(default_factory=dict, description="class -> NSD tolerance (mm)")
     missing_as_empty: bool = Field(default=False, description="score a missing prediction as an empty mask instead of only listing it")
     overlay_cases: int = Field(default=2, ge=0, description="worst and best cases (each) drawn in report.html")
     html_report: bool = True
+
+    @field_validator("lesion_classes")
+    @classmethod
+    def _lesion_classes_foreground(cls, v: list[int]) -> list[int]:
+        if any(c < 1 for c in v) or len(set(v)) != len(v):
+            raise ValueError(f"classes must be distinct foreground classes (>= 1; 0 is background), got {v}")
+        return v
 
     @field_validator("size_buckets_mm")
     @classmethod
@@ -221,18 +301,34 @@ class ExperimentConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @model_validator(mode="after")
-    def _dims_agree(self) -> ExperimentConfig:
+    def _sections_agree(self) -> ExperimentConfig:
+        # Checked at load: each of these otherwise passes and crashes later (mirror axes after a full epoch).
+        problems: list[tuple[str, str]] = []
         dims = self.model.spatial_dims
-        if len(self.train.patch_size) != dims:
-            raise ValueError(f"train.patch_size has {len(self.train.patch_size)} entries but model.spatial_dims is {dims}")
-        if self.infer.roi_size is not None and len(self.infer.roi_size) != dims:
-            raise ValueError(f"infer.roi_size has {len(self.infer.roi_size)} entries but model.spatial_dims is {dims}")
-        return self
-
-    @model_validator(mode="after")
-    def _time_schedule_needs_budget(self) -> ExperimentConfig:
+        factors = self.model.downsampling()
+        for key, size in (("train.patch_size", self.train.patch_size), ("infer.roi_size", self.infer.roi_size)):
+            if size is None:
+                continue
+            if len(size) != dims:
+                problems.append((key, f"has {len(size)} entries but model.spatial_dims is {dims}"))
+                continue
+            for axis, (side, factor) in enumerate(zip(size, factors or [1] * dims, strict=True)):
+                if side < 1 or side % factor:
+                    below = side // factor * factor
+                    above = max(below + factor, factor)
+                    nearest = f"{below} or {above}" if below >= factor else f"{above}"
+                    why = ("2x per level below the top of model.channels" if self.model.name == "segresnet"
+                           else "the product of model.strides along it")
+                    problems.append((key, f"axis {axis} is {side}, not a positive multiple of {factor} ({self.model.name} "
+                                          f"downsamples that axis {factor}x: {why}); nearest valid sizes: {nearest}"))
+        bad_axes = [a for a in self.infer.mirror_axes if not 0 <= a < dims]
+        if bad_axes:
+            problems.append(("infer.mirror_axes", f"axes {bad_axes} are not spatial axes of a {dims}D model "
+                                                  f"(model.spatial_dims {dims}: axes 0..{dims - 1})"))
         if self.train.schedule_over == "time" and self.train.max_minutes is None:
-            raise ValueError("train.schedule_over: 'time' needs train.max_minutes")
+            problems.append(("train.schedule_over", "'time' needs train.max_minutes"))
+        if problems:
+            raise _Problems(problems)
         return self
 
     @property
@@ -267,42 +363,138 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"{name}: config not found. Shipped configs: {', '.join(available_configs()) or 'none'}")
 
 
-def _format_errors(exc: ValidationError) -> str:
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` and ``1.0e3`` as floats, as YAML 1.2 and JSON do;
+    PyYAML's YAML 1.1 rules need a dot and a signed exponent, and a strict schema would refuse the string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as medseg reads configs and ``--set`` values (safe loading; ``1e-3`` is a float)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """One ``--set section.key=value``: the dotted key and the value read as YAML, as in a config file."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"\w+(\.\w+)*", key):
+        raise ConfigError(f"--set expects SECTION.KEY=VALUE (e.g. train.epochs=3), got {item!r}")
+    try:
+        return key, parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: {text!r} is not a valid YAML value ({getattr(exc, 'problem', None) or exc})") from None
+
+
+def _from_set(key: str, overridden: Collection[str], unknown: bool = False) -> bool:
+    # An unknown section ("trian") is reported above the key that was set ("trian.epochs").
+    return any(key == k or key.startswith(k + ".") or (unknown and k.startswith(key + ".")) for k in overridden)
+
+
+def _line(key: str, message: str, overridden: Collection[str], unknown: bool = False) -> str:
+    return f"  {'--set ' if _from_set(key, overridden, unknown) else ''}{key}: {message}"
+
+
+def _format_errors(exc: ValidationError, overridden: Collection[str] = ()) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-        lines.append(f"  {key}: {msg}{got}")
+        loc = [str(p) for p in err["loc"]]
+        error = err.get("ctx", {}).get("error")
+        if isinstance(error, _Problems):
+            lines.extend(_line(".".join([*loc, k]), m, overridden) for k, m in error.problems)
+            continue
+        key = ".".join(loc) or "(top level)"
+        unknown = err["type"] == "extra_forbidden"
+        msg = "unknown key" if unknown else str(error) if err["type"] == "value_error" else err["msg"]
+        # Our own checks (value_error) quote the value themselves.
+        got = "" if err["type"] in ("missing", "extra_forbidden", "value_error") else f" (got {err.get('input')!r})"
+        lines.append(_line(key, f"{msg}{got}", overridden, unknown))
     return "\n".join(lines)
 
 
-def config_from_dict(raw: Any, source: Path | str = "<config>") -> ExperimentConfig:
-    """Validate a config mapping; ``source`` names it in error messages."""
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"train.epochs": 3}`` -> ``{"train": {"epochs": 3}}``."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        nested = _merge(nested, value)
+    return nested
+
+
+def config_from_dict(raw: Any, source: Path | str = "<config>", overridden: Collection[str] = ()) -> ExperimentConfig:
+    """Validate a config mapping; ``source`` names it in error messages, and an error on one of the
+    dotted keys in ``overridden`` names ``--set KEY`` as its origin instead."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid config\n{_format_errors(exc)}") from None
+        raise ConfigError(f"{source}: invalid config\n{_format_errors(exc, overridden)}") from None
     return config
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Load and validate an experiment YAML (``yaml.safe_load``); a bare name finds a shipped config.
+def _manifest_labels(path: Path) -> dict[int, str] | None:
+    """A manifest's labels (value -> name), or None when it is missing or unreadable: loading it for
+    training reports that in full. Read here, not through ``medseg.data``, which sits above config."""
+    try:
+        return {int(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8"))["labels"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
-    The manifest path is relative to the config file; ``train.output_dir`` is relative to the current
-    folder (where the user runs medseg), so shipped configs write their runs beside the user.
+
+def _check_classes_are_labels(config: ExperimentConfig, source: Path, overridden: Collection[str]) -> None:
+    labels = _manifest_labels(config.data.manifest)
+    if labels is None:
+        return
+    named = ", ".join(f"{k} {v}" for k, v in sorted(labels.items()))
+    lines = []
+    for key, classes in (("evaluate.lesion_classes", config.evaluate.lesion_classes),
+                         ("infer.keep_largest_component", config.infer.keep_largest_component)):
+        missing = [c for c in classes if c not in labels]
+        if missing:
+            lines.append(_line(key, f"classes {missing} are not labels of the manifest {config.data.manifest} "
+                                    f"(labels: {named})", overridden))
+    if lines:
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment YAML (:func:`parse_yaml`); a bare name finds a shipped config.
+
+    ``overrides`` maps dotted keys to values (``{"train.epochs": 3}``, from ``--set``); they replace the
+    file's values before validation, so they pass the same checks. The manifest path is relative to the
+    config file (to the current folder when set by an override); ``train.output_dir`` is relative to the
+    current folder (where the user runs medseg), so shipped configs write their runs beside the user.
+    When the manifest exists, the classes named in ``evaluate`` and ``infer`` must be among its labels.
     """
     path = resolve_config_path(path)
+    overrides = dict(overrides or {})
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    config = config_from_dict(raw, path)
+    if overrides and isinstance(raw, dict):
+        raw = _merge(raw, _nest(overrides))
+    config = config_from_dict(raw, path, overridden=overrides)
     if not config.data.manifest.is_absolute():
-        config.data.manifest = (path.resolve().parent / config.data.manifest).resolve()
+        base = Path.cwd() if _from_set("data.manifest", overrides) else path.resolve().parent
+        config.data.manifest = (base / config.data.manifest).resolve()
     config.train.output_dir = config.train.output_dir.expanduser().resolve()
+    _check_classes_are_labels(config, path, overrides)
     return config
 
 
@@ -313,11 +505,4 @@ def dump_config(config: ExperimentConfig) -> str:
 
 def with_overrides(config: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """A copy of ``config`` with nested values replaced (``{"train": {"epochs": 2}}``), validated again."""
-
-    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in extra.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    return config_from_dict(merge(config.model_dump(mode="json"), overrides), source="config with overrides")
+    return config_from_dict(_merge(config.model_dump(mode="json"), overrides), source="config with overrides")

@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from medseg.config import ExperimentConfig, config_from_dict
+from medseg.config import ExperimentConfig, config_from_dict, parse_yaml
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import Fingerprint
 
@@ -113,7 +112,7 @@ class Plan:
 
     def config(self, source: str = "<plan>") -> ExperimentConfig:
         """Validate the rendered YAML (as ``load_config`` would read it back)."""
-        return config_from_dict(yaml.safe_load(self.yaml_text()), source)
+        return config_from_dict(parse_yaml(self.yaml_text()), source)
 
 
 def _flow(value: Any) -> str:

@@ -13,10 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_ten_hippocampus_cases_plan_into_a_loadable_config(shared_data, tmp_path):
     manifest = REPO / "data_manifests" / "hippocampus.json"
-    t0 = time.monotonic()
+    # "Quickly" in CPU time of this process, which a machine busy with other work does not inflate
+    # (wall time did); under a second here, so the bound catches a slow fingerprint, not a slow machine.
+    t0 = time.process_time()
     config_path, fingerprint_path, _ = write_plan(manifest, tmp_path / "hippo.yaml", max_cases=10, progress=False,
                                                   options=PlanOptions(name="hippo", cuda=False))
-    assert time.monotonic() - t0 < 10
+    assert time.process_time() - t0 < 10
     config = load_config(config_path)
     assert config.data.manifest == manifest.resolve()
     assert config.preprocessing.intensity.kind == "zscore"

@@ -70,7 +70,8 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     assert float(fp[0]["prediction_volume_ml"]) == pytest.approx(1.5 * 1.5 * 3 / 1000)
     report = (folders["out"] / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 4  # box plots, lesion plot, worst and best overlays
-    assert "c" in report and "no prediction" in report
+    assert "1 reference case(s) have no prediction (not scored): c</p>" in report
+    assert "1 prediction(s) without reference (ignored): zzz</p>" in report
     assert "class_1" in result.describe() and "WARNING" in result.describe()
 
 

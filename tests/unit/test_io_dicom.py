@@ -131,9 +131,13 @@ def test_duplicate_positions_with_different_pixels_are_refused(tmp_path: Path) -
     files = write_series(tmp_path, 4)
     uid = str(find_dicom_series(tmp_path)[0].series_uid)
     write_slice(tmp_path / "other.dcm", position=(10, -20, 32.5), pixels=slice_pixels(7), series_uid=uid)
-    assert files
-    with pytest.raises(DicomSeriesError, match="same position .* different pixels"):
+    assert files[1].name == "slice_001.dcm"  # the slice other.dcm sits on (z = 30 + 2.5 mm)
+    with pytest.raises(DicomSeriesError) as err:
         read_dicom_series(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message
+    assert "other.dcm and slice_001.dcm are at the same position (32.500 mm along the slice normal)" in message
+    assert "hold different pixels" in message
 
 
 def test_irregular_spacing_is_refused_but_float_noise_is_not(tmp_path: Path) -> None:

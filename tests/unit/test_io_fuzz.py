@@ -21,12 +21,16 @@ from medseg.io.dicom import read_dicom_series
 from medseg.io.scans import load_scan
 
 CASES = 50
-SECONDS_PER_CASE = 10
+# A hang detector, not a speed test: wall time, so generous enough for a machine busy with other work.
+SECONDS_PER_CASE = 60
+# The speed bound counts this process's CPU time, which other processes on a busy machine do not inflate
+# (50 cases take about 2 CPU-seconds).
+CPU_SECONDS = 60
 
 
 @contextlib.contextmanager
 def time_limit(seconds: int) -> Iterator[None]:
-    """Fail a case that hangs instead of hanging the test run."""
+    """Fail a case that hangs (wall-clock ``seconds``) instead of hanging the test run."""
 
     def _expired(signum, frame):
         raise TimeoutError(f"case ran over {seconds} s")
@@ -78,7 +82,7 @@ def dicom_series(tmp_path_factory) -> list[Path]:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the damage we did
 def test_mutated_dicom_series_give_only_medseg_errors(dicom_series: list[Path], tmp_path: Path) -> None:
     rng = random.Random(20240601)
-    start, seen = time.monotonic(), []
+    start, seen = time.process_time(), []
     for case in range(CASES):
         source = dicom_series[case % len(dicom_series)]
         target = tmp_path / f"case_{case:02d}"
@@ -91,7 +95,7 @@ def test_mutated_dicom_series_give_only_medseg_errors(dicom_series: list[Path], 
             seen.append(outcome(load_scan, target))
         except Exception as exc:  # pragma: no cover - the failure we look for
             pytest.fail(f"case {case} ({target}) raised {type(exc).__name__}: {exc}")
-    assert time.monotonic() - start < 60
+    assert time.process_time() - start < CPU_SECONDS
     assert "ok" in seen and len(set(seen)) > 1  # the mutations exercised both paths
 
 
@@ -102,7 +106,7 @@ def test_mutated_nifti_files_give_only_medseg_errors(tmp_path: Path, suffix: str
     data = np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(source))
     original = source.read_bytes()
-    start, seen = time.monotonic(), []
+    start, seen = time.process_time(), []
     for case in range(CASES):
         target = tmp_path / f"case_{case:02d}{suffix}"
         target.write_bytes(mutate(original, rng, header_bytes=352))
@@ -110,5 +114,5 @@ def test_mutated_nifti_files_give_only_medseg_errors(tmp_path: Path, suffix: str
             seen.append(outcome(load_scan, target))
         except Exception as exc:  # pragma: no cover - the failure we look for
             pytest.fail(f"case {case} ({target}) raised {type(exc).__name__}: {exc}")
-    assert time.monotonic() - start < 60
+    assert time.process_time() - start < CPU_SECONDS
     assert len(set(seen)) > 1
