@@ -78,7 +78,7 @@ def _input_folders(scans: Sequence[Scan], inputs: Sequence[Path]) -> list[Path]:
 
 
 def check_not_into_inputs(scans: Sequence[Scan], output_dir: Path, inputs: Sequence[Path] = ()) -> None:
-    """Refuse an output folder that is (or lies inside) an input folder, or that holds a file a mask would replace.
+    """Refuse an output folder that is (or lies inside) an input folder, or that holds an input NIfTI file.
 
     Paths are compared resolved (symlinks followed), so a link to an input folder is that folder.
     """
