@@ -1,4 +1,4 @@
-"""A predict run killed with SIGKILL leaves no half-written mask; rerunning completes the rest."""
+"""A predict run killed with SIGKILL leaves no half-written mask; rerunning completes the rest and cleans up."""
 
 import os
 import signal
@@ -40,3 +40,5 @@ def test_kill_9_mid_batch_then_rerun_gives_every_mask_complete(trained_run, tmp_
     assert f"{len(done_before)} already present (skipped)" in rerun.stdout
     for i in range(6):
         assert np.asarray(nib.load(out / f"case{i}.nii.gz").dataobj).shape == TINY_SPEC.shape
+    # The killed run's temporary mask and claim (lock) files are gone once the rerun is done.
+    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(6)]
