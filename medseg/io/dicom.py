@@ -506,7 +506,7 @@ def _frame_values(
         value = item.get(tag) if item is not None else None
         if value is None or value == "":
             continue
-        value = tuple(value) if isinstance(value, pydicom.multival.MultiValue) else value
+        value = _hashable(value)
         if value not in values:
             values.append(value)
     return values
@@ -551,14 +551,29 @@ _SLICE_DIMENSIONS = {"InStackPositionNumber", "ImagePositionPatient", "SliceLoca
 _NAMED_DIMENSIONS = {"StackID", "EffectiveEchoTime", "TemporalPositionIndex", "ComplexImageComponent"}
 
 
+def _hashable(value: object) -> object:
+    """A tag value usable in a set: multi-valued tags (pydicom lists or MultiValue) become tuples."""
+    if isinstance(value, str | bytes | int | float):
+        return value
+    try:
+        return tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        return value
+
+
 def _other_dimensions(
     frame_groups: Sequence[pydicom.Dataset | None], shared: pydicom.Dataset | None, dimensions: pydicom.Sequence | None
 ) -> list[str]:
     """Dimensions of DimensionIndexSequence (other than the slice position) whose index takes several values."""
     if not dimensions:
         return []
-    indices = [tuple(v) if isinstance(v, pydicom.multival.MultiValue) else (v,)
-               for v in _frame_values_all(frame_groups, shared)]
+    indices = []
+    for groups in frame_groups:
+        item = _group_item(groups, shared, "FrameContentSequence")
+        value = item.get("DimensionIndexValues") if item is not None else None
+        if value is not None:
+            index = _hashable(value)
+            indices.append(index if isinstance(index, tuple) else (index,))
     found = []
     for d, dimension in enumerate(dimensions):
         pointer = dimension.get("DimensionIndexPointer")
@@ -568,19 +583,8 @@ def _other_dimensions(
         values = sorted({index[d] for index in indices if len(index) > d})
         if len(values) > 1:
             label = dimension.get("DimensionDescriptionLabel") or keyword or f"dimension {d + 1}"
-            found.append(f"{len(values)} values of dimension {label!s} (index {', '.join(map(str, values))})")
+            found.append(f"{len(values)} values of dimension {label} (index {', '.join(map(str, values))})")
     return found
-
-
-def _frame_values_all(frame_groups: Sequence[pydicom.Dataset | None], shared: pydicom.Dataset | None) -> list[object]:
-    """Each frame's DimensionIndexValues (None where absent), in frame order."""
-    out = []
-    for groups in frame_groups:
-        item = _group_item(groups, shared, "FrameContentSequence")
-        value = item.get("DimensionIndexValues") if item is not None else None
-        if value is not None:
-            out.append(value)
-    return out
 
 
 def _some(slices: Sequence[_Slice], shown: int = 3) -> str:
@@ -733,11 +737,11 @@ def _check_frame_count(path: Path, ds: pydicom.Dataset, syntax: pydicom.uid.UID)
     """Refuse a multi-frame file whose pixel data hold more or fewer frames than NumberOfFrames says."""
     count = int(ds.NumberOfFrames)
     if syntax.is_encapsulated:
-        from pydicom.encaps import get_nr_fragments
+        from pydicom.encaps import generate_fragments
 
         try:
-            fragments = get_nr_fragments(ds.PixelData)
-        except Exception:  # noqa: BLE001 - a broken encapsulation is reported when decoding
+            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
+        except Exception:  # a broken encapsulation is reported when decoding
             return
         if fragments < count:  # a frame may span several fragments, never the reverse
             raise DicomSeriesError(path, f"NumberOfFrames is {count} but the pixel data hold {fragments} compressed fragment(s)")

@@ -140,17 +140,20 @@ def write_multiframe(
     stack_ids: Sequence[str] | None = None,
     echo_times: Sequence[float] | None = None,
     components: Sequence[str] | None = None,
+    temporal_positions: Sequence[int] | None = None,
     number_of_frames: int | None = None,
     pixel_frames: int | None = None,
     missing: Sequence[tuple[int | None, str]] = (),
     series_uid: str | None = None,
+    transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> Path:
     """Write one Enhanced MR object of ``count`` frames; frame f holds :func:`slice_pixels` (indices[f]).
 
     Frame f lies at ``positions[f]`` (default ``origin + indices[f] * step``, LPS mm); ``indices``
     defaults to 0, 1, ... (ascending). Orientation, pixel measures and the pixel value transformation
     are shared functional groups, unless ``orientations`` / ``slopes`` give one per frame.
-    ``stack_ids``, ``echo_times`` and ``components`` (ComplexImageComponent) set per-frame values.
+    ``stack_ids``, ``echo_times``, ``components`` (ComplexImageComponent) and ``temporal_positions``
+    (TemporalPositionIndex) set per-frame values.
     ``number_of_frames`` overrides NumberOfFrames; ``pixel_frames`` how many frames of pixel data are
     stored. ``missing`` lists (frame index or None for the shared groups, functional group keyword)
     to leave out.
@@ -185,6 +188,7 @@ def write_multiframe(
         groups = pydicom.Dataset()
         groups.FrameContentSequence = _item(
             StackID=stack_ids[f] if stack_ids is not None else "1", InStackPositionNumber=f + 1,
+            TemporalPositionIndex=temporal_positions[f] if temporal_positions is not None else 1,
             DimensionIndexValues=[1, f + 1],
         )
         groups.PlanePositionSequence = _item(ImagePositionPatient=[float(v) for v in positions[f]])
@@ -214,5 +218,7 @@ def write_multiframe(
     pixels = np.stack([slice_pixels(indices[f % count]) for f in range(stored)])
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.int16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if transfer_syntax != ExplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
     ds.save_as(str(path), enforce_file_format=True)
     return path

@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from dicom_synth import COLS, ROWS, slice_pixels, write_multiframe, write_series, write_slice
+from pydicom.tag import Tag
 from pydicom.uid import RLELossless, generate_uid
 
 import medseg.io.dicom as dicom_io
@@ -334,8 +336,9 @@ def test_multiframe_frame_count_mismatch_is_refused(tmp_path: Path) -> None:
         ({"stack_ids": ["1", "1", "1", "2", "2", "2"]}, r"2 stacks \(StackID 1, 2\)"),
         ({"echo_times": [10, 10, 10, 20, 20, 20]}, r"2 echo times \(10, 20 ms\)"),
         ({"components": ["MAGNITUDE"] * 3 + ["PHASE"] * 3}, r"2 complex image components \(MAGNITUDE, PHASE\)"),
+        ({"temporal_positions": [1, 1, 1, 2, 2, 2]}, r"2 time points \(TemporalPositionIndex 1, 2\)"),
     ],
-    ids=["stacks", "echoes", "magnitude-phase"],
+    ids=["stacks", "echoes", "magnitude-phase", "time-points"],
 )
 def test_multiframe_holding_several_volumes_is_refused_naming_them(tmp_path: Path, kwargs, message: str) -> None:
     # frames 3-5 repeat the positions of frames 0-2, as a second stack / echo / component would
@@ -393,3 +396,24 @@ def test_multiframe_minority_orientation_frame_is_excluded_like_a_single_file(tm
     assert img.shape[2] == 4
     assert [s.name for s in report.excluded] == ["mf.dcm frame 5"]
     assert "orientation differs" in report.excluded[0].reason
+
+
+def test_multiframe_other_dimension_with_several_values_is_refused_naming_its_label(tmp_path: Path) -> None:
+    path = write_multiframe(tmp_path / "mf.dcm", 6, indices=[0, 1, 2, 0, 1, 2])
+    ds = pydicom.dcmread(str(path))
+    b_value, position = pydicom.Dataset(), pydicom.Dataset()
+    b_value.DimensionIndexPointer, b_value.DimensionDescriptionLabel = Tag("DiffusionBValue"), "b-value"
+    position.DimensionIndexPointer, position.DimensionDescriptionLabel = Tag("InStackPositionNumber"), "position"
+    ds.DimensionIndexSequence = [b_value, position]
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        frame.FrameContentSequence[0].DimensionIndexValues = [1 + f // 3, 1 + f % 3]
+    ds.save_as(str(path))
+    with pytest.raises(DicomSeriesError, match=r"several volumes: 2 values of dimension b-value \(index 1, 2\)"):
+        read_dicom_series(tmp_path)
+
+
+def test_compressed_multiframe_decodes_like_the_uncompressed_one(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "raw" / "mf.dcm", 4)
+    write_multiframe(tmp_path / "rle" / "mf.dcm", 4, transfer_syntax=RLELossless)
+    raw, rle = read_dicom_series(tmp_path / "raw"), read_dicom_series(tmp_path / "rle")
+    assert np.array_equal(_volume(rle), _volume(raw))
