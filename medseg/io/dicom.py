@@ -417,11 +417,9 @@ _GEOMETRY_GROUPS = {
     "PlanePositionSequence": "ImagePositionPatient",
     "PixelMeasuresSequence": "PixelSpacing",
 }
-#: Frame type items of the enhanced IODs (MR, CT, PET, ...); the first one a frame has is used.
-_FRAME_TYPE_GROUPS = (
-    "MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence", "XAXRFFrameCharacteristicsSequence",
-    "FrameTypeSequence",
-)
+#: Frame type groups of the enhanced IODs (FrameType, and for MR ComplexImageComponent); the first
+#: one a frame has is used.
+_FRAME_TYPE_GROUPS = ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence")
 
 
 def _group_item(frame_groups: pydicom.Dataset | None, shared: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
@@ -481,7 +479,7 @@ def _frames_of(path: Path, rows: int, columns: int, report: DicomReadReport) -> 
                 f"frame {number} of {count} has no {', '.join(missing)} in its per-frame or shared functional "
                 "groups: it cannot be placed in space",
             )
-        frame_type = next((item for item in (_group_item(groups, shared, k) for k in _FRAME_TYPE_GROUPS) if item), None)
+        frame_type = next((i for i in (_group_item(groups, shared, k) for k in _FRAME_TYPE_GROUPS) if i is not None), None)
         if frame_type is not None and _is_localizer(frame_type.get("FrameType")):
             report.excluded.append(SkippedFile(path, "localizer (FrameType LOCALIZER)", number))
             continue

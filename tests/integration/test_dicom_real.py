@@ -339,3 +339,33 @@ def test_convert_and_predict_discovery_read_a_multiframe_folder(dicom_root: Path
     scans = find_scans([tmp_path / "inputs"])
     assert sorted(s.case_id for s in scans) == sorted(f"inputs_{case}" for case in MULTIFRAME)
     assert {load_scan(s).shape for s in scans} == {(256, 256, 8)}
+
+
+def test_patient_tags_and_frame_dates_of_a_multiframe_file_never_reach_outputs_or_logs(
+    dicom_root: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    source = next((dicom_root / "series" / "siemens_multiframe_anatomical_001").iterdir())
+    frame_date = "19030405060708.000000"
+    for case, broken in (("good", False), ("bad", True)):
+        ds = pydicom.dcmread(str(source))
+        for key, value in CANARIES.items():
+            setattr(ds, key, value)
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            frame.FrameContentSequence[0].FrameAcquisitionDateTime = frame_date
+        if broken:  # an error message on a file holding the canaries
+            del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+        (tmp_path / "scans" / case).mkdir(parents=True)
+        ds.save_as(str(tmp_path / "scans" / case / "mf.dcm"))
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["-v", "convert", str(tmp_path / "scans" / "good"), str(tmp_path / "out" / "good.nii.gz")]) == 0
+        assert main(["-v", "convert", str(tmp_path / "scans" / "bad"), str(tmp_path / "out" / "bad.nii.gz")]) == 2
+    texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    streams = capsys.readouterr()
+    texts += [streams.out, streams.err]
+    assert "frame 2 of 8 has no PlanePositionSequence" in streams.err
+    raw = gzip.decompress((tmp_path / "out" / "good.nii.gz").read_bytes())
+    for canary in [*CANARIES.values(), frame_date[:8]]:
+        for part in canary.split("^"):
+            assert part.encode() not in raw, part
+            assert not any(part in t for t in texts), part
