@@ -7,6 +7,10 @@ tilt, decodable pixels); what cannot be used is either refused with a :class:`Di
 naming the folder and the problem, or left out and recorded in a :class:`DicomReadReport`.
 The rules, one by one, are in ``docs/scans.md``.
 
+Enhanced / multi-frame objects (one file, per-frame functional groups) are expanded into one slice
+record per frame (:func:`_frames_of`), and those records go through the same checks as the slices
+of a classic series: a frame is a slice that shares its file with others.
+
 Only geometry and pixel tags are read into outputs and messages: names come from file and folder
 names, never from patient, study or institution tags.
 """
@@ -53,6 +57,13 @@ PIXEL_TAGS = [
     *HEADER_TAGS, "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration", "PixelData",
 ]
+#: Read only from files that carry NumberOfFrames: the functional groups that place each frame.
+#: Inside them only the geometry, rescale and frame-content items named in :func:`_frames_of` are
+#: decoded (never iterated whole), so acquisition dates and private items stay unread.
+FRAME_TAGS = [
+    *HEADER_TAGS, "RescaleSlope", "RescaleIntercept", "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence", "DimensionIndexSequence",
+]
 
 #: Packages that decode each compressed transfer syntax (pydicom picks whichever is installed).
 _DECODER_PACKAGES = {
@@ -73,10 +84,19 @@ _DECODER_PACKAGES = {
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file or slice left out of a volume, and why (no patient details: geometry and file names only)."""
+    """A file, slice or frame left out of a volume, and why (no patient details: geometry and file names only).
+
+    ``frame`` is the 1-based frame number when one frame of a multi-frame file was left out.
+    """
 
     path: Path
     reason: str
+    frame: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The file name, with the frame number for a frame of a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame}"
 
 
 @dataclass(frozen=True)
@@ -115,10 +135,10 @@ class DicomReadReport:
         lines = [f"{self.folder}: {self.slices_used} slices used"]
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} file(s):")
-            lines += [f"    {s.path.name}: {s.reason}" for s in self.skipped]
+            lines += [f"    {s.name}: {s.reason}" for s in self.skipped]
         if self.excluded:
             lines.append(f"  excluded {len(self.excluded)} slice(s):")
-            lines += [f"    {s.path.name}: {s.reason}" for s in self.excluded]
+            lines += [f"    {s.name}: {s.reason}" for s in self.excluded]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -181,6 +201,8 @@ def is_dicom_folder(folder: Path) -> bool:
 
 @dataclass
 class _Slice:
+    """One image plane: a single-frame file, or one frame of a multi-frame file."""
+
     path: Path
     orientation: np.ndarray  # 6 direction cosines (row, column), LPS
     position: np.ndarray  # ImagePositionPatient, LPS mm
@@ -189,6 +211,16 @@ class _Slice:
     columns: int
     distance: float = 0.0  # along the slice normal, mm
     pixels: np.ndarray | None = None  # (rows, columns) float32, rescaled
+    frame: int | None = None  # 1-based frame number in a multi-frame file; None for a single-frame file
+    rescale: tuple[float, float] | None = None  # (slope, intercept) of a frame, from its functional groups
+
+    @property
+    def label(self) -> str:
+        """How messages name this slice: the file name, and the frame for a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame}"
+
+    def left_out(self, reason: str) -> SkippedFile:
+        return SkippedFile(self.path, reason, self.frame)
 
 
 def read_dicom_series(
@@ -260,8 +292,8 @@ def _read_series(
         ):
             raise DicomSeriesError(
                 folder,
-                f"slices of one orientation differ in size or pixel spacing: {first.path.name} is "
-                f"{first.rows}x{first.columns} at {first.pixel_spacing} mm, {s.path.name} is {s.rows}x{s.columns} "
+                f"slices of one orientation differ in size or pixel spacing: {first.label} is "
+                f"{first.rows}x{first.columns} at {first.pixel_spacing} mm, {s.label} is {s.rows}x{s.columns} "
                 f"at {s.pixel_spacing} mm",
             )
     row_cos, col_cos, normal = _directions(folder, first)
@@ -270,7 +302,7 @@ def _read_series(
     slices = _decode(folder, slices, report)
     for s in slices:
         s.distance = float(np.dot(s.position, normal))
-    slices.sort(key=lambda s: (s.distance, s.path.name))
+    slices.sort(key=lambda s: (s.distance, s.path.name, s.frame or 0))
     slices = _drop_duplicates(folder, slices, report)
     if len(slices) < MIN_SLICES:
         raise DicomSeriesError(
@@ -304,7 +336,7 @@ def _skip_hint(report: DicomReadReport) -> str:
     left_out = report.skipped + report.excluded
     if not left_out:
         return ""
-    shown = "; ".join(f"{s.path.name}: {s.reason}" for s in left_out[:5])
+    shown = "; ".join(f"{s.name}: {s.reason}" for s in left_out[:5])
     return f" [left out: {shown}{' ...' if len(left_out) > 5 else ''}]"
 
 
@@ -322,42 +354,241 @@ def _floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
 
 
 def _usable_slices(files: Sequence[Path], report: DicomReadReport) -> list[_Slice]:
-    """Headers of the series' files; files that cannot be slices of a volume are skipped or excluded."""
+    """Headers of the series' files as slices; multi-frame files give one slice per frame.
+
+    Files that cannot be slices of a volume are skipped or excluded.
+    """
     slices: list[_Slice] = []
-    for path in files:
-        ds, reason = _read_header(Path(path))
+    for path in map(Path, files):
+        ds, reason = _read_header(path)
         if ds is None:
-            report.skipped.append(SkippedFile(Path(path), reason))
+            report.skipped.append(SkippedFile(path, reason))
             continue
-        frames = ds.get("NumberOfFrames")
-        if frames is not None and int(frames or 1) > 1:
-            raise DicomSeriesError(
-                path, f"multi-frame DICOM ({int(frames)} frames in one file) is not supported; convert it with dcm2niix"
-            )
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples != 1:
             raise DicomSeriesError(path, f"expected a 3D scan of grey values, got {samples} samples per pixel (colour)")
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-        if "LOCALIZER" in image_type:
-            report.excluded.append(SkippedFile(Path(path), "localizer (ImageType LOCALIZER)"))
+        if _is_localizer(ds.get("ImageType")):
+            report.excluded.append(SkippedFile(path, "localizer (ImageType LOCALIZER)"))
             continue
-        orientation = _floats(ds, "ImageOrientationPatient", 6)
-        position = _floats(ds, "ImagePositionPatient", 3)
-        spacing = _floats(ds, "PixelSpacing", 2)
-        if orientation is None or position is None or spacing is None:
-            missing = [k for k, v in (("ImageOrientationPatient", orientation), ("ImagePositionPatient", position),
-                                      ("PixelSpacing", spacing)) if v is None]
-            report.excluded.append(SkippedFile(Path(path), f"no usable {', '.join(missing)}: cannot be placed in space"))
-            continue
-        check_spacing_values(spacing, Path(path), "PixelSpacing")
         rows, columns = int(ds.Rows), int(ds.Columns)
         if rows < 1 or columns < 1:
-            report.skipped.append(SkippedFile(Path(path), f"empty image ({rows}x{columns})"))
+            report.skipped.append(SkippedFile(path, f"empty image ({rows}x{columns})"))
             continue
-        slices.append(_Slice(Path(path), orientation, position, (float(spacing[0]), float(spacing[1])), rows, columns))
+        if "NumberOfFrames" in ds:
+            slices += _frames_of(path, rows, columns, report)
+            continue
+        geometry = _plane_geometry(path, ds, ds, ds)
+        if isinstance(geometry, str):
+            report.excluded.append(SkippedFile(path, f"no usable {geometry}: cannot be placed in space"))
+            continue
+        slices.append(_Slice(path, *geometry, rows, columns))
     if not slices:
         raise DicomSeriesError(report.folder, "no usable image slices in the series" + _skip_hint(report))
     return slices
+
+
+def _is_localizer(image_type: object) -> bool:
+    """True when an ImageType (or a frame's FrameType) marks a localizer (scout)."""
+    if image_type is None:
+        return False
+    values = [image_type] if isinstance(image_type, str) else list(image_type)  # type: ignore[call-overload]
+    return "LOCALIZER" in (str(v).upper() for v in values)
+
+
+def _plane_geometry(
+    path: Path, orientation_ds: pydicom.Dataset | None, position_ds: pydicom.Dataset | None,
+    spacing_ds: pydicom.Dataset | None,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | str:
+    """(ImageOrientationPatient, ImagePositionPatient, PixelSpacing) of one plane, each taken from its
+    own dataset (the file itself, or a frame's functional group item); or the missing tags' names."""
+    orientation = _floats(orientation_ds, "ImageOrientationPatient", 6) if orientation_ds is not None else None
+    position = _floats(position_ds, "ImagePositionPatient", 3) if position_ds is not None else None
+    spacing = _floats(spacing_ds, "PixelSpacing", 2) if spacing_ds is not None else None
+    if orientation is None or position is None or spacing is None:
+        return ", ".join(k for k, v in (("ImageOrientationPatient", orientation), ("ImagePositionPatient", position),
+                                         ("PixelSpacing", spacing)) if v is None)
+    check_spacing_values(spacing, path, "PixelSpacing")
+    return orientation, position, (float(spacing[0]), float(spacing[1]))
+
+
+#: The functional groups that place a frame in space, with the tag each must hold.
+_GEOMETRY_GROUPS = {
+    "PlaneOrientationSequence": "ImageOrientationPatient",
+    "PlanePositionSequence": "ImagePositionPatient",
+    "PixelMeasuresSequence": "PixelSpacing",
+}
+#: Frame type groups of the enhanced IODs (FrameType, and for MR ComplexImageComponent); the first
+#: one a frame has is used.
+_FRAME_TYPE_GROUPS = ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence", "PETFrameTypeSequence")
+
+
+def _group_item(frame_groups: pydicom.Dataset | None, shared: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
+    """The item of functional group ``keyword`` for one frame: its own, else the shared one, else None."""
+    for groups in (frame_groups, shared):
+        if groups is not None:
+            sequence = groups.get(keyword)
+            if sequence:
+                return sequence[0]
+    return None
+
+
+def _frames_of(path: Path, rows: int, columns: int, report: DicomReadReport) -> list[_Slice]:
+    """The frames of a multi-frame file as slices, placed by their functional groups.
+
+    Each frame's plane position, plane orientation, pixel measures and pixel value transformation
+    come from its own per-frame functional group, else from the shared one. A file whose frames
+    cannot all be placed, whose frame count disagrees with its per-frame groups, or that holds
+    several stacks, echoes, time points or complex components is refused: which frames make one
+    volume would be a guess.
+    """
+    ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=FRAME_TAGS)
+    try:
+        count = int(ds.NumberOfFrames)
+    except (TypeError, ValueError):
+        raise DicomSeriesError(path, f"NumberOfFrames is not a number ({ds.get('NumberOfFrames')!r})") from None
+    if count < 1:
+        raise DicomSeriesError(path, f"NumberOfFrames is {count}: the file holds no frame")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    if per_frame is None and shared is None:
+        if count == 1:  # a classic image that states its single frame: placed by its own tags
+            geometry = _plane_geometry(path, ds, ds, ds)
+            if isinstance(geometry, str):
+                report.excluded.append(SkippedFile(path, f"no usable {geometry}: cannot be placed in space"))
+                return []
+            return [_Slice(path, *geometry, rows, columns)]
+        raise DicomSeriesError(
+            path,
+            f"multi-frame DICOM ({count} frames in one file) without functional groups "
+            "(PerFrameFunctionalGroupsSequence / SharedFunctionalGroupsSequence): its frames cannot be placed in space",
+        )
+    frame_groups: list[pydicom.Dataset | None] = list(per_frame) if per_frame is not None else [None] * count
+    if len(frame_groups) != count:
+        raise DicomSeriesError(
+            path, f"NumberOfFrames is {count} but PerFrameFunctionalGroupsSequence has {len(frame_groups)} item(s)"
+        )
+    _refuse_several_volumes(path, frame_groups, shared, ds.get("DimensionIndexSequence"))
+    frames: list[_Slice] = []
+    for number, groups in enumerate(frame_groups, start=1):
+        items = {keyword: _group_item(groups, shared, keyword) for keyword in _GEOMETRY_GROUPS}
+        missing = [f"{group} ({tag})" for group, tag in _GEOMETRY_GROUPS.items() if items[group] is None or tag not in items[group]]
+        if missing:
+            raise DicomSeriesError(
+                path,
+                f"frame {number} of {count} has no {', '.join(missing)} in its per-frame or shared functional "
+                "groups: it cannot be placed in space",
+            )
+        frame_type = next((i for i in (_group_item(groups, shared, k) for k in _FRAME_TYPE_GROUPS) if i is not None), None)
+        if frame_type is not None and _is_localizer(frame_type.get("FrameType")):
+            report.excluded.append(SkippedFile(path, "localizer (FrameType LOCALIZER)", number))
+            continue
+        geometry = _plane_geometry(
+            path, items["PlaneOrientationSequence"], items["PlanePositionSequence"], items["PixelMeasuresSequence"]
+        )
+        if isinstance(geometry, str):
+            raise DicomSeriesError(path, f"frame {number} of {count} has an unusable {geometry}")
+        transform = _group_item(groups, shared, "PixelValueTransformationSequence")
+        rescale = _rescale(path, transform if transform is not None else ds, f"frame {number}: ")
+        frames.append(_Slice(path, *geometry, rows, columns, frame=number, rescale=rescale))
+    return frames
+
+
+def _frame_values(
+    frame_groups: Sequence[pydicom.Dataset | None], shared: pydicom.Dataset | None, group: str, tag: str
+) -> list[object]:
+    """The distinct values (in order of first appearance) of ``group``'s ``tag`` over the frames."""
+    values: list[object] = []
+    for groups in frame_groups:
+        item = _group_item(groups, shared, group)
+        value = item.get(tag) if item is not None else None
+        if value is None or value == "":
+            continue
+        value = _hashable(value)
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _refuse_several_volumes(
+    path: Path, frame_groups: Sequence[pydicom.Dataset | None], shared: pydicom.Dataset | None,
+    dimensions: pydicom.Sequence | None,
+) -> None:
+    """Refuse a multi-frame file that holds more than one volume, naming what varies and its values.
+
+    Stacks, echoes, time points and complex components (magnitude/phase) are named explicitly; any
+    other dimension of DimensionIndexSequence than the position within a stack is named by its label.
+    """
+    found: list[str] = []
+    stacks = _frame_values(frame_groups, shared, "FrameContentSequence", "StackID")
+    if len(stacks) > 1:
+        found.append(f"{len(stacks)} stacks (StackID {', '.join(map(str, stacks))})")
+    echoes = _frame_values(frame_groups, shared, "MREchoSequence", "EffectiveEchoTime")
+    if len(echoes) > 1:
+        found.append(f"{len(echoes)} echo times ({', '.join(f'{float(e):g}' for e in echoes)} ms)")  # type: ignore[arg-type]
+    times = _frame_values(frame_groups, shared, "FrameContentSequence", "TemporalPositionIndex")
+    if len(times) > 1:
+        found.append(f"{len(times)} time points (TemporalPositionIndex {', '.join(map(str, times))})")
+    for group in _FRAME_TYPE_GROUPS:
+        components = _frame_values(frame_groups, shared, group, "ComplexImageComponent")
+        if len(components) > 1:
+            found.append(f"{len(components)} complex image components ({', '.join(map(str, components))})")
+            break
+    found += _other_dimensions(frame_groups, shared, dimensions)
+    if found:
+        raise DicomSeriesError(
+            path,
+            f"multi-frame DICOM holds several volumes: {'; '.join(found)}. medseg reads one volume per scan; "
+            "export each one as its own series (e.g. split it with dcm2niix or the scanner's export)",
+        )
+
+
+#: Dimensions that order frames within one volume (they may take one value per frame).
+_SLICE_DIMENSIONS = {"InStackPositionNumber", "ImagePositionPatient", "SliceLocation"}
+#: Dimensions refused by name in :func:`_refuse_several_volumes` already.
+_NAMED_DIMENSIONS = {"StackID", "EffectiveEchoTime", "TemporalPositionIndex", "ComplexImageComponent"}
+
+
+def _hashable(value: object) -> object:
+    """A tag value usable in a set: multi-valued tags (pydicom lists or MultiValue) become tuples."""
+    if isinstance(value, str | bytes | int | float):
+        return value
+    try:
+        return tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        return value
+
+
+def _other_dimensions(
+    frame_groups: Sequence[pydicom.Dataset | None], shared: pydicom.Dataset | None, dimensions: pydicom.Sequence | None
+) -> list[str]:
+    """Dimensions of DimensionIndexSequence (other than the slice position) whose index takes several values."""
+    if not dimensions:
+        return []
+    indices = []
+    for groups in frame_groups:
+        item = _group_item(groups, shared, "FrameContentSequence")
+        value = item.get("DimensionIndexValues") if item is not None else None
+        if value is not None:
+            index = _hashable(value)
+            indices.append(index if isinstance(index, tuple) else (index,))
+    found = []
+    for d, dimension in enumerate(dimensions):
+        pointer = dimension.get("DimensionIndexPointer")
+        keyword = pydicom.datadict.keyword_for_tag(pointer) if pointer is not None else ""
+        if keyword in _SLICE_DIMENSIONS or keyword in _NAMED_DIMENSIONS:
+            continue
+        values = sorted({index[d] for index in indices if len(index) > d})
+        if len(values) > 1:
+            label = dimension.get("DimensionDescriptionLabel") or keyword or f"dimension {d + 1}"
+            found.append(f"{len(values)} values of dimension {label} (index {', '.join(map(str, values))})")
+    return found
+
+
+def _some(slices: Sequence[_Slice], shown: int = 3) -> str:
+    """A few slices' labels for a message: 'a.dcm' or 'f.dcm frame 1, f.dcm frame 2, ...'."""
+    labels = [s.label for s in slices[:shown]]
+    return ", ".join(labels) + (", ..." if len(slices) > shown else "")
 
 
 def _majority_orientation(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
@@ -376,7 +607,7 @@ def _majority_orientation(folder: Path, slices: list[_Slice], report: DicomReadR
     groups.sort(key=len, reverse=True)
     if 2 * len(groups[0]) <= len(slices):
         described = "; ".join(
-            f"{len(g)} slice(s) with ImageOrientationPatient {np.round(g[0].orientation, 4).tolist()} (e.g. {g[0].path.name})"
+            f"{len(g)} slice(s) with ImageOrientationPatient {np.round(g[0].orientation, 4).tolist()} (e.g. {_some(g)})"
             for g in groups
         )
         raise DicomSeriesError(
@@ -385,7 +616,7 @@ def _majority_orientation(folder: Path, slices: list[_Slice], report: DicomReadR
     for group in groups[1:]:
         for s in group:
             report.excluded.append(
-                SkippedFile(s.path, f"orientation differs from the {len(groups[0])} slices of the majority (localizer or other plane)")
+                s.left_out(f"orientation differs from the {len(groups[0])} slices of the majority (localizer or other plane)")
             )
     return groups[0]
 
@@ -397,7 +628,7 @@ def _directions(folder: Path, first: _Slice) -> tuple[np.ndarray, np.ndarray, np
     if np.any(np.abs(norms - 1) > 0.01) or abs(float(np.dot(row_cos, col_cos))) > SHEAR_TOLERANCE:
         raise GeometryError(
             folder,
-            f"ImageOrientationPatient {first.orientation.tolist()} (in {first.path.name}) is not two orthogonal "
+            f"ImageOrientationPatient {first.orientation.tolist()} (in {first.label}) is not two orthogonal "
             "unit vectors",
         )
     row_cos, col_cos = row_cos / norms[0], col_cos / norms[1]
@@ -420,49 +651,107 @@ def _decoder_problem(transfer_syntax: pydicom.uid.UID) -> str | None:
     return f"pixel data are compressed with {name} and no decoder for it is installed: pip install {packages}"
 
 
-def _decode(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
-    """Pixel values of each slice, rescaled per slice (RescaleSlope/Intercept) in float.
+def _rescale(path: Path, source: pydicom.Dataset, where: str = "") -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a file or of a frame's PixelValueTransformation item.
 
-    A missing decoder refuses the series (every slice would fail the same way); a slice whose pixel
-    data alone are broken (truncated file) is skipped and recorded.
+    Absent tags mean (1, 0). This is the one intensity rule of medseg (docs/scans.md): the standard
+    DICOM rescale, never vendor-private scale factors.
+    """
+    slope_value, intercept_value = source.get("RescaleSlope"), source.get("RescaleIntercept")
+    slope = float(slope_value) if slope_value not in (None, "") else 1.0
+    intercept = float(intercept_value) if intercept_value not in (None, "") else 0.0
+    if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
+        raise DicomSeriesError(path, f"{where}unusable RescaleSlope/RescaleIntercept ({slope}, {intercept})")
+    return slope, intercept
+
+
+def _decode(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
+    """Pixel values of each slice, rescaled per slice or frame (RescaleSlope/Intercept) in float.
+
+    Each file is decoded once, whether it holds one slice or many frames. A missing decoder refuses
+    the series (every slice would fail the same way); a single-frame file whose pixel data alone are
+    broken (truncated file) is skipped and recorded; a multi-frame file whose pixel data do not hold
+    its NumberOfFrames frames is refused.
     """
     checked: dict[str, str | None] = {}
-    decoded: list[_Slice] = []
+    by_file: dict[Path, list[_Slice]] = {}
     for s in slices:
+        by_file.setdefault(s.path, []).append(s)
+    decoded: list[_Slice] = []
+    for path, planes in by_file.items():
+        multi_frame = planes[0].frame is not None
         try:
-            ds = pydicom.dcmread(str(s.path), specific_tags=PIXEL_TAGS)
+            ds = pydicom.dcmread(str(path), specific_tags=PIXEL_TAGS)
         except Exception as exc:
-            report.skipped.append(SkippedFile(s.path, f"unreadable DICOM file ({type(exc).__name__})"))
+            report.skipped += [s.left_out(f"unreadable DICOM file ({type(exc).__name__})") for s in planes]
             continue
         syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         if syntax is None:
-            report.skipped.append(SkippedFile(s.path, "no TransferSyntaxUID: pixel encoding unknown"))
+            report.skipped += [s.left_out("no TransferSyntaxUID: pixel encoding unknown") for s in planes]
             continue
         if syntax not in checked:
             checked[syntax] = _decoder_problem(syntax)
         if checked[syntax]:
-            raise DicomSeriesError(s.path, checked[syntax])
+            raise DicomSeriesError(path, checked[syntax])
         if "PixelData" not in ds:
-            report.skipped.append(SkippedFile(s.path, "no pixel data"))
+            if multi_frame:
+                raise DicomSeriesError(path, "multi-frame DICOM without pixel data")
+            report.skipped.append(SkippedFile(path, "no pixel data"))
             continue
+        if multi_frame:
+            _check_frame_count(path, ds, syntax)
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # truncated or corrupt pixel data
-            report.skipped.append(SkippedFile(s.path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
+            if multi_frame:
+                raise DicomSeriesError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})") from None
+            report.skipped.append(SkippedFile(path, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
             continue
-        if pixels.shape != (s.rows, s.columns):
-            report.skipped.append(SkippedFile(s.path, f"pixel array of shape {pixels.shape}, expected {(s.rows, s.columns)}"))
+        first = planes[0]
+        if multi_frame:
+            count = int(ds.NumberOfFrames)
+            pixels = pixels.reshape((count, *pixels.shape[-2:])) if pixels.ndim == 2 else pixels
+            if pixels.shape != (count, first.rows, first.columns):
+                raise DicomSeriesError(
+                    path, f"pixel array of shape {pixels.shape}, expected {(count, first.rows, first.columns)} "
+                    f"(NumberOfFrames, Rows, Columns)"
+                )
+        elif pixels.shape != (first.rows, first.columns):
+            report.skipped.append(SkippedFile(path, f"pixel array of shape {pixels.shape}, expected {(first.rows, first.columns)}"))
             continue
-        slope = float(ds.get("RescaleSlope", 1.0) if ds.get("RescaleSlope") is not None else 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) if ds.get("RescaleIntercept") is not None else 0.0)
-        if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0:
-            raise DicomSeriesError(s.path, f"unusable RescaleSlope/RescaleIntercept ({slope}, {intercept})")
-        # float64 arithmetic, then float32: exact for 16-bit pixels, and the slope is applied per slice.
-        s.pixels = (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
-        decoded.append(s)
+        file_rescale = None if multi_frame else _rescale(path, ds)
+        for s in planes:
+            plane = pixels[s.frame - 1] if s.frame is not None else pixels
+            slope, intercept = s.rescale or file_rescale or (1.0, 0.0)
+            # float64 arithmetic, then float32: exact for 16-bit pixels, and the slope is applied per slice.
+            s.pixels = (plane.astype(np.float64) * slope + intercept).astype(np.float32)
+            decoded.append(s)
     if not decoded:
         raise DicomSeriesError(folder, "no slice has decodable pixel data" + _skip_hint(report))
     return decoded
+
+
+def _check_frame_count(path: Path, ds: pydicom.Dataset, syntax: pydicom.uid.UID) -> None:
+    """Refuse a multi-frame file whose pixel data hold more or fewer frames than NumberOfFrames says."""
+    count = int(ds.NumberOfFrames)
+    if syntax.is_encapsulated:
+        from pydicom.encaps import generate_fragments
+
+        try:
+            fragments = sum(1 for _ in generate_fragments(ds.PixelData))
+        except Exception:  # a broken encapsulation is reported when decoding
+            return
+        if fragments < count:  # a frame may span several fragments, never the reverse
+            raise DicomSeriesError(path, f"NumberOfFrames is {count} but the pixel data hold {fragments} compressed fragment(s)")
+        return
+    frame_bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated)
+    expected = -(-count * frame_bits // 8)  # bytes, rounded up for 1-bit pixels
+    if len(ds.PixelData) not in (expected, expected + 1):  # + 1: padding to an even length
+        raise DicomSeriesError(
+            path,
+            f"NumberOfFrames is {count} but the pixel data hold {len(ds.PixelData) * 8 / frame_bits:g} frame(s) of "
+            f"{int(ds.Rows)}x{int(ds.Columns)} pixels ({len(ds.PixelData)} bytes, {expected} expected)",
+        )
 
 
 def _drop_duplicates(folder: Path, slices: list[_Slice], report: DicomReadReport) -> list[_Slice]:
@@ -473,13 +762,13 @@ def _drop_duplicates(folder: Path, slices: list[_Slice], report: DicomReadReport
         if abs(s.distance - previous.distance) > DUPLICATE_TOLERANCE_MM:
             kept.append(s)
         elif np.array_equal(s.pixels, previous.pixels):
-            report.excluded.append(SkippedFile(s.path, f"duplicate of {previous.path.name} (same position, same pixels)"))
+            report.excluded.append(s.left_out(f"duplicate of {previous.label} (same position, same pixels)"))
         else:
             raise DicomSeriesError(
                 folder,
-                f"{previous.path.name} and {s.path.name} are at the same position ({s.distance:.3f} mm along the slice "
-                "normal) but hold different pixels: several acquisitions, echoes or time points in one series, "
-                "or not a volume",
+                f"{previous.label} and {s.label} are at the same position ({s.distance:.3f} mm along the slice "
+                f"normal, ImagePositionPatient {np.round(s.position, 3).tolist()} mm) but hold different pixels: "
+                "several acquisitions, echoes or time points in one series, or not a volume",
             )
     return kept
 
@@ -495,7 +784,7 @@ def _uniform_step(folder: Path, slices: list[_Slice], report: DicomReadReport) -
             continue
         a, b = slices[k], slices[k + 1]
         where = (
-            f"between {a.path.name} at {np.round(a.position, 3).tolist()} and {b.path.name} at "
+            f"between {a.label} at {np.round(a.position, 3).tolist()} and {b.label} at "
             f"{np.round(b.position, 3).tolist()} (ImagePositionPatient, mm)"
         )
         if step > GAP_FACTOR * median:
@@ -516,7 +805,7 @@ def _uniform_step(folder: Path, slices: list[_Slice], report: DicomReadReport) -
         k = int(drift.argmax())
         raise DicomSeriesError(
             folder,
-            f"slice spacing is not uniform: {slices[k].path.name} lies {drift[k]:.3f} mm off a uniform grid of "
+            f"slice spacing is not uniform: {slices[k].label} lies {drift[k]:.3f} mm off a uniform grid of "
             f"{mean:.3f} mm steps (tolerance {tolerance:.3f} mm)",
         )
     return mean

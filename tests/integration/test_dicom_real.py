@@ -1,5 +1,6 @@
 """Real DICOM series from ../shared/data/dicom: our volumes against SimpleITK and dicom2nifti's
-reference conversions, the known-bad series, gantry tilt, decoders, the convert verb and PHI."""
+reference conversions, the enhanced / multi-frame objects against dicom2nifti and dcm2niix, the
+known-bad series, gantry tilt, decoders, the convert verb and PHI."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import gzip
 import logging
 import random
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,6 +35,8 @@ SERIES = [
 ]
 WITH_REFERENCE = [name for name in SERIES if name != "torchio_ct_17"]
 COMPRESSED = [name for name in SERIES if "compressed" in name]
+#: Enhanced / multi-frame objects: one file per series, with dicom2nifti's reference.
+MULTIFRAME = ["philips_enhanced_anatomical_001", "philips_enhanced_anatomical_001_implicit", "siemens_multiframe_anatomical_001"]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -41,7 +46,12 @@ def dicom_root(shared_data: Path) -> Path:
 
 
 def _canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels (float64) and affine after reorienting to the closest RAS: one frame for any two converters."""
+    """Voxels (float64) and affine after reorienting to the closest RAS: one frame for any two converters.
+
+    A trailing singleton dimension (dicom2nifti writes some volumes as x*y*z*1) is dropped first.
+    """
+    if img.ndim == 4 and img.shape[3] == 1:
+        img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 0], img.affine, img.header)
     img = nib.as_closest_canonical(img)
     return np.asanyarray(img.dataobj).astype(np.float64), img.affine
 
@@ -228,3 +238,134 @@ def test_series_in_subfolders_are_found_recursively_and_named_by_folder(dicom_ro
     scans = find_scans([tmp_path / "study"])
     assert sorted(s.case_id for s in scans) == ["study_hitachi_anatomical_001", "study_torchio_ct_17"]
     assert {load_scan(s).shape for s in scans} == {(64, 64, 4), (88, 128, 17)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Enhanced / multi-frame objects
+
+
+def _dcm2niix(folder: Path, out: Path) -> nib.Nifti1Image:
+    """dcm2niix's conversion of ``folder`` (the pip package's executable), or skip when it is absent."""
+    exe = shutil.which("dcm2niix") or shutil.which("dcm2niix", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("dcm2niix is not installed (pip install dcm2niix, in the dev extra)")
+    out.mkdir(parents=True, exist_ok=True)
+    # output captured and never shown: dcm2niix prints header values
+    done = subprocess.run([exe, "-z", "n", "-b", "n", "-f", "out", "-o", str(out), str(folder)],
+                          capture_output=True, check=False, timeout=120)
+    written = sorted(out.glob("*.nii"))
+    assert done.returncode == 0 and len(written) == 1, (done.returncode, [p.name for p in written])
+    return nib.load(str(written[0]))
+
+
+#: medseg's (display) values = dcm2niix's (Philips floating-point) values x RS x SS: dcm2niix's are 849x / 327x larger.
+PHILIPS_FLOAT_FACTOR = {"philips_enhanced_anatomical_001": 1 / 849.0, "philips_enhanced_anatomical_001_implicit": 1 / 326.9}
+
+
+def _philips_display_to_float_factor(folder: Path) -> float:
+    """RescaleSlope x Philips' private MR scale slope (2005,100E): display value / floating-point value.
+
+    Read here independently of medseg (which ignores the private tag); the same for every frame of
+    these files, which the test checks.
+    """
+    ds = pydicom.dcmread(str(next(folder.iterdir())))
+    factors = set()
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        rescale_slope = float(frame.PixelValueTransformationSequence[0].RescaleSlope)
+        private = frame[(0x2005, 0x140F)].value[0]
+        factors.add(rescale_slope * float(private[(0x2005, 0x100E)].value))
+    assert len(factors) == 1
+    return factors.pop()
+
+
+@pytest.mark.parametrize("name", MULTIFRAME)
+def test_multiframe_volume_matches_dicom2nifti_reference_in_world_space(dicom_root: Path, name: str) -> None:
+    img = load_scan(dicom_root / "series" / name)
+    assert img.shape == (256, 256, 8)
+    ours = _canonical(img)
+    reference = _canonical(nib.load(str(dicom_root / "series" / f"{name}_reference.nii.gz")))
+    assert ours[0].shape == reference[0].shape
+    assert np.allclose(ours[1], reference[1], rtol=0, atol=1e-4)
+    # medseg's intensity rule (the standard RescaleSlope/Intercept) is dicom2nifti's: equal values
+    assert np.allclose(ours[0], reference[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", MULTIFRAME)
+def test_multiframe_volume_matches_dcm2niix_in_world_space(dicom_root: Path, tmp_path: Path, name: str) -> None:
+    folder = dicom_root / "series" / name
+    theirs = _canonical(_dcm2niix(folder, tmp_path / "dcm2niix"))
+    ours = _canonical(load_scan(folder))
+    assert ours[0].shape == theirs[0].shape
+    assert np.allclose(ours[1], theirs[1], rtol=0, atol=1e-4)
+    if name.startswith("philips"):
+        # dcm2niix applies Philips' floating-point scale: our display values = theirs x RS x SS
+        factor = _philips_display_to_float_factor(folder)
+        assert factor == pytest.approx(PHILIPS_FLOAT_FACTOR[name], rel=1e-3)
+        assert np.allclose(ours[0], theirs[0] * factor, rtol=1e-5, atol=1e-4)
+        assert not np.allclose(ours[0], theirs[0], rtol=0.5)
+    else:
+        assert np.allclose(ours[0], theirs[0], rtol=1e-6, atol=0)
+
+
+def test_multiframe_frames_are_the_file_pixels_rescaled_in_order_along_the_normal(dicom_root: Path) -> None:
+    folder = dicom_root / "series" / "philips_enhanced_anatomical_001_implicit"
+    img, report = read_dicom_series_report(folder)
+    assert report.clean and report.slices_used == 8
+    ds = pydicom.dcmread(str(next(folder.iterdir())))
+    frames = ds.PerFrameFunctionalGroupsSequence
+    position = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, float) for f in frames]
+    # voxel (0, 0, k) lies at frame k's ImagePositionPatient and holds its first pixel x RescaleSlope
+    volume = np.asanyarray(img.dataobj)
+    lps_of_voxel = [(np.linalg.inv(LPS_TO_RAS) @ img.affine @ [0, 0, k, 1])[:3] for k in range(8)]
+    for f, frame in enumerate(frames):
+        k = int(np.argmin([np.linalg.norm(p - position[f]) for p in lps_of_voxel]))
+        assert np.linalg.norm(lps_of_voxel[k] - position[f]) < 1e-3
+        slope = float(frame.PixelValueTransformationSequence[0].RescaleSlope)
+        assert np.allclose(volume[:, :, k], (ds.pixel_array[f].T * slope).astype(np.float32))
+
+
+def test_convert_and_predict_discovery_read_a_multiframe_folder(dicom_root: Path, tmp_path: Path) -> None:
+    name = "siemens_multiframe_anatomical_001"
+    out = tmp_path / f"{name}.nii.gz"
+    assert main(["convert", str(dicom_root / "series" / name), str(out)]) == 0
+    written = nib.load(str(out))
+    assert int(written.header["qform_code"]) == 1 and int(written.header["sform_code"]) == 1
+    ours, reference = _canonical(written), _canonical(nib.load(str(dicom_root / "series" / f"{name}_reference.nii.gz")))
+    assert np.allclose(ours[1], reference[1], rtol=0, atol=1e-4)
+    assert np.allclose(ours[0], reference[0], rtol=1e-6, atol=0)
+    # `medseg predict` finds its inputs with find_scans: each multi-frame folder is one scan
+    for case in MULTIFRAME:
+        shutil.copytree(dicom_root / "series" / case, tmp_path / "inputs" / case)
+    scans = find_scans([tmp_path / "inputs"])
+    assert sorted(s.case_id for s in scans) == sorted(f"inputs_{case}" for case in MULTIFRAME)
+    assert {load_scan(s).shape for s in scans} == {(256, 256, 8)}
+
+
+def test_patient_tags_and_frame_dates_of_a_multiframe_file_never_reach_outputs_or_logs(
+    dicom_root: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    source = next((dicom_root / "series" / "siemens_multiframe_anatomical_001").iterdir())
+    frame_date = "19030405060708.000000"
+    for case, broken in (("good", False), ("bad", True)):
+        ds = pydicom.dcmread(str(source))
+        for key, value in CANARIES.items():
+            setattr(ds, key, value)
+        for frame in ds.PerFrameFunctionalGroupsSequence:
+            frame.FrameContentSequence[0].FrameAcquisitionDateTime = frame_date
+        if broken:  # an error message on a file holding the canaries
+            del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+        (tmp_path / "scans" / case).mkdir(parents=True)
+        ds.save_as(str(tmp_path / "scans" / case / "mf.dcm"))
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["-v", "convert", str(tmp_path / "scans" / "good"), str(tmp_path / "out" / "good.nii.gz")]) == 0
+        assert main(["-v", "convert", str(tmp_path / "scans" / "bad"), str(tmp_path / "out" / "bad.nii.gz")]) == 2
+    texts = [r.getMessage() for r in caplog.records] + [str(w.message) for w in caught]
+    streams = capsys.readouterr()
+    texts += [streams.out, streams.err]
+    assert "frame 2 of 8 has no PlanePositionSequence" in streams.err
+    raw = gzip.decompress((tmp_path / "out" / "good.nii.gz").read_bytes())
+    for canary in [*CANARIES.values(), frame_date[:8]]:
+        for part in canary.split("^"):
+            assert part.encode() not in raw, part
+            assert not any(part in t for t in texts), part

@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
-from dicom_synth import COLS, ROWS, slice_pixels, write_series, write_slice
+from dicom_synth import COLS, ROWS, slice_pixels, write_multiframe, write_series, write_slice
+from pydicom.tag import Tag
 from pydicom.uid import RLELossless, generate_uid
 
 import medseg.io.dicom as dicom_io
@@ -235,9 +237,9 @@ def test_too_few_slices_is_not_a_volume(tmp_path: Path) -> None:
         read_dicom_series(tmp_path)
 
 
-def test_colour_and_multiframe_files_are_refused(tmp_path: Path) -> None:
+def test_colour_and_multiframe_files_without_functional_groups_are_refused(tmp_path: Path) -> None:
     write_series(tmp_path / "mf", 3, NumberOfFrames=2)
-    with pytest.raises(DicomSeriesError, match="multi-frame"):
+    with pytest.raises(DicomSeriesError, match=r"slice_000\.dcm: multi-frame DICOM \(2 frames in one file\) without functional groups"):
         read_dicom_series(tmp_path / "mf")
     write_series(tmp_path / "rgb", 3, SamplesPerPixel=3)
     with pytest.raises(DicomSeriesError, match="expected a 3D scan"):
@@ -254,3 +256,168 @@ def test_folder_without_dicom_is_refused(tmp_path: Path) -> None:
     (tmp_path / "readme.txt").write_text("hello")
     with pytest.raises(DicomSeriesError, match="no DICOM image files found"):
         read_dicom_series(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-frame (enhanced) objects: one file, one slice per frame, the same rules as a classic series
+
+
+def _volume(img) -> np.ndarray:
+    return np.asanyarray(img.dataobj)
+
+
+def test_multiframe_file_gives_the_volume_of_the_same_slices_as_single_files(tmp_path: Path) -> None:
+    write_series(tmp_path / "single", 5)
+    write_multiframe(tmp_path / "multi" / "mf.dcm", 5)
+    single, multi = read_dicom_series(tmp_path / "single"), read_dicom_series(tmp_path / "multi")
+    assert multi.shape == (COLS, ROWS, 5)
+    assert np.array_equal(_volume(multi), _volume(single))
+    assert np.array_equal(multi.affine, single.affine)
+    assert_slices_in_place(multi, (10, -20, 30), (0, 0, 2.5), 5)
+    scans = find_scans([tmp_path / "multi"])
+    assert [s.case_id for s in scans] == ["multi"] and load_scan(scans[0]).shape == (COLS, ROWS, 5)
+
+
+@pytest.mark.parametrize("order", ["descending", "shuffled"])
+def test_multiframe_frame_order_in_the_file_does_not_change_the_volume(tmp_path: Path, order: str) -> None:
+    write_multiframe(tmp_path / "asc" / "mf.dcm", 6)
+    indices = [5, 4, 3, 2, 1, 0] if order == "descending" else [3, 0, 5, 1, 4, 2]
+    write_multiframe(tmp_path / "other" / "mf.dcm", 6, indices=indices)
+    ascending, other = read_dicom_series(tmp_path / "asc"), read_dicom_series(tmp_path / "other")
+    assert np.array_equal(_volume(other), _volume(ascending))
+    assert np.array_equal(other.affine, ascending.affine)
+    assert_slices_in_place(other, (10, -20, 30), (0, 0, 2.5), 6)
+
+
+def test_multiframe_sagittal_frames_descending_along_the_normal_are_placed_in_world_space(tmp_path: Path) -> None:
+    orientation, step = (0, 1, 0, 0, 0, -1), (-1.5, 0, 0)
+    write_multiframe(tmp_path / "mf.dcm", 5, orientation=orientation, step=step)
+    img = read_dicom_series(tmp_path)
+    assert_slices_in_place(img, (10, -20, 30), step, 5, row=(0, 1, 0), col=(0, 0, -1))
+
+
+def test_multiframe_rescale_applies_per_frame_and_from_the_shared_group(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "per_frame" / "mf.dcm", 3, slopes=[1.0, 2.0, 0.5], intercept=-1000.0)
+    volume = _volume(read_dicom_series(tmp_path / "per_frame"))
+    for k, slope in enumerate([1.0, 2.0, 0.5]):
+        assert np.array_equal(volume[:, :, k], (slice_pixels(k).T * slope - 1000.0).astype(np.float32))
+    write_multiframe(tmp_path / "shared" / "mf.dcm", 3, slope=3.0, intercept=5.0)
+    volume = _volume(read_dicom_series(tmp_path / "shared"))
+    assert np.array_equal(volume[:, :, 2], (slice_pixels(2).T * 3.0 + 5.0).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        ([(2, "PlanePositionSequence")], r"frame 3 of 5 has no PlanePositionSequence \(ImagePositionPatient\)"),
+        ([(None, "PixelMeasuresSequence")], r"frame 1 of 5 has no PixelMeasuresSequence \(PixelSpacing\)"),
+        ([(None, "PlaneOrientationSequence")], r"frame 1 of 5 has no PlaneOrientationSequence \(ImageOrientationPatient\)"),
+    ],
+    ids=["position-of-one-frame", "pixel-measures", "orientation"],
+)
+def test_multiframe_missing_functional_group_is_refused_naming_file_frame_and_group(
+    tmp_path: Path, missing, message: str
+) -> None:
+    path = write_multiframe(tmp_path / "mf.dcm", 5, missing=missing)
+    with pytest.raises(DicomSeriesError, match=message) as caught:
+        read_dicom_series(tmp_path)
+    assert caught.value.path == path
+
+
+def test_multiframe_frame_count_mismatch_is_refused(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "items" / "mf.dcm", 5, number_of_frames=6, pixel_frames=6)
+    with pytest.raises(DicomSeriesError, match=r"mf\.dcm: NumberOfFrames is 6 but PerFrameFunctionalGroupsSequence has 5 item"):
+        read_dicom_series(tmp_path / "items")
+    for stored in (4, 6):
+        write_multiframe(tmp_path / f"pixels{stored}" / "mf.dcm", 5, pixel_frames=stored)
+        with pytest.raises(DicomSeriesError, match=rf"mf\.dcm: NumberOfFrames is 5 but the pixel data hold {stored} frame\(s\)"):
+            read_dicom_series(tmp_path / f"pixels{stored}")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stack_ids": ["1", "1", "1", "2", "2", "2"]}, r"2 stacks \(StackID 1, 2\)"),
+        ({"echo_times": [10, 10, 10, 20, 20, 20]}, r"2 echo times \(10, 20 ms\)"),
+        ({"components": ["MAGNITUDE"] * 3 + ["PHASE"] * 3}, r"2 complex image components \(MAGNITUDE, PHASE\)"),
+        ({"temporal_positions": [1, 1, 1, 2, 2, 2]}, r"2 time points \(TemporalPositionIndex 1, 2\)"),
+    ],
+    ids=["stacks", "echoes", "magnitude-phase", "time-points"],
+)
+def test_multiframe_holding_several_volumes_is_refused_naming_them(tmp_path: Path, kwargs, message: str) -> None:
+    # frames 3-5 repeat the positions of frames 0-2, as a second stack / echo / component would
+    write_multiframe(tmp_path / "mf.dcm", 6, indices=[0, 1, 2, 0, 1, 2], **kwargs)
+    with pytest.raises(DicomSeriesError, match=r"mf\.dcm: multi-frame DICOM holds several volumes: " + message):
+        read_dicom_series(tmp_path)
+
+
+def test_multiframe_gap_is_refused_naming_the_frames_and_positions(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "mf.dcm", 5, indices=[0, 1, 2, 4, 5])
+    with pytest.raises(
+        DicomSeriesError,
+        match=r"missing slice.*gap of 5\.000 mm between mf\.dcm frame 3 at \[10\.0, -20\.0, 35\.0\] and mf\.dcm frame 4 "
+        r"at \[10\.0, -20\.0, 40\.0\]",
+    ):
+        read_dicom_series(tmp_path)
+
+
+def test_multiframe_duplicate_position_with_different_pixels_is_refused_naming_frames_and_position(tmp_path: Path) -> None:
+    positions = [(10, -20, 30 + 2.5 * k) for k in (0, 1, 1, 2, 3)]
+    write_multiframe(tmp_path / "mf.dcm", 5, positions=positions)
+    with pytest.raises(
+        DicomSeriesError,
+        match=r"mf\.dcm frame 2 and mf\.dcm frame 3 are at the same position \(32\.500 mm along the slice normal, "
+        r"ImagePositionPatient \[10\.0, -20\.0, 32\.5\] mm\) but hold different pixels",
+    ):
+        read_dicom_series(tmp_path)
+
+
+def test_multiframe_duplicate_frame_with_identical_pixels_is_dropped_and_recorded(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "mf.dcm", 5, indices=[0, 1, 1, 2, 3])
+    img, report = read_dicom_series_report(tmp_path)
+    assert img.shape[2] == 4
+    assert [(s.name, s.reason) for s in report.excluded] == [
+        ("mf.dcm frame 3", "duplicate of mf.dcm frame 2 (same position, same pixels)")
+    ]
+
+
+def test_multiframe_mixed_orientations_without_majority_are_refused_naming_frames(tmp_path: Path) -> None:
+    axial, sagittal = (1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1)
+    write_multiframe(tmp_path / "mf.dcm", 4, orientations=[axial, sagittal, axial, sagittal])
+    with pytest.raises(
+        DicomSeriesError,
+        match=r"2 different orientations and none holds a majority: 2 slice\(s\) with ImageOrientationPatient "
+        r"\[1\.0, 0\.0, 0\.0, 0\.0, 1\.0, 0\.0\] \(e\.g\. mf\.dcm frame 1, mf\.dcm frame 3\); 2 slice\(s\) .*"
+        r"\(e\.g\. mf\.dcm frame 2, mf\.dcm frame 4\)",
+    ):
+        read_dicom_series(tmp_path)
+
+
+def test_multiframe_minority_orientation_frame_is_excluded_like_a_single_file(tmp_path: Path) -> None:
+    axial, sagittal = (1, 0, 0, 0, 1, 0), (0, 1, 0, 0, 0, -1)
+    write_multiframe(tmp_path / "mf.dcm", 5, indices=[0, 1, 2, 3, 9], orientations=[axial] * 4 + [sagittal])
+    img, report = read_dicom_series_report(tmp_path)
+    assert img.shape[2] == 4
+    assert [s.name for s in report.excluded] == ["mf.dcm frame 5"]
+    assert "orientation differs" in report.excluded[0].reason
+
+
+def test_multiframe_other_dimension_with_several_values_is_refused_naming_its_label(tmp_path: Path) -> None:
+    path = write_multiframe(tmp_path / "mf.dcm", 6, indices=[0, 1, 2, 0, 1, 2])
+    ds = pydicom.dcmread(str(path))
+    b_value, position = pydicom.Dataset(), pydicom.Dataset()
+    b_value.DimensionIndexPointer, b_value.DimensionDescriptionLabel = Tag("DiffusionBValue"), "b-value"
+    position.DimensionIndexPointer, position.DimensionDescriptionLabel = Tag("InStackPositionNumber"), "position"
+    ds.DimensionIndexSequence = [b_value, position]
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        frame.FrameContentSequence[0].DimensionIndexValues = [1 + f // 3, 1 + f % 3]
+    ds.save_as(str(path))
+    with pytest.raises(DicomSeriesError, match=r"several volumes: 2 values of dimension b-value \(index 1, 2\)"):
+        read_dicom_series(tmp_path)
+
+
+def test_compressed_multiframe_decodes_like_the_uncompressed_one(tmp_path: Path) -> None:
+    write_multiframe(tmp_path / "raw" / "mf.dcm", 4)
+    write_multiframe(tmp_path / "rle" / "mf.dcm", 4, transfer_syntax=RLELossless)
+    raw, rle = read_dicom_series(tmp_path / "raw"), read_dicom_series(tmp_path / "rle")
+    assert np.array_equal(_volume(rle), _volume(raw))
