@@ -133,6 +133,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from medseg.data.importers import import_dataset
+
+    manifest = import_dataset(args.layout, args.folder, args.output, overwrite=args.overwrite, folds=args.folds,
+                              seed=args.seed, name=args.name)
+    print(f"wrote {args.output}: {len(manifest.cases)} cases ({', '.join(f'{len(v)} {k}' for k, v in manifest.splits.items())}), "
+          f"{len(manifest.folds)} folds, modality {manifest.modality}, labels {manifest.labels}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
@@ -215,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-gantry-tilt", action="store_true", help="resample a tilted CT series instead of refusing it")
     p.add_argument("--max-bytes", type=int, default=None, help="size cap of one scan (default 4 GiB)")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("import", help="write a manifest for an nnU-Net v2 or Decathlon data set folder (no copies)")
+    p.add_argument("layout", choices=["nnunet", "msd"], help="nnunet: v2 raw layout (imagesTr/CASE_0000.nii.gz); msd: Decathlon task")
+    p.add_argument("folder", type=Path, help="the data set folder, holding dataset.json")
+    p.add_argument("--output", required=True, type=Path, help="manifest JSON to write; its paths are relative to it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the training cases (0: no validation split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds")
+    p.add_argument("--name", default=None, help="manifest name (default: dataset.json's name)")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")
     p.add_argument("--output-dir", type=Path, default=Path("medseg_demo"))
