@@ -16,7 +16,6 @@ summaries and where the reports are. Real data: see ../shared/data/README.md for
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = REPO.parent / "shared" / "data"  # beside the repository, as the shipped manifests expect
 HIPPOCAMPUS_CASES = ("hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006")
 # Planted false positive: voxel centre and radius (mm), in lung parenchyma (about -875 HU) beside the lesion.
 FP_CENTRE = (168, 360, 33)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.data.folds import cross_validation_folds
 from medseg.data.manifest import Manifest, ManifestCase, load_manifest, save_manifest
-from medseg.planning.folds import cross_validation_folds
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -158,6 +158,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from medseg.data.importers import import_dataset
+
+    manifest = import_dataset(args.layout, args.folder, args.output, overwrite=args.overwrite, folds=args.folds,
+                              seed=args.seed, name=args.name)
+    print(f"wrote {args.output}: {len(manifest.cases)} cases ({', '.join(f'{len(v)} {k}' for k, v in manifest.splits.items())}), "
+          f"{len(manifest.folds)} folds, modality {manifest.modality}, labels {manifest.labels}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from medseg.demo import run_demo
 
@@ -166,12 +176,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """\
+examples:
+  medseg demo                                    synthetic phantoms: train -> predict -> evaluate (a few minutes)
+  medseg import msd Task04_Hippocampus --output hippocampus.json
+  medseg plan hippocampus.json --output my_experiment.yaml
+  medseg train ct_lung.yaml                      a bare name finds a shipped config
+  medseg predict --model runs/ct_lung --input scans/ --output masks/
+  medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
+
+'medseg VERB --help' shows a verb's options and their defaults.
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except the uninformative ones (None, off, empty), and keeps the examples' layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser with :class:`_HelpFormatter`; the verbs' parsers are of the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all verbs."""
-    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="medseg", epilog=EXAMPLES,
+                     description="Train, run and evaluate segmentation models on CT and MR scans, one verb per step.")
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
 
     p = sub.add_parser("train", help="train a model from an experiment YAML")
     p.add_argument("config", help="config file, or the name of a shipped config (e.g. ct_lung.yaml)")
@@ -181,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, default=None, help="override train.output_dir")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (read as YAML, checked like the file), repeatable: --set train.amp=false")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="override train.device")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train data-parallel in N processes on this machine (torchrun --standalone; one per GPU "
                         "on CUDA, gloo on CPU); for several machines run torchrun yourself (docs/training.md)")
@@ -209,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--report", action="store_true",
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
@@ -248,12 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=int, default=None, help="size cap of one scan (default 4 GiB)")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("import", help="write a manifest for an nnU-Net v2 or Decathlon data set folder (no copies)")
+    p.add_argument("layout", choices=["nnunet", "msd"], help="nnunet: v2 raw layout (imagesTr/CASE_0000.nii.gz); msd: Decathlon task")
+    p.add_argument("folder", type=Path, help="the data set folder, holding dataset.json")
+    p.add_argument("--output", required=True, type=Path, help="manifest JSON to write; its paths are relative to it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the training cases (0: no validation split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds")
+    p.add_argument("--name", default=None, help="manifest name (default: dataset.json's name)")
+    p.set_defaults(func=_cmd_import)
+
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")
-    p.add_argument("--output-dir", type=Path, default=Path("medseg_demo"))
+    p.add_argument("--output-dir", type=Path, default=Path("medseg_demo"), help="folder for the phantoms, run, masks and report")
     p.add_argument("--cases", type=int, default=16, help="number of phantoms (a quarter are held out)")
     p.add_argument("--minutes", type=float, default=8.0,
                    help="cap on training time (the demo's 20 epochs normally finish well before it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the training")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo in the output folder")
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -3,8 +3,8 @@
 Planning reads data (``medseg.data``, ``medseg.io``) and writes a config; it never imports training.
 """
 
+from medseg.data.folds import cross_validation_folds
 from medseg.planning.fingerprint import Fingerprint, compute_fingerprint, load_fingerprint
-from medseg.planning.folds import cross_validation_folds
 from medseg.planning.planner import Plan, PlanOptions, plan_experiment, write_plan
 
 __all__ = [
