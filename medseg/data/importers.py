@@ -137,18 +137,28 @@ def _describe(raw: dict[str, Any], folder: Path, layout_name: str) -> str:
     return " ".join([*(f"{p.rstrip('.')}." for p in parts), f"Imported from {folder} ({layout_name}) by medseg import."])
 
 
+def _dataset_json(folder: Path, what: str, required: tuple[str, ...], layout: str,
+                  other: tuple[str, str, str]) -> tuple[Path, dict]:
+    """``folder/dataset.json`` as a mapping holding every ``required`` key; a file of the other layout
+    (recognised by ``other``'s key) is pointed to its own import verb."""
+    path = folder / "dataset.json"
+    raw = read_json_file(path, what)
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    other_key, other_layout, other_verb = other
+    for key in required:
+        if key not in raw:
+            hint = f" ({other_layout}? try 'medseg import {other_verb}')" if other_key in raw else ""
+            raise ManifestError(f"{path}: no '{key}' key, which {layout} has{hint}")
+    return path, raw
+
+
 def read_nnunet(folder: Path) -> SourceDataset:
     """Read an nnU-Net v2 raw data set: ``dataset.json``, ``imagesTr/CASE_XXXX<ending>`` (one file per
     channel), ``labelsTr/CASE<ending>`` and optionally ``imagesTs/``."""
     folder = Path(folder)
-    path = folder / "dataset.json"
-    raw = read_json_file(path, "nnU-Net dataset.json")
-    if not isinstance(raw, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    for key in ("channel_names", "labels", "file_ending"):
-        if key not in raw:
-            hint = " (a Decathlon dataset.json? try 'medseg import msd')" if "modality" in raw else ""
-            raise ManifestError(f"{path}: no '{key}' key, which an nnU-Net v2 dataset.json has{hint}")
+    path, raw = _dataset_json(folder, "nnU-Net dataset.json", ("channel_names", "labels", "file_ending"),
+                              "an nnU-Net v2 dataset.json", ("modality", "a Decathlon dataset.json", "msd"))
     channels = _channel_names(raw["channel_names"], "channel_names", path)
     labels = _labels(raw["labels"], path)
     ending = str(raw["file_ending"])
@@ -234,14 +244,8 @@ def read_msd(folder: Path) -> SourceDataset:
     ``training`` [{"image", "label"}] and ``test`` [image paths], relative to the folder. Multi-modal
     tasks keep their channels in one 4D image per case."""
     folder = Path(folder)
-    path = folder / "dataset.json"
-    raw = read_json_file(path, "Decathlon dataset.json")
-    if not isinstance(raw, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
-    for key in ("modality", "labels", "training"):
-        if key not in raw:
-            hint = " (an nnU-Net dataset.json? try 'medseg import nnunet')" if "channel_names" in raw else ""
-            raise ManifestError(f"{path}: no '{key}' key, which a Decathlon dataset.json has{hint}")
+    path, raw = _dataset_json(folder, "Decathlon dataset.json", ("modality", "labels", "training"),
+                              "a Decathlon dataset.json", ("channel_names", "an nnU-Net dataset.json", "nnunet"))
     channels = _channel_names(raw["modality"], "modality", path)
     labels = _labels(raw["labels"], path)
     if not isinstance(raw["training"], list) or not raw["training"]:
