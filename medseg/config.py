@@ -401,7 +401,7 @@ def _line(key: str, message: str, overridden: Collection[str], unknown: bool = F
     return f"  {'--set ' if _from_set(key, overridden, unknown) else ''}{key}: {message}"
 
 
-def _format_errors(exc: ValidationError, overridden: Collection[str] = ()) -> str:
+def format_validation_errors(exc: ValidationError, overridden: Collection[str] = ()) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -443,7 +443,7 @@ def config_from_dict(raw: Any, source: Path | str = "<config>", overridden: Coll
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid config\n{_format_errors(exc, overridden)}") from None
+        raise ConfigError(f"{source}: invalid config\n{format_validation_errors(exc, overridden)}") from None
     return config
 
 

@@ -33,7 +33,13 @@ from torch import nn
 
 from medseg import __version__
 from medseg.atomic import write_atomic
-from medseg.config import ExperimentConfig, ModelConfig, PreprocessingConfig, _format_errors, config_from_dict
+from medseg.config import (
+    ExperimentConfig,
+    ModelConfig,
+    PreprocessingConfig,
+    config_from_dict,
+    format_validation_errors,
+)
 from medseg.data.labels import LabelInfo, label_table
 from medseg.errors import CheckpointError
 from medseg.models.registry import build_model
@@ -274,7 +280,7 @@ def load_bundle(model: Path, verify: bool = True) -> ModelBundle:
         try:
             spec = BundleSpec.model_validate(raw["bundle"])
         except (ValidationError, KeyError) as exc:
-            detail = _format_errors(exc) if isinstance(exc, ValidationError) else "  no 'bundle' entry"
+            detail = format_validation_errors(exc) if isinstance(exc, ValidationError) else "  no 'bundle' entry"
             raise CheckpointError(f"{path}: invalid model bundle\n{detail}") from None
         state = {k: v for k, v in raw.items() if k not in ("format", "bundle", "model_state")}
         recorded = spec.provenance.weights_sha256
