@@ -1,16 +1,21 @@
 """Benchmark: fine-tuning (``train.init_from``) against training from scratch on a small subset of the MSD
 hippocampus set, with the same wall-clock budget each, in one run.
 
-1. A source model trains on the train cases *outside* the small subset (``--source-minutes``).
-2. On the small subset (``--subset`` cases, drawn with a fixed seed from the train split) two runs get
-   the same budget (``--minutes``): from scratch, and fine-tuned from the source model (its weights,
-   encoder frozen for the first epochs, a learning-rate warm-up).
+1. A source model trained on cases outside the small subset: trained here on the train cases outside
+   the subset (``--source-minutes``), or an existing run trained on the train split (``--source-run``;
+   the subset is then drawn from the val split, which that run never trained on).
+2. On the small subset (``--subset`` cases, drawn with a fixed seed) two runs get the same budget
+   (``--minutes``): from scratch, and fine-tuned from the source (its weights, encoder frozen for the
+   first epochs, a learning-rate warm-up). They train at the same time (two processes), so both see the
+   same load on a shared machine.
 3. All three are tested on the held-out test cases (no fold holds them), Dice on each scan's own grid.
 
-Every run validates on the same few validation cases (the curve). Scratch and fine-tuning train at the
-same time (two processes), so both see the same load on a shared machine. Writes, under ``--output``,
-``finetune.json`` (all figures) and ``finetune_curves.png``; run folders go under ``--runs``.
+Both small-subset runs validate on the same few validation cases outside the subset (the curves).
+The recipe is the shipped configs/mr_hippocampus.yaml, budgeted by time, eager (no compile). Writes,
+under ``--output``, ``finetune.json`` (all figures) and ``finetune_curves.png``; run folders go under
+``--runs``.
 
+    PYTHONPATH=$PWD nice python bench/finetune.py --source-run /work/runs/mr_hippocampus --minutes 10 > bench_finetune.log 2>&1 &
     PYTHONPATH=$PWD nice python bench/finetune.py --source-minutes 15 --minutes 10 > bench_finetune.log 2>&1 &
 
 CPU PyTorch slows down several-fold when other jobs share the cores: the steps each run managed are
@@ -149,7 +154,7 @@ def plot(results: dict, path: Path) -> None:
         if label == "finetune":  # the starting point: the source model on the same validation cases
             xs, ys = [0.0, *xs], [runs["source"]["best_val_dice"], *ys]
         ax.plot(xs, ys, marker=".", label=f"{label} ({r['train_cases']} cases)")
-        bx.plot([p["minutes"] for p in r["loss_curve"]], [p["loss"] for p in r["loss_curve"]], label=label)
+        bx.plot([p["minutes"] for p in r["loss_curve"]], [p["loss"] for p in r["loss_curve"]], marker=".", label=label)
     ax.axhline(runs["source"]["best_val_dice"], ls="--", c="gray",
                label=f"source model ({runs['source']['train_cases']} other cases)")
     ax.set_xlabel("training wall time on a shared 2-core CPU (min)")

@@ -22,7 +22,7 @@ def test_flatten_names_every_config_key():
 def test_a_run_is_tracked_offline_in_its_folder(phantom_manifest, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may land in the current folder (MLflow's default ./mlruns, ./mlartifacts)
     run_dir = tmp_path / "run"
-    config = tiny_config(phantom_manifest, run_dir, epochs=1, iterations_per_epoch=2, choose_postprocessing=False,
+    config = tiny_config(phantom_manifest, run_dir, epochs=1, iterations_per_epoch=1, choose_postprocessing=False,
                          trackers=["tensorboard", "mlflow"])
     train(config, device="cpu")
     config.train.epochs = 2
