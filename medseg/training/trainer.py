@@ -35,7 +35,7 @@ from medseg.data.transforms import IMAGE, LABEL, training_transforms, validation
 from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, resolve_device
 from medseg.models import build_model
-from medseg.models.bundle import DataProvenance, ModelBundle, ValidationSummary, load_bundle
+from medseg.models.bundle import DataProvenance, InitFromRecord, ModelBundle, ValidationSummary, load_bundle
 from medseg.models.registry import encoder_parameters
 from medseg.training.distributed import DistributedContext, init_distributed
 from medseg.training.init_from import load_matching_weights
@@ -363,7 +363,7 @@ class Trainer:
             log.info("%s", report.describe())
         self._set_init_from_record(report.record())
 
-    def _set_init_from_record(self, record) -> None:
+    def _set_init_from_record(self, record: InitFromRecord) -> None:
         provenance = self.bundle.spec.provenance.model_copy(update={"init_from": record})
         self.bundle = ModelBundle(self.bundle.spec.model_copy(update={"provenance": provenance}), self.bundle.weights)
 
@@ -565,8 +565,8 @@ class Trainer:
             return None
         self.dist.shutdown()
         if self.dist.is_main:
-            log.info("%s: already finished (%d epochs, %s), nothing to do; raise train.epochs or train.max_minutes "
-                     "to train on", self.run_dir, state.epoch + 1, reason)
+            log.info("%s: already finished (%d epochs, %s), nothing to do; to train on, raise train.epochs, "
+                     "train.max_minutes or train.early_stopping_patience (--set)", self.run_dir, state.epoch + 1, reason)
         best = self.run_dir / "best.pt"
         chosen = None
         if (self.run_dir / "postprocessing.json").is_file():
