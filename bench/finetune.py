@@ -185,6 +185,81 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+DOCS_BEGIN, DOCS_END = "<!-- finetune:begin -->", "<!-- finetune:end -->"
+
+
+def docs_section(results: dict) -> str:
+    """Markdown for docs/benchmarks.md from ``finetune.json``'s figures."""
+    runs = {r["label"]: r for r in results["runs"]}
+    src, sc, ft = runs["source"], runs["scratch"], runs["finetune"]
+
+    def dice(r: dict, cls: str) -> str:
+        return f"{r['test']['dice_mean'][cls]:.3f} ± {r['test']['dice_sd'][cls]:.3f}"
+
+    def curve_at(r: dict, minutes: float) -> str:
+        pts = [p for p in r["curve"] if p["minutes"] <= minutes]
+        return f"{max(p['val_dice'] for p in pts):.3f}" if pts else "—"
+
+    ratio = ft["test"]["dice_mean_of_classes"] / max(1e-9, sc["test"]["dice_mean_of_classes"])
+    source_how = (f"trained here for {results['source_minutes']:g} min on the {src['train_cases']} train cases "
+                  "outside the subset" if results["subset_from"] == "train" else
+                  f"the existing run `{src.get('run')}` ({src['train_cases']} train cases; the subset comes "
+                  "from the val split, which it never trained on)")
+    lines = [
+        DOCS_BEGIN,
+        "## Fine-tuning vs training from scratch (hippocampus)",
+        "",
+        f"Run on {results['date']} with `{results['command']}` ({results['platform']}, torch {results['torch']}, "
+        f"{results['threads']} threads). Machine: **{results['machine']}**; the load changed during the run, "
+        "so steps per run are listed beside the wall time.",
+        "",
+        f"Data: MSD Task04 hippocampus (`data_manifests/hippocampus.json`). Small subset: {results['subset']} "
+        f"cases drawn with a fixed seed from the {results['subset_from']} split. Source model: {source_how}. "
+        f"Both subset runs validate on the same {results['val_cases']} validation cases outside the subset and "
+        f"are tested on the {ft['test']['cases']} held-out test cases (Dice on each scan's own grid). Recipe "
+        f"`{results['recipe']}`: configs/mr_hippocampus.yaml's DynUNet and preprocessing"
+        + (", Adam 1e-3 constant, flips and noise only" if results["recipe"] == "fast" else "")
+        + f". Budget: {results['minutes_each']:g} min of training each, the two runs side by side "
+        "(same load). Fine-tuning: `train.init_from` the source run, "
+        f"`optim.lr` {ft['optim']['lr']:g}, `optim.warmup_epochs` {ft['optim']['warmup_epochs']}, "
+        f"`train.freeze_encoder_epochs` {ft['freeze_encoder_epochs']} (epochs of {results['iterations_per_epoch']} steps).",
+        "",
+        "| | scratch | fine-tuned | source model |",
+        "|---|---|---|---|",
+        f"| training cases | {sc['train_cases']} | {ft['train_cases']} | {src['train_cases']} (other cases) |",
+        *(f"| test Dice {cls} (mean ± sd) | {dice(sc, cls)} | {dice(ft, cls)} | {dice(src, cls)} |"
+          for cls in ("anterior", "posterior")),
+        f"| test Dice, mean of classes | {sc['test']['dice_mean_of_classes']:.3f} | "
+        f"{ft['test']['dice_mean_of_classes']:.3f} | {src['test']['dice_mean_of_classes']:.3f} |",
+        f"| best validation Dice | {sc['best_val_dice']:.3f} | {ft['best_val_dice']:.3f} | {src['best_val_dice']:.3f} |",
+        f"| best validation Dice within the first 2 min | {curve_at(sc, 2)} | {curve_at(ft, 2)} | |",
+        f"| training wall time (min) | {sc['train_wall_s'] / 60:.1f} | {ft['train_wall_s'] / 60:.1f} | "
+        f"{src['train_wall_s'] / 60:.1f} |",
+        f"| steps of batch 2 | {sc['steps']} | {ft['steps']} | {src['steps']} |",
+        "",
+        f"Mean test Dice ratio fine-tuned / scratch: **{ratio:.2f}** in the same budget on {results['subset']} cases.",
+        "Wall time includes caching, validation and the last epoch's overrun of the budget (not testing).",
+        "",
+        "![validation Dice and training loss against minutes](benchmarks/finetune_curves.png)",
+        "",
+        "Figures: [benchmarks/finetune.json](benchmarks/finetune.json).",
+        DOCS_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(results: dict, path: Path) -> None:
+    """Replace (or append) the section between the markers in docs/benchmarks.md."""
+    text = path.read_text(encoding="utf-8")
+    section = docs_section(results)
+    if DOCS_BEGIN in text and DOCS_END in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_text_atomic(path, text)
+
+
 def configs_for(args: argparse.Namespace, manifests: dict[str, Path]) -> dict[str, ExperimentConfig]:
     base, it = load_config(args.config), args.iterations
     if args.recipe == "fast":
@@ -245,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-run", type=Path, help="an existing run trained on the train split (then the "
                         "subset comes from the val split and no source is trained)")
     parser.add_argument("--test", type=int, help="test cases (default: all of the test split)")
+    parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
+    parser.add_argument("--docs-only", action="store_true", help="only rewrite that section from --output's finetune.json")
     parser.add_argument("--one", choices=["scratch", "finetune"], help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.one or 'main'} %(levelname)s %(message)s")
+    if args.docs_only:
+        write_docs(json.loads((args.output / "finetune.json").read_text()), REPO / "docs" / "benchmarks.md")
+        return 0
     args.runs.mkdir(parents=True, exist_ok=True)
     subset_from = "val" if args.source_run else "train"
     manifests = write_manifests(args.manifest, args.runs, args.subset, args.val, args.test, 0, subset_from)
@@ -277,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.output / "finetune.json", json.dumps(results, indent=1))
     plot(results, args.output / "finetune_curves.png")
+    if args.docs:
+        write_docs(results, REPO / "docs" / "benchmarks.md")
     runs = {r["label"]: r for r in results["runs"]}
     log.info("test Dice (mean of classes): source %.4f, scratch %.4f, finetune %.4f",
              *(runs[k]["test"]["dice_mean_of_classes"] for k in ("source", "scratch", "finetune")))
