@@ -110,11 +110,12 @@ def check_source_run(run: Path, manifest: Path) -> None:
         raise SystemExit(f"{run}: not trained on the train split of {manifest} (manifest or fold differ)")
 
 
-# A recipe that learns within minutes on a busy CPU: the shipped plan's network without deep supervision,
-# Adam at a constant 1e-3 and light augmentation (the shipped SGD/poly recipe with nnU-Net's augmentation
+# A recipe that learns within minutes on a busy CPU: the shipped plan's network at half the width, without
+# deep supervision, on a smaller patch, Adam at a constant 1e-3 and light augmentation (the shipped SGD/poly recipe with nnU-Net's augmentation
 # needs several hundred steps before its Dice leaves 0, see the hippocampus section of benchmarks.md).
 FAST = {
-    "model": {"deep_supervision": False},
+    "model": {"deep_supervision": False, "channels": [8, 16, 32, 64]},
+    "train": {"patch_size": [32, 48, 32]},
     "optim": {"name": "adam", "lr": 1e-3, "weight_decay": 1e-5, "schedule": "constant"},
     "augmentation": {"flip_prob": 0.5, "rotate_prob": 0.0, "scale_prob": 0.0, "noise_prob": 0.1, "blur_prob": 0.0,
                      "contrast_prob": 0.0, "gamma_prob": 0.0, "low_resolution_prob": 0.0},
@@ -218,7 +219,8 @@ def docs_section(results: dict) -> str:
         f"Both subset runs validate on the same {results['val_cases']} validation cases outside the subset and "
         f"are tested on the {ft['test']['cases']} held-out test cases (Dice on each scan's own grid). Recipe "
         f"`{results['recipe']}`: configs/mr_hippocampus.yaml's DynUNet and preprocessing"
-        + (", Adam 1e-3 constant, flips and noise only" if results["recipe"] == "fast" else "")
+        + (" at half width (8-64 channels), no deep supervision, patch [32, 48, 32], Adam 1e-3 constant, flips "
+           "and noise only" if results["recipe"] == "fast" else "")
         + f". Budget: {results['minutes_each']:g} min of training each, the two runs side by side "
         "(same load). Fine-tuning: `train.init_from` the source run, "
         f"`optim.lr` {ft['optim']['lr']:g}, `optim.warmup_epochs` {ft['optim']['warmup_epochs']}, "
