@@ -119,7 +119,8 @@ class ProgressCallback(TrainerCallback):
         per_epoch = sum(recent) / len(recent)
         left, ends = self._remaining(trainer, per_epoch, trainer.config.train.epochs - record["epoch"], record["elapsed_s"])
         finish = (datetime.now(UTC) + timedelta(seconds=left)).strftime("%Y-%m-%d %H:%M UTC")
-        log.info("epoch %d/%d took %s (validation included); ETA %s, about %s (until %s)", record["epoch"],
-                 trainer.config.train.epochs, format_duration(self.epoch_times[-1]), format_duration(left), finish, ends)
+        log.info("epoch %d/%d took %s%s; ETA %s, about %s (until %s)", record["epoch"], trainer.config.train.epochs,
+                 format_duration(self.epoch_times[-1]), " with validation" if "val_dice" in record else "",
+                 format_duration(left), finish, ends)
         self._warn_if_long(trainer, record["elapsed_s"] + left, per_epoch, ends)
 
