@@ -175,10 +175,10 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("validation Dice (mean of anterior, posterior)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left")
     ax.set_title(f"{results['subset']} training cases, same budget")
     bx.set_xlabel("training wall time (min)")
-    bx.set_ylabel("training loss (Dice + CE, deep supervision)")
+    bx.set_ylabel("training loss (Dice + CE" + (", deep supervision)" if results.get("recipe") == "shipped" else ")"))
     bx.grid(alpha=0.3)
     bx.legend()
     fig.tight_layout()
@@ -197,9 +197,9 @@ def docs_section(results: dict) -> str:
     def dice(r: dict, cls: str) -> str:
         return f"{r['test']['dice_mean'][cls]:.3f} ± {r['test']['dice_sd'][cls]:.3f}"
 
-    def curve_at(r: dict, minutes: float) -> str:
-        pts = [p for p in r["curve"] if p["minutes"] <= minutes]
-        return f"{max(p['val_dice'] for p in pts):.3f}" if pts else "—"
+    def first(r: dict) -> str:
+        p = r["curve"][0] if r["curve"] else None
+        return f"{p['val_dice']:.3f} after {p['minutes']:.1f} min" if p else "—"
 
     ratio = ft["test"]["dice_mean_of_classes"] / max(1e-9, sc["test"]["dice_mean_of_classes"])
     source_how = (f"trained here for {results['source_minutes']:g} min on the {src['train_cases']} train cases "
@@ -234,15 +234,22 @@ def docs_section(results: dict) -> str:
         f"| test Dice, mean of classes | {sc['test']['dice_mean_of_classes']:.3f} | "
         f"{ft['test']['dice_mean_of_classes']:.3f} | {src['test']['dice_mean_of_classes']:.3f} |",
         f"| best validation Dice | {sc['best_val_dice']:.3f} | {ft['best_val_dice']:.3f} | {src['best_val_dice']:.3f} |",
-        f"| best validation Dice within the first 2 min | {curve_at(sc, 2)} | {curve_at(ft, 2)} | |",
+        f"| first validation Dice | {first(sc)} | {first(ft)} | |",
         f"| training wall time (min) | {sc['train_wall_s'] / 60:.1f} | {ft['train_wall_s'] / 60:.1f} | "
         f"{src['train_wall_s'] / 60:.1f} |",
         f"| steps of batch 2 | {sc['steps']} | {ft['steps']} | {src['steps']} |",
         "",
         f"Mean test Dice ratio fine-tuned / scratch: **{ratio:.2f}** in the same budget on {results['subset']} cases.",
         "Wall time includes caching, validation and the last epoch's overrun of the budget (not testing).",
+        f"The fine-tuned model has taken {src['steps'] + ft['steps']} steps in all ({src['steps']} of them on other "
+        "cases before this budget): fine-tuning buys the source's training, which is the point of it; scratch "
+        f"starts from nothing. All three are far from converged (nnU-Net reports 0.90 / 0.89): the machine ran "
+        f"at about {sc['train_wall_s'] / max(1, sc['steps']):.0f} s per step (two runs side by side, niced, among "
+        "other jobs), so a budget of minutes is a few dozen steps. One run each, one seed: the ratio is indicative, the levels are not what longer training reaches.",
         "",
         "![validation Dice and training loss against minutes](benchmarks/finetune_curves.png)",
+        "",
+        "The fine-tuned curve starts (minute 0) at the source model's validation Dice on the same cases.",
         "",
         "Figures: [benchmarks/finetune.json](benchmarks/finetune.json).",
         DOCS_END,
@@ -323,12 +330,15 @@ def main(argv: list[str] | None = None) -> int:
                         "subset comes from the val split and no source is trained)")
     parser.add_argument("--test", type=int, help="test cases (default: all of the test split)")
     parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
-    parser.add_argument("--docs-only", action="store_true", help="only rewrite that section from --output's finetune.json")
+    parser.add_argument("--docs-only", action="store_true",
+                        help="only redraw the curves and rewrite that section from --output's finetune.json")
     parser.add_argument("--one", choices=["scratch", "finetune"], help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.one or 'main'} %(levelname)s %(message)s")
     if args.docs_only:
-        write_docs(json.loads((args.output / "finetune.json").read_text()), REPO / "docs" / "benchmarks.md")
+        results = json.loads((args.output / "finetune.json").read_text())
+        plot(results, args.output / "finetune_curves.png")
+        write_docs(results, REPO / "docs" / "benchmarks.md")
         return 0
     args.runs.mkdir(parents=True, exist_ok=True)
     subset_from = "val" if args.source_run else "train"
