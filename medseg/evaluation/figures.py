@@ -293,9 +293,9 @@ def case_overlay(case: CaseResult, label_names: dict[int, str], view: CaseView |
     reference is empty), each slice where that structure is widest; image in grey when available."""
     view = view or load_case_view(case)
     target = view.reference > 0 if view.reference.any() else view.prediction > 0
-    fig = Figure(figsize=(11, 4.4))
+    fig = Figure(figsize=(11, 4.0))
     axes = fig.subplots(1, 3)
-    fig.subplots_adjust(bottom=0.14, top=0.86, wspace=0.05)
+    fig.subplots_adjust(bottom=0.12, top=0.88, wspace=0.05)
     if not target.any():
         for ax in axes:
             ax.text(0.5, 0.5, "both masks empty", ha="center", va="center", transform=ax.transAxes)
@@ -347,9 +347,9 @@ def lesion_overlay(view: CaseView, lesion: Lesion, class_id: int, side: str, tit
                       min(int(np.ceil(mid[i] + half_mm / spacing[i])), mask.shape[i])) for i in range(3))
     window = choose_window(view.image[box], view.is_ct) if view.image is not None else None
     full = tuple(slice(0, n) for n in mask.shape)
-    fig = Figure(figsize=(14, 4.4))
+    fig = Figure(figsize=(14, 4.0))
     axes = fig.subplots(1, 4)
-    fig.subplots_adjust(bottom=0.14, top=0.86, wspace=0.05)
+    fig.subplots_adjust(bottom=0.12, top=0.88, wspace=0.05)
     context_window = choose_window(view.image[:, :, centre[2]], view.is_ct) if view.image is not None else None
     _panel(axes[0], view, 2, centre[2], full, [class_id], context_window, label_names)  # type: ignore[arg-type]
     x0, y0 = box[0].start * spacing[0], box[1].start * spacing[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medseg.cli import main
-from medseg.errors import CheckpointError, MedsegError, ScanError
+from medseg.errors import CheckpointError, MedsegError
 from medseg.evaluation.runner import evaluate_folders, lesion_inventory, load_label_names
 
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
