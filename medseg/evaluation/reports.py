@@ -176,7 +176,7 @@ def write_reports(result: EvaluationResult, pred_dir: Path, labels: Path, images
         "per-case metrics": write_text_atomic(out / "metrics_per_case.csv", csv_text(CASE_COLUMNS, case_rows(result))),
         "summary": write_text_atomic(out / "summary.csv", csv_text(SUMMARY_COLUMNS, summary_rows(result))),
         # Always written (header only when none failed): a stale list from an earlier run is never left behind.
-        "failures": write_text_atomic(out / "failures.csv", csv_text(
+        "failures": write_text_atomic(out / "evaluation_failures.csv", csv_text(
             FAILURE_COLUMNS, ({"case_id": f.case_id, "reason": f.reason} for f in result.failures))),
     }
     if result.lesion_summary:
@@ -261,7 +261,7 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
                      f"{html.escape(', '.join(result.unmatched_predictions[:20]))}</p>")
     if result.failures:
         parts.append(f"<h2 id='failed-cases'>Failed cases</h2><p class='warn'>{len(result.failures)} case(s) could not be "
-                     "evaluated and are left out of every figure and statistic below (also in failures.csv):</p>")
+                     "evaluated and are left out of every figure and statistic below (also in evaluation_failures.csv):</p>")
         parts.append(_table(["case", "reason"], ([html.escape(f.case_id), f"<span class='reason'>{html.escape(f.reason)}</span>"]
                                                  for f in result.failures), left=2))
 
@@ -471,7 +471,7 @@ def _footer(result: EvaluationResult) -> str:
     url = documentation_url()
     more = (f"Full definitions: <a href='{html.escape(url)}'>{html.escape(url)}</a> (Evaluation)." if url
             else "Full definitions: docs/evaluation.md in the medseg source.")
-    files = ("metrics_per_case.csv, summary.csv, failures.csv, evaluation.json"
+    files = ("metrics_per_case.csv, summary.csv, evaluation_failures.csv, evaluation.json"
              + (", lesions.csv, lesion_detection.csv" if result.lesion_summary else ""))
     return (f"<h2>Definitions</h2><dl class='defs'>{items}</dl><p class='muted'>{more} Tables beside this page: "
             f"{html.escape(files)}.</p>")

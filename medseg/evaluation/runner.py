@@ -175,7 +175,7 @@ class EvaluationResult:
             lines.append(f"  WARNING: {len(self.failures)} case(s) failed and were not evaluated:")
             lines += [f"    {f.case_id}: {f.reason}" for f in self.failures[:10]]
             if len(self.failures) > 10:
-                lines.append(f"    ... and {len(self.failures) - 10} more (failures.csv)")
+                lines.append(f"    ... and {len(self.failures) - 10} more (evaluation_failures.csv)")
         if self.unmatched_predictions:
             lines.append(f"  {len(self.unmatched_predictions)} prediction(s) have no reference: "
                          f"{', '.join(self.unmatched_predictions[:5])}{' ...' if len(self.unmatched_predictions) > 5 else ''}")
@@ -406,7 +406,7 @@ def evaluate_folders(
     report pictures. ``options`` override fields of ``config`` (:class:`medseg.config.EvaluateConfig`),
     e.g. ``lesion_classes=[2]``, ``nsd_tolerance_mm=1.0``.
 
-    Writes ``metrics_per_case.csv``, ``summary.csv``, ``failures.csv``, ``evaluation.json``, with lesion
+    Writes ``metrics_per_case.csv``, ``summary.csv``, ``evaluation_failures.csv``, ``evaluation.json``, with lesion
     classes ``lesions.csv`` and ``lesion_detection.csv``, and ``report.html`` (see docs/evaluation.md).
     A case that cannot be evaluated (unreadable, wrong grid) is listed in ``result.failures`` and the
     outputs, and the others are evaluated; when no case can be, a :class:`MedsegError` says why.

@@ -111,7 +111,7 @@ def test_a_case_on_the_wrong_grid_is_listed_as_failed_and_the_others_are_written
     assert re.search(r"a\.nii\.gz.*shape \(24, 24, 10\).*reference .*ref/a\.nii\.gz", result.failures[0].reason)
     doc = json.loads((folders["out"] / "evaluation.json").read_text())
     assert [f["case_id"] for f in doc["failures"]] == ["a"] and [c["case_id"] for c in doc["cases"]] == ["b"]
-    assert [r["case_id"] for r in csv.DictReader((folders["out"] / "failures.csv").open())] == ["a"]
+    assert [r["case_id"] for r in csv.DictReader((folders["out"] / "evaluation_failures.csv").open())] == ["a"]
     assert [r["case_id"] for r in csv.DictReader((folders["out"] / "metrics_per_case.csv").open())] == ["b", "b"]
     report = (folders["out"] / "report.html").read_text()
     assert "Failed cases" in report and "shape (24, 24, 10)" in report
