@@ -273,8 +273,15 @@ def _legend(fig: Figure) -> None:
 
 
 def _slices_through(mask: np.ndarray) -> tuple[int, int, int]:
-    """Per axis, the plane where ``mask`` (reoriented) has the most voxels."""
-    return tuple(int(np.argmax(mask.sum(axis=tuple(i for i in range(3) if i != axis)))) for axis in range(3))  # type: ignore[return-value]
+    """Per axis, the plane where ``mask`` (reoriented) has the most voxels; of tied planes the most central."""
+    out = []
+    for axis in range(3):
+        areas = mask.sum(axis=tuple(i for i in range(3) if i != axis))
+        tied = np.flatnonzero(areas == areas.max())
+        occupied = np.flatnonzero(areas)
+        middle = (occupied[0] + occupied[-1]) / 2 if len(occupied) else (len(areas) - 1) / 2
+        out.append(int(tied[np.argmin(np.abs(tied - middle))]))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def _box_around(lo: np.ndarray, hi: np.ndarray, margin: list[int], shape: tuple[int, ...]) -> tuple[slice, slice, slice]:

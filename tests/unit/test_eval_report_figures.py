@@ -132,3 +132,23 @@ def test_lesion_overlay_is_centred_on_a_small_lesion_far_from_the_big_structure(
     whole = case_overlay(case, {1: "organ", 2: "nodule"}, view=view)
     assert whole.centre_voxel[2] != 15  # the case picture shows the big structure's planes, not the lesion's
     assert _pixels_of(whole.png, PREDICTION_COLOR).sum() > 20
+
+
+def test_report_footer_carries_definitions_and_links_only_to_the_web(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+    from email.message import Message
+
+    from medseg.evaluation import reports
+
+    def fake_metadata(urls: list[str]):
+        message = Message()
+        for url in urls:
+            message["Project-URL"] = url
+        return lambda name: message
+
+    result = type("R", (), {"lesion_summary": {}})()
+    monkeypatch.setattr(importlib.metadata, "metadata", fake_metadata([]))
+    footer = reports._footer(result)  # type: ignore[arg-type]
+    assert "<dt>Dice</dt>" in footer and "LPS" in footer and "href" not in footer  # no link a pip user cannot follow
+    monkeypatch.setattr(importlib.metadata, "metadata", fake_metadata(["Documentation, https://example.org/medseg"]))
+    assert "<a href='https://example.org/medseg'>" in reports._footer(result)  # type: ignore[arg-type]
