@@ -53,7 +53,7 @@ def _color(class_id: int) -> str:
 
 
 def dice_axis_limits(values: Iterable[float]) -> tuple[float, float]:
-    """Dice axis limits fitted to the values: their range plus a margin, at least 0.1 wide, inside [0, 1].
+    """Dice axis limits fitted to the values: their range plus a margin, at least 0.1 wide, inside [0, 1] (plus 0.01 at an end it reaches).
 
     A fixed 0-1 axis squeezes models that differ between 0.85 and 0.95 into a sliver.
     """
@@ -66,11 +66,12 @@ def dice_axis_limits(values: Iterable[float]) -> tuple[float, float]:
     if hi - lo < 0.1:
         mid = (lo + hi) / 2
         lo, hi = mid - 0.05, mid + 0.05
+    # Within [0, 1] plus a hair, so a dot at exactly 1 (or 0) is not cut by the frame.
     if hi > 1.0:
         lo, hi = max(0.0, lo - (hi - 1.0)), 1.0
     if lo < 0.0:
         lo, hi = 0.0, min(1.0, hi - lo)
-    return lo, hi
+    return lo - (0.01 if lo == 0.0 else 0.0), hi + (0.01 if hi == 1.0 else 0.0)
 
 
 def metric_boxplots(result: EvaluationResult) -> str:
@@ -85,7 +86,8 @@ def metric_boxplots(result: EvaluationResult) -> str:
         positions = np.arange(1, len(summaries) + 1)
         shown = [(p, d) for p, d in zip(positions, data, strict=True) if d]
         if shown:
-            ax.boxplot([d for _, d in shown], positions=[p for p, _ in shown], widths=0.5, showfliers=False)
+            ax.boxplot([d for _, d in shown], positions=[p for p, _ in shown], widths=0.5, showfliers=False,
+                       medianprops={"color": "black"})
             for (p, d), s in zip(shown, [s for s, d in zip(summaries, data, strict=True) if d], strict=True):
                 ax.scatter(p + rng.uniform(-0.15, 0.15, len(d)), d, s=9, alpha=0.6, color=_color(s.class_id), zorder=3)
         ax.set_xticks(positions, [s.name for s in summaries], rotation=30 if len(summaries) > 4 else 0, ha="right" if len(summaries) > 4 else "center")
@@ -189,6 +191,8 @@ class Overlay:
 
     def describe(self) -> str:
         """Centre voxel and LPS position, and the window, for a caption."""
+        if not self.slices:
+            return "both masks empty"
         return f"centre {format_voxel(self.centre_voxel)}, {format_lps(self.centre_lps_mm)}; {self.window}"
 
 

@@ -83,8 +83,8 @@ def test_dice_axis_is_fitted_to_the_values() -> None:
     lo, hi = dice_axis_limits([0.86, 0.9, 0.93, None])
     assert 0.75 < lo < 0.86 and 0.93 < hi <= 1.0
     lo, hi = dice_axis_limits([0.999, 1.0])
-    assert hi == 1.0 and lo <= 0.9
-    assert dice_axis_limits([0.0, 0.5])[0] == 0.0
+    assert 1.0 < hi <= 1.01 and lo <= 0.9  # a perfect case is drawn inside the frame, the axis stops there
+    assert -0.01 <= dice_axis_limits([0.0, 0.5])[0] < 0.0
     assert dice_axis_limits([]) == (0.0, 1.0)
 
 
