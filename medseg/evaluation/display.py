@@ -12,6 +12,9 @@ One small module so every picture (report.html, a prediction preview) draws the 
   and ITK-SNAP show at the cursor, and by its position in LPS mm (the DICOM and Slicer convention: x to
   the patient's left, y to the back, z up), from the file's affine. nibabel's affines are RAS, so
   LPS = (-x, -y, z).
+
+It depends on numpy and nibabel only, so it can move below ``inference`` in the pipeline when a picture
+drawn there (a prediction preview) needs the same colours and windows.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from nibabel.affines import apply_affine
+from nibabel.affines import apply_affine, voxel_sizes
 from nibabel.orientations import apply_orientation, io_orientation
-
-from medseg.evaluation.metrics import voxel_spacing
 
 # Okabe & Ito (2008), "Color Universal Design": distinct for protan, deutan and tritan readers.
 REFERENCE_COLOR = "#E69F00"  # orange
@@ -110,7 +111,7 @@ class DisplayGrid:
         self.file_shape = tuple(int(n) for n in shape[:3])
         self.ornt = io_orientation(self.affine)
         self.spacing: tuple[float, float, float] = tuple(  # type: ignore[assignment]
-            float(s) for s in np.asarray(voxel_spacing(self.affine))[np.argsort(self.ornt[:, 0])])
+            float(s) for s in voxel_sizes(self.affine)[np.argsort(self.ornt[:, 0])])
         self.shape = tuple(self.file_shape[int(np.flatnonzero(self.ornt[:, 0] == axis)[0])] for axis in range(3))
 
     def reorient(self, array: np.ndarray) -> np.ndarray:
