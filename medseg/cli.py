@@ -125,7 +125,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model,
                               images_dir=args.images, config=config, **options)
     print(result.describe())
-    return 0
+    return 1 if result.failures else 0  # some cases failed: the others are written (docs/evaluation.md)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
