@@ -108,13 +108,15 @@ class _ObserveMiddleware:
                                        "token_id": state.get("token_id"), "job_id": state.get("job_id")})
 
 
-def _clean_incoming(data_dir: Path, older_than_s: float) -> None:
-    """Remove uploads a killed server left half-received (staging folders, and job folders without a row)."""
-    incoming = data_dir / "incoming"
-    if not incoming.is_dir():
-        return
+def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> None:
+    """Remove what a killed server left half-received: staged uploads, and job folders whose row was never
+    written. Only entries older than ``older_than_s``: a live replica may be receiving younger ones."""
     now = time.time()
-    for entry in incoming.iterdir():
+    incoming = data_dir / "incoming"
+    stale = list(incoming.iterdir()) if incoming.is_dir() else []
+    jobs = data_dir / "jobs"
+    stale += [d for d in (jobs.iterdir() if jobs.is_dir() else []) if store.get(d.name) is None]
+    for entry in stale:
         try:
             if now - entry.stat().st_mtime > older_than_s:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -137,7 +139,7 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _clean_incoming(data_dir, older_than_s=2 * settings.request_timeout_s)
+        _clean_incoming(data_dir, store, older_than_s=2 * settings.request_timeout_s)
         taken_back = store.recover()
         if taken_back:
             log.warning("jobs of dead workers taken back", extra={"event": "jobs_recovered", "count": len(taken_back)})

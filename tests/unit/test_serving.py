@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import socket
 import stat
@@ -397,3 +398,44 @@ def test_prometheus_alert_rules_pass_promtool(tmp_path):
                           capture_output=True, text=True, cwd=REPO_ROOT / "deploy" / "prometheus")
     assert test.returncode == 0, test.stdout + test.stderr
 
+
+
+def test_a_stalled_upload_times_out_with_408(tmp_path):
+    import asyncio
+
+    async def stalled():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"scan\"\r\n\r\n"
+        await asyncio.sleep(5)
+        yield b"never"
+
+    with pytest.raises(UploadError) as err:
+        asyncio.run(receive_scan(stalled(), "multipart/form-data; boundary=b", None, tmp_path / "up",
+                                 max_bytes=10_000, timeout_s=0.2))
+    assert err.value.status == 408
+
+
+def test_a_zip_of_two_dicom_series_is_refused(model_run, tmp_path):
+    write_series(tmp_path / "s" / "a", count=3)
+    write_series(tmp_path / "s" / "b", count=3)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "s").rglob("*.dcm")):
+            zf.write(f, str(f.relative_to(tmp_path / "s")))
+    with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0))) as client:
+        r = _post(client, archive.getvalue())
+        assert r.status_code == 400 and "series" in r.json()["error"]
+    _nothing_stored(tmp_path / "d")
+
+
+def test_leftovers_of_a_killed_upload_are_removed_at_start(model_run, tmp_path):
+    staged = tmp_path / "incoming" / new_job_id()
+    orphan = tmp_path / "jobs" / new_job_id()  # renamed into place, killed before its row was written
+    young = tmp_path / "incoming" / new_job_id()  # maybe another replica's upload in progress
+    for folder in (staged, orphan, young):
+        (folder / "input").mkdir(parents=True)
+    old = time.time() - 3600
+    for folder in (staged, orphan):
+        os.utime(folder, (old, old))
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, request_timeout_s=60))):
+        pass
+    assert not staged.exists() and not orphan.exists() and young.exists()
