@@ -219,6 +219,13 @@ class JobStore:
                              (time.time() + self.lease_s, job_id, JobStatus.RUNNING, owner))
             return cur.rowcount == 1
 
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give a running job back to the queue without spending an attempt (a graceful shutdown)."""
+        with self._transaction() as db:
+            cur = db.execute("UPDATE jobs SET status=?, attempts=MAX(attempts-1, 0), lease_owner=NULL, lease_until=NULL "
+                             "WHERE id=? AND status=? AND lease_owner=?", (JobStatus.QUEUED, job_id, JobStatus.RUNNING, owner))
+            return cur.rowcount == 1
+
     def complete(self, job_id: str, owner: str, mask_sha256: str) -> bool:
         """Mark done; False when the lease was lost meanwhile (another attempt owns the job)."""
         with self._transaction() as db:

@@ -129,10 +129,17 @@ class WorkerPool:
         self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop claiming; jobs still running after ``timeout`` s go back to the queue, their attempt unspent."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout
         for t in list(self._threads):
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            running = dict(self._running)
+        for job_id, owner in running.items():
+            if self.store.release(job_id, owner):
+                log.info("job released at shutdown", extra={"event": "job_released", "job_id": job_id})
 
     def _main(self) -> None:
         try:

@@ -297,8 +297,13 @@ def test_a_dead_workers_job_is_retried_once_then_failed(tmp_path):
     assert store.claim("elsewhere:3:c") is None
     failed = store.get(job_id)
     assert failed.status == JobStatus.FAILED and failed.error_class == "WorkerLost" and failed.attempts == MAX_ATTEMPTS
+    again = new_job_id()
+    store.submit(again, "tid", "nifti", "0" * 64, max_queue=10)
+    assert store.claim("here:1:a").attempts == 1
+    assert store.release(again, "here:1:a")  # a graceful shutdown gives it back, attempt unspent
+    assert store.get(again).status == JobStatus.QUEUED and store.claim("here:2:b").attempts == 1
     with pytest.raises(QueueFull):
-        for _ in range(11):
+        for _ in range(10):
             store.submit(new_job_id(), "tid", "nifti", "0" * 64, max_queue=10)
 
 
@@ -439,3 +444,29 @@ def test_leftovers_of_a_killed_upload_are_removed_at_start(model_run, tmp_path):
     with TestClient(create_app(_settings(model_run, tmp_path, workers=0, request_timeout_s=60))):
         pass
     assert not staged.exists() and not orphan.exists() and young.exists()
+
+
+def test_workers_sharing_one_store_claim_each_job_exactly_once(tmp_path):
+    import threading
+
+    path = tmp_path / "jobs.sqlite"
+    ids = [new_job_id() for _ in range(30)]
+    for job_id in ids:
+        JobStore(path).submit(job_id, "tid", "nifti", "0" * 64, max_queue=100)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        store = JobStore(path)  # its own connections, as another server process would have
+        while (job := store.claim(f"elsewhere:{n}:x")) is not None:
+            assert store.complete(job.id, f"elsewhere:{n}:x", "f" * 64)
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    assert JobStore(path).counts()["done"] == 30
