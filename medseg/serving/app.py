@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,8 +244,7 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
             return _error(404, "no such job")
         return JSONResponse(job.public())
 
-    async def _result(request: Request, job_id: str, name: str,
-                      respond: Callable[[Path], Awaitable[Response] | Response]) -> Response:
+    async def _result(request: Request, job_id: str, name: str, respond: Callable[[Path], Response]) -> Response:
         tid = authenticate(request)
         if isinstance(tid, Response):
             return tid
@@ -255,8 +254,7 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         if job.status != JobStatus.DONE:
             return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
         audit.record(f"fetch_{name}", tid, job_id, "ok", result_sha256=job.mask_sha256)
-        result = respond(job_dir(data_dir, job_id) / name)
-        return await result if asyncio.iscoroutine(result) else result  # type: ignore[return-value]
+        return await run_in_threadpool(respond, job_dir(data_dir, job_id) / name)
 
     @app.get("/v1/jobs/{job_id}/mask")
     async def job_mask(request: Request, job_id: str) -> Response:

@@ -470,3 +470,20 @@ def test_workers_sharing_one_store_claim_each_job_exactly_once(tmp_path):
         t.join()
     assert sorted(claimed) == sorted(ids)
     assert JobStore(path).counts()["done"] == 30
+
+
+def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monkeypatch):
+    import medseg.serving.server as server_module
+    from medseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda settings, **kw: seen.update(settings=settings, **kw))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    monkeypatch.delenv("MEDSEG_API_TOKENS", raising=False)
+    assert main(["serve", str(model_run), "--token-file", str(tokens), "--port", "9123", "--max-upload-mb", "2",
+                 "--max-queue", "5", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]) == 0
+    settings = seen["settings"]
+    assert settings.tokens.identify(f"Bearer {TOKEN}") == token_id(TOKEN)
+    assert (settings.max_upload_bytes, settings.max_queue, seen["port"]) == (2 * 1024 * 1024, 5, 9123)
+    assert seen["ssl_certfile"] == Path("c.pem") and settings.cors_origins == []
