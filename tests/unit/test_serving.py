@@ -487,3 +487,15 @@ def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monk
     assert settings.tokens.identify(f"Bearer {TOKEN}") == token_id(TOKEN)
     assert (settings.max_upload_bytes, settings.max_queue, seen["port"]) == (2 * 1024 * 1024, 5, 9123)
     assert seen["ssl_certfile"] == Path("c.pem") and settings.cors_origins == []
+
+
+def test_logs_are_one_json_object_per_line_with_the_extra_fields():
+    import json
+
+    from medseg.serving.logs import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "medseg.serving", "levelname": "INFO", "msg": "job finished",
+                                    "job_id": "abc", "duration_s": 1.5, "color_message": "\x1b[36mjob\x1b[0m"})
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "job finished" and entry["job_id"] == "abc" and entry["duration_s"] == 1.5
+    assert entry["level"] == "info" and "color_message" not in entry
