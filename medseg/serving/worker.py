@@ -1,7 +1,7 @@
 """Workers: load the model bundle once per process and run claimed jobs through ``medseg predict``'s pipeline.
 
-Each job is :meth:`Predictor.predict_scan` on the stored upload, the mask written with
-:func:`medseg.io.nifti.save_atomic` (exactly what ``medseg predict`` writes), and a report built from
+Each job runs what ``medseg predict`` runs for one scan (``find_scans``, ``load_scan``,
+:meth:`Predictor.predict_image`, the runner's ``write_outputs``) on the stored upload, and a report built from
 medseg.evaluation's volume and lesion functions. A heartbeat thread renews the leases of running jobs;
 if this process dies, another (or the restarted) server takes the job back (:mod:`medseg.serving.jobs`).
 """
@@ -24,7 +24,8 @@ from medseg.atomic import write_text_atomic
 from medseg.evaluation.lesions import find_lesions
 from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
 from medseg.inference.predictor import Predictor
-from medseg.io.nifti import save_atomic
+from medseg.inference.runner import write_outputs
+from medseg.io.scans import find_scans, load_scan
 from medseg.serving.audit import AuditLog
 from medseg.serving.jobs import Job, JobStore, worker_identity
 from medseg.serving.metrics import ServiceMetrics
@@ -195,8 +196,12 @@ class WorkerPool:
         source = input_path(self.data_dir, job)
         log.info("job started", extra={"event": "job_started", "job_id": job.id, "attempt": job.attempts})
         try:
-            mask = self.predictor.predict_scan(source)
-            save_atomic(mask, folder / MASK)
+            # The scan record, the reader and the writer are medseg predict's own (find_scans, load_scan,
+            # write_outputs), so the service writes what a predict run would for this scan.
+            scan = find_scans([source])[0]
+            image = load_scan(scan)
+            mask = self.predictor.predict_image(image)
+            write_outputs(scan, image, mask, folder / MASK)
             report = segmentation_report(mask, self.report_options)
             write_text_atomic(folder / REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")
             digest = file_sha256(folder / MASK)
