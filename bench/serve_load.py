@@ -24,6 +24,7 @@ import os
 import platform
 import random
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -178,6 +179,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def docs_section(r: dict) -> str:
     lat = r["latency_ms"]
+    v = r["model_validation"]
+    validation = f"validation mean Dice {v['mean_dice']:.3f} at epoch {v['epoch']}, " if v.get("mean_dice") is not None else ""
     kinds = "\n".join(f"| {k} | {v['count']} | {v['expected']} | {v['statuses']} | {v['right']} |"
                       for k, v in r["by_kind"].items())
     return f"""{DOCS_BEGIN}
@@ -186,7 +189,7 @@ def docs_section(r: dict) -> str:
 Run on {r['date']} with `{r['command']}` ({r['machine']}). {r['note']}
 
 Server: `medseg serve` (uvicorn, 1 worker thread, device {r['device']}) on 127.0.0.1 with model
-`{r['model_name']}`; {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
+`{r['model_name']}` ({validation}weights SHA-256 `{(r['model_weights_sha256'] or '')[:12]}`); {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
 real hippocampus MR scans and bad requests; then {r['kill_jobs']} more uploads, `kill -9` of the server while
 job(s) ran, a restart on the same data folder.
 
@@ -249,12 +252,17 @@ def main() -> int:
         print(f"no scans in {args.scans}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="medseg_serve_load_"))
+    from medseg.models.bundle import resolve_bundle_path
+
+    # A snapshot: a training run may replace best.pt meanwhile, and both sides must use one model.
+    model = work / "model.pt"
+    shutil.copyfile(resolve_bundle_path(args.model), model)
     data_dir = work / "data"
     token = secrets.token_urlsafe(32)
     token_file = work / "tokens"
     token_file.write_text(token + "\n")
     max_upload = int(args.max_upload_mb * 1024 * 1024)
-    server = Server(args.model, data_dir, token_file, free_port(), args.max_upload_mb, work / "server.log")
+    server = Server(model, data_dir, token_file, free_port(), args.max_upload_mb, work / "server.log")
     payloads = make_payloads(scans, max_upload)
     rng = random.Random(args.seed)
     kinds = rng.choices(list(MIX), weights=[w for w, _ in MIX.values()], k=args.requests)
@@ -346,7 +354,7 @@ def main() -> int:
             if len(picks) >= args.compare:
                 break
         pred_dir = work / "predicted"
-        predict_paths(args.model, [scans[i] for i in picks], pred_dir, device="auto")
+        predict_paths(model, [scans[i] for i in picks], pred_dir, device="auto")
         with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as client:
             for scan_index, job_id in picks.items():
                 path = work / f"{job_id}.nii.gz"
@@ -377,7 +385,9 @@ def main() -> int:
                    + (" --docs" if args.docs else "") + (f" --note '{args.note}'" if args.note else ""),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "note": args.note, "model_name": load_bundle(args.model, verify=False).spec.name,
+        "note": args.note, "model_name": load_bundle(model, verify=False).spec.name,
+        "model_weights_sha256": load_bundle(model, verify=False).spec.provenance.weights_sha256,
+        "model_validation": load_bundle(model, verify=False).spec.provenance.validation.model_dump(),
         "requests": args.requests, "clients": args.clients, "valid_scans": len(scans), "kill_jobs": args.kill_jobs,
         "upload_throughput_rps": len(results) / load_s,
         "latency_ms": {"accepted_p50": percentile(accepted_ms, 50), "accepted_p95": percentile(accepted_ms, 95),
@@ -402,7 +412,9 @@ def main() -> int:
         update_docs(docs_section(report), REPO / "docs" / "benchmarks.md")
     ok = lost == 0 and report["bad_right"] == report["bad_total"] and rows == len(accepted) == job_folders \
         and staged == 0 and masks_equal == compared
-    print("OK" if ok else "CHECKS FAILED")
+    print("OK" if ok else f"CHECKS FAILED (server log and data kept in {work})")
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 
