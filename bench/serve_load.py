@@ -47,15 +47,15 @@ BOUNDARY = "medsegbenchboundary"
 
 #: kind -> (share of the requests, the status it must get)
 MIX = {
-    "valid": (0.40, 202),
-    "missing_token": (0.07, 401),
-    "wrong_token": (0.07, 401),
-    "oversized": (0.06, 413),
-    "oversized_streamed": (0.05, 413),
-    "truncated": (0.07, 400),
-    "malformed": (0.07, 415),
-    "broken_multipart": (0.05, 400),
-    "zip_slip": (0.06, 400),
+    "valid": (0.30, 202),
+    "missing_token": (0.08, 401),
+    "wrong_token": (0.08, 401),
+    "oversized": (0.08, 413),
+    "oversized_streamed": (0.07, 413),
+    "truncated": (0.10, 400),
+    "malformed": (0.10, 415),
+    "broken_multipart": (0.09, 400),
+    "zip_slip": (0.10, 400),
 }
 
 
@@ -198,7 +198,8 @@ job(s) ran, a restart on the same data folder.
 | upload throughput (all {r['requests']} requests) | {r['upload_throughput_rps']:.1f} requests/s |
 | upload latency, accepted scans p50 / p95 | {lat['accepted_p50']:.0f} / {lat['accepted_p95']:.0f} ms |
 | latency of refused requests p50 / p95 | {lat['refused_p50']:.0f} / {lat['refused_p95']:.0f} ms |
-| job throughput (accepted scans segmented) | {r['job_throughput_per_s']:.2f} jobs/s (mean job {r['mean_job_s']:.2f} s) |
+| jobs finished per second, first upload to last job (kill and restart included) | {r['job_throughput_per_s']:.3f} jobs/s |
+| time a worker spent per job (read, predict, write), mean | {r['mean_job_s']:.2f} s |
 | bad requests answered with the right status | {r['bad_right']} of {r['bad_total']} |
 | jobs accepted / finished done / failed | {r['accepted']} / {r['done']} / {r['failed']} |
 | jobs running when killed, retried after restart | {r['running_at_kill']} ({r['retried']} finished on attempt 2) |
