@@ -127,7 +127,8 @@ def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> Non
 def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     """The service's app. ``start_workers`` False serves the API only (another process runs the jobs)."""
     data_dir = Path(settings.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # It will hold patient scans: a new data folder is the service user's alone.
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s)
     audit = AuditLog(data_dir / "audit.log")
     metrics = ServiceMetrics(store.counts)

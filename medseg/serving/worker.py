@@ -64,6 +64,8 @@ class ReportOptions:
     lesion_classes: list[int]
     connectivity: int = 26
     min_lesion_volume_ml: float = 0.0
+    #: Provenance quoted in each report: the model's name and weights SHA-256.
+    model: dict[str, str | None] | None = None
 
     @classmethod
     def from_predictor(cls, predictor: Predictor) -> ReportOptions:
@@ -71,7 +73,9 @@ class ReportOptions:
         evaluate = predictor.bundle.config.evaluate
         names = dict(predictor.label_names)
         classes = list(evaluate.lesion_classes) or [k for k in sorted(names) if k != 0]
-        return cls(names, classes, evaluate.connectivity, evaluate.min_lesion_volume_ml)
+        spec = predictor.bundle.spec
+        return cls(names, classes, evaluate.connectivity, evaluate.min_lesion_volume_ml,
+                   {"name": spec.name, "weights_sha256": spec.provenance.weights_sha256})
 
 
 def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions) -> dict[str, object]:
@@ -89,7 +93,8 @@ def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions) -> dict[s
         inventory[options.label_names.get(k, f"class_{k}")] = {
             "class_id": k, "lesions": [x.as_record() for x in found.lesions],
             "dropped": [x.as_record() for x in found.dropped]}
-    return {"kind": "medseg-segmentation-report", "schema_version": 1, "shape": [int(s) for s in labels.shape],
+    return {"kind": "medseg-segmentation-report", "schema_version": 1, "model": options.model,
+            "shape": [int(s) for s in labels.shape],
             "spacing_mm": [round(s, 6) for s in voxel_spacing(affine)], "classes": classes,
             "lesion_inventory": {"connectivity": options.connectivity, "min_lesion_volume_ml": options.min_lesion_volume_ml,
                                  "classes": inventory}}

@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from medseg.data.phantom import make_phantom  # noqa: E402
 from medseg.errors import MedsegError  # noqa: E402
 from medseg.inference.runner import predict_paths  # noqa: E402
+from medseg.models.bundle import load_bundle  # noqa: E402
 from medseg.serving import auth as auth_module  # noqa: E402
 from medseg.serving.app import ServeSettings, create_app  # noqa: E402
 from medseg.serving.auth import TokenSet, token_id  # noqa: E402
@@ -382,6 +383,7 @@ def test_the_service_mask_equals_medseg_predicts_for_nifti_and_dicom(model_run, 
             assert mask.status_code == 200
             _same_mask(mask.content, reference, tmp_path)
         report = client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()
+    assert report["model"]["weights_sha256"] == load_bundle(model_run).spec.provenance.weights_sha256
     voxels = nib.load(tmp_path / "predicted" / "series.nii.gz")
     labels = np.asarray(voxels.dataobj)
     for name, k in (("lung", 1), ("nodule", 2)):
