@@ -187,7 +187,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
         request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease)
     serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-          forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path)
+          forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
     return 0
 
 
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS")
     p.add_argument("--ssl-keyfile", type=Path, default=None, help="TLS private key (PEM)")
     p.add_argument("--forwarded-allow-ips", default=None, help="proxy addresses whose X-Forwarded-* headers are trusted")
-    p.add_argument("--root-path", default="", help="path prefix when served behind a reverse proxy under a sub-path")
+    p.add_argument("--root-path", default=None, help="path prefix when served behind a reverse proxy under a sub-path")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")
