@@ -180,13 +180,15 @@ def percentile(values: list[float], q: float) -> float | None:
 def docs_section(r: dict) -> str:
     lat = r["latency_ms"]
     v = r["model_validation"]
+    start_end = r.get("load_average_1min_start_end")
+    load = f"; 1-minute load average {start_end[0]:.1f} at start, {start_end[1]:.1f} at end" if start_end else ""
     validation = f"validation mean Dice {v['mean_dice']:.3f} at epoch {v['epoch']}, " if v.get("mean_dice") is not None else ""
     kinds = "\n".join(f"| {k} | {v['count']} | {v['expected']} | {v['statuses']} | {v['right']} |"
                       for k, v in r["by_kind"].items())
     return f"""{DOCS_BEGIN}
 ## Inference service under load and `kill -9` (loopback)
 
-Run on {r['date']} with `{r['command']}` ({r['machine']}). {r['note']}
+Run on {r['date']} with `{r['command']}` ({r['machine']}{load}). {r['note']}
 
 Server: `medseg serve` (uvicorn, 1 worker thread, device {r['device']}) on 127.0.0.1 with model
 `{r['model_name']}` ({validation}weights SHA-256 `{(r['model_weights_sha256'] or '')[:12]}`); {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
@@ -267,6 +269,7 @@ def main() -> int:
     payloads = make_payloads(scans, max_upload)
     rng = random.Random(args.seed)
     kinds = rng.choices(list(MIX), weights=[w for w, _ in MIX.values()], k=args.requests)
+    load_start = os.getloadavg()[0]  # how busy the machine was: quoted with the figures
     print(f"work folder {work}; starting the server", flush=True)
     ready_s = server.start()
 
@@ -383,7 +386,8 @@ def main() -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "PYTHONPATH=$PWD python bench/serve_load.py --model " + str(args.model)
-                   + (" --docs" if args.docs else "") + (f" --note '{args.note}'" if args.note else ""),
+                   + (" --docs" if args.docs else "") + (" --note '...'" if args.note else ""),
+        "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "note": args.note, "model_name": load_bundle(model, verify=False).spec.name,
