@@ -116,3 +116,12 @@ def group_channel_files(scans: list, channels: int) -> list:
         files = tuple(by_channel[c] for c in range(channels))
         grouped.append(Scan(case, files[0], "nifti", None, files))
     return grouped
+
+
+def check_channel_count(image: nib.Nifti1Image, expected: int) -> None:
+    """Refuse an image whose channel count (4th axis of a stacked image, else 1) is not the model's."""
+    got = int(image.shape[3]) if len(image.shape) == 4 else 1
+    if got != expected:
+        raise ScanError(image.get_filename() or "scan",
+                        f"the image has {got} channel(s) but the model takes {expected}: give one file per channel "
+                        "(nnU-Net naming CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
