@@ -56,6 +56,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from medseg.planning.planner import PlanOptions, write_plan
 
+    def intensity_kinds(intensity) -> str:
+        return "/".join(i.kind for i in intensity) if isinstance(intensity, list) else intensity.kind
+
     target = {"auto": None, "cpu": False, "cuda": True}[args.target]
     options = PlanOptions(name=args.name or args.output.stem, output_dir=args.run_dir, memory_gib=args.memory_gib,
                           base_features=args.base_features, cuda=target)
@@ -63,7 +66,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                                        max_cases=args.max_cases, overwrite=args.overwrite)
     print(f"wrote {fingerprint_path}\nwrote {config_path}: {config.model.spatial_dims}D {config.model.name}, "
           f"patch {config.train.patch_size}, batch {config.train.batch_size}, spacing {list(config.preprocessing.spacing or [])} mm, "
-          f"{config.preprocessing.intensity.kind} normalisation")
+          f"{intensity_kinds(config.preprocessing.intensity)} normalisation")
     return 0
 
 

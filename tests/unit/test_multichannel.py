@@ -63,8 +63,8 @@ def test_two_channel_model_imports_trains_predicts_and_beats_one_channel(nnunet_
     one_path = save_manifest(one, tmp_path / "one.json")
 
     two_run, one_run = tmp_path / "run2", tmp_path / "run1"
-    train(_config(manifest_path, two_run, epochs=8), device="cpu")
-    train(_config(one_path, one_run, epochs=8), device="cpu")
+    train(_config(manifest_path, two_run, epochs=3), device="cpu")
+    train(_config(one_path, one_run, epochs=3), device="cpu")
 
     # Prediction from the nnU-Net test folder: channel files grouped into one case, named without suffix.
     summary = predict_paths(two_run, [nnunet_folder / "imagesTs"], tmp_path / "pred2", device="cpu")
