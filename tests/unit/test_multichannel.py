@@ -179,3 +179,31 @@ def test_per_channel_intensity_configs_normalise_each_channel_its_own_way():
     assert out.shape == (2, 6, 6, 4)
     assert 0.0 <= float(out[0].min()) and float(out[0].max()) <= 1.0  # windowed to [0, 1]
     assert abs(float(out[1].mean())) < 1e-4 and abs(float(out[1].std()) - 1.0) < 0.05  # z-scored
+
+
+def test_fingerprint_and_plan_work_per_channel(tmp_path):
+    from medseg.data.phantom import make_two_channel_phantom
+    from medseg.planning.planner import PlanOptions, write_plan
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(3):
+        image, label, affine = make_two_channel_phantom(rng)
+        image[..., 0] = image[..., 0] * 2 - 1000  # channel 0 in HU-like units, channel 1 as is
+        for c, name in enumerate(("ct", "pet")):
+            nib.save(nib.Nifti1Image(image[..., c], affine), str(tmp_path / f"c{i}_{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(tmp_path / f"c{i}_seg.nii.gz"))
+        cases.append({"id": f"c{i}", "image": [f"c{i}_ct.nii.gz", f"c{i}_pet.nii.gz"], "label": f"c{i}_seg.nii.gz"})
+    raw = {"name": "ctpet", "modality": "other", "labels": {"0": "background", "1": "lesion"},
+           "channels": ["CT", "PET"], "cases": cases, "splits": {"train": ["c0", "c1"], "val": ["c2"]}}
+    (tmp_path / "m.json").write_text(json.dumps(raw))
+    config_path, fp_path, config = write_plan(tmp_path / "m.json", tmp_path / "plan.yaml",
+                                              options=PlanOptions(name="ctpet", cuda=False), progress=False)
+    fp = json.loads(fp_path.read_text())
+    assert fp["channels"] == ["CT", "PET"] and list(fp["intensity_all"]) == ["CT", "PET"]
+    # Lesions are bright (300 -> -400 HU-like in CT) in both channels: foreground statistics per channel.
+    assert fp["intensity_foreground"]["CT"]["median"] == pytest.approx(-400, abs=30)
+    assert fp["intensity_foreground"]["PET"]["median"] == pytest.approx(300, abs=15)
+    kinds = [i.kind for i in config.preprocessing.intensity]
+    assert kinds == ["ct_zscore", "zscore"]
+    assert config.preprocessing.intensity[0].mean == pytest.approx(-400, abs=30)
