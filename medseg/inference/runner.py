@@ -279,8 +279,11 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
     """
+    batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is loaded
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
-    batch = prepare_batch(inputs, output_dir, overwrite, channels=predictor.bundle.network.in_channels)
+    channels = predictor.bundle.network.in_channels
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
     return finish_batch(batch, outcomes)
