@@ -281,7 +281,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     """
     batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is loaded
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
-    channels = predictor.bundle.network.in_channels
+    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
+    channels = bundle.network.in_channels if bundle is not None else 1
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
         batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
