@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, nargs="+", type=Path,
                    help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
+    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
