@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,15 +210,26 @@ def _channel_intensity(fp: Fingerprint, channel: str, is_ct: bool) -> tuple[dict
             f"{channel}: intensities have no absolute scale, so each volume is z-scored on its own")
 
 
+def _is_ct_channel(name: str, modality: str) -> bool:
+    """A channel holds HU when its name says CT (``CT``, ``ct_venous``); a name saying MR or PET does not;
+    any other name (``arterial``, ``channel_0``) follows the manifest's modality."""
+    from medseg.data.importers import modality_of
+
+    tokens = set(re.split(r"[^A-Z0-9]+", name.upper()))
+    if "CT" in tokens:
+        return True
+    if modality_of([name]) == "MR" or "PET" in tokens:
+        return False
+    return modality == "CT"
+
+
 def _plan_intensity(fp: Fingerprint) -> tuple[dict[str, Any] | list[dict[str, Any]], str]:
     """One normalisation for a single channel (or several channels all z-scored per volume, which
     ``zscore`` does channel by channel); a list, one per channel, when a channel is CT among several."""
-    from medseg.data.importers import modality_of
-
     names = fp.channel_names
     if len(names) == 1:
         return _channel_intensity(fp, names[0], fp.modality == "CT")
-    planned = [_channel_intensity(fp, n, fp.modality == "CT" or modality_of([n]) == "CT") for n in names]
+    planned = [_channel_intensity(fp, n, _is_ct_channel(n, fp.modality)) for n in names]
     if all(p[0]["kind"] == "zscore" for p in planned):
         return planned[0][0], f"{', '.join(names)}: each channel of each volume z-scored on its own"
     return [p[0] for p in planned], "; ".join(f"channel {i} ({n}) {p[1]}" for i, (n, p) in enumerate(zip(names, planned, strict=True)))

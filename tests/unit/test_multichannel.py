@@ -207,3 +207,13 @@ def test_fingerprint_and_plan_work_per_channel(tmp_path):
     kinds = [i.kind for i in config.preprocessing.intensity]
     assert kinds == ["ct_zscore", "zscore"]
     assert config.preprocessing.intensity[0].mean == pytest.approx(-400, abs=30)
+
+
+@pytest.mark.parametrize("name, modality, is_ct", [
+    ("CT", "other", True), ("ct_venous", "MR", True), ("PET", "CT", False), ("T2", "CT", False),
+    ("arterial", "CT", True), ("channel_1", "other", False), ("FLAIR", "other", False),
+])
+def test_planner_tells_ct_channels_by_name_then_by_modality(name, modality, is_ct):
+    from medseg.planning.planner import _is_ct_channel
+
+    assert _is_ct_channel(name, modality) is is_ct
