@@ -56,6 +56,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from medseg.planning.planner import PlanOptions, write_plan
 
+    def intensity_kinds(intensity) -> str:
+        return "/".join(i.kind for i in intensity) if isinstance(intensity, list) else intensity.kind
+
     target = {"auto": None, "cpu": False, "cuda": True}[args.target]
     options = PlanOptions(name=args.name or args.output.stem, output_dir=args.run_dir, memory_gib=args.memory_gib,
                           base_features=args.base_features, cuda=target)
@@ -63,7 +66,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                                        max_cases=args.max_cases, overwrite=args.overwrite)
     print(f"wrote {fingerprint_path}\nwrote {config_path}: {config.model.spatial_dims}D {config.model.name}, "
           f"patch {config.train.patch_size}, batch {config.train.batch_size}, spacing {list(config.preprocessing.spacing or [])} mm, "
-          f"{config.preprocessing.intensity.kind} normalisation")
+          f"{intensity_kinds(config.preprocessing.intensity)} normalisation")
     return 0
 
 
@@ -263,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, nargs="+", type=Path,
                    help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
+    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")

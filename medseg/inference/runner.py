@@ -213,10 +213,11 @@ class PredictBatch:
         return output_path(self.output_dir, scan)
 
 
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False) -> PredictBatch:
-    """Find the scans, refuse bad outputs before any work, clean a killed run's temporaries."""
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1) -> PredictBatch:
+    """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
+    outputs before any work, clean a killed run's temporaries."""
     output_dir = Path(output_dir)
-    scans = find_scans(inputs)
+    scans = find_scans(inputs, channels=channels)
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
@@ -278,8 +279,12 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
     """
-    batch = prepare_batch(inputs, output_dir, overwrite)
+    batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is loaded
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
+    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
+    channels = bundle.network.in_channels if bundle is not None else 1
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
     return finish_batch(batch, outcomes)
