@@ -153,6 +153,10 @@ def connect(address: str) -> bool:
     return True
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
 def _failed(batch: PredictBatch, index: int, error: str, message: str) -> ScanOutcome:
     scan = batch.scans[index]
     return ScanOutcome(scan.path, batch.target(scan), "failed", error, message)
@@ -176,7 +180,7 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    worker = ray.remote(_PredictWorker).options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0)
+    worker = ray.remote(_PredictWorker)
     batch_ref = ray.put(batch)  # sent to each actor once, not with every scan
     cwd = os.getcwd()
     token = os.urandom(4).hex()
@@ -186,7 +190,8 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
     def start_actor() -> int:
         nonlocal made
         # Named, so an operator (or a test) can find this run's actors: ray.util.list_named_actors().
-        actors[made] = worker.options(name=f"{name_prefix}-{token}-{made}").remote(
+        actors[made] = worker.options(name=f"{name_prefix}-{token}-{made}", num_cpus=plan.num_cpus,
+                                      num_gpus=plan.num_gpus, max_restarts=0).remote(
             model, plan.device, mirror, plan.num_cpus, batch_ref, cwd)
         made += 1
         return made - 1
@@ -194,9 +199,45 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
     for _ in range(plan.actors):
         start_actor()
     replacements = plan.actors
-    attempts = dict.fromkeys(todo, 0)
-    inflight: dict[Any, tuple[int, int]] = {}  # object ref -> (slot, scan index)
+    deaths = dict.fromkeys(todo, 0)  # times an actor died while running the scan
+    inflight: dict[Any, tuple[int, int]] = {}  # object ref -> (slot, scan index), in submission order
     load = dict.fromkeys(actors, 0)
+
+    def record(index: int, outcome: ScanOutcome) -> None:
+        outcomes[index] = outcome
+        bar.update(1)
+
+    def actor_died(slot: int, refs: list[Any], exc: Exception) -> None:
+        """Replace a dead actor and send its scans again; only the one it was running is charged."""
+        nonlocal replacements
+        log.warning("a Ray predict worker died (%s); its scans are sent again", type(exc).__name__)
+        ray.kill(actors.pop(slot))  # it may be unreachable rather than dead: make sure
+        if replacements > 0:
+            replacements -= 1
+            load[start_actor()] = 0
+        charged = False
+        retry: list[int] = []
+        for ref in refs:  # in submission order: an actor runs its scans one after another
+            index = inflight.pop(ref)[1]
+            try:
+                record(index, ray.get(ref))  # finished before the death
+                continue
+            except RayActorError:
+                pass
+            except RayError as err:
+                record(index, _failed(batch, index, type(err).__name__, _first_line(err)))
+                continue
+            if not charged:  # the first unfinished scan was running; the later ones were only queued
+                charged = True
+                deaths[index] += 1
+                if deaths[index] >= ATTEMPTS:
+                    record(index, _failed(batch, index, WORKER_DIED,
+                                          f"the Ray worker predicting this scan died {ATTEMPTS} times (a crash, out "
+                                          "of memory or a lost node?); see the Ray logs of its node"))
+                    continue
+            retry.append(index)
+        todo.extendleft(reversed(retry))
+
     bar = tqdm(total=len(batch.scans), initial=len(outcomes), desc="predict (ray)", unit="scan", disable=None)
     try:
         for error in ray.get([actor.ready.remote() for actor in actors.values()]):
@@ -209,35 +250,22 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
             for slot in list(actors):
                 while todo and load[slot] < IN_FLIGHT_PER_ACTOR:
                     index = todo.popleft()
-                    attempts[index] += 1
                     inflight[actors[slot].predict.remote(index)] = (slot, index)
                     load[slot] += 1
             if not inflight:
                 break  # every actor died and none may be started: the rest is failed below
             [ref], _ = ray.wait(list(inflight), num_returns=1)
-            slot, index = inflight.pop(ref)
-            load[slot] -= 1
+            slot, index = inflight[ref]
             try:
-                outcome: ScanOutcome | None = ray.get(ref)
+                outcome = ray.get(ref)
             except RayActorError as exc:
-                outcome = None
-                if slot in actors:  # the first of its scans to report the death
-                    log.warning("a Ray predict worker died (%s); its scans are sent again", type(exc).__name__)
-                    ray.kill(actors.pop(slot))  # it may be unreachable rather than dead: make sure
-                    if replacements > 0:
-                        replacements -= 1
-                        load[start_actor()] = 0
-                if attempts[index] < ATTEMPTS:
-                    todo.appendleft(index)
-                else:
-                    outcome = _failed(batch, index, WORKER_DIED,
-                                      f"the Ray worker predicting this scan died {ATTEMPTS} times (a crash, out of "
-                                      "memory or a lost node?); see the Ray logs of its node")
+                actor_died(slot, [r for r, (s, _) in inflight.items() if s == slot], exc)
+                continue
             except RayError as exc:
-                outcome = _failed(batch, index, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-            if outcome is not None:
-                outcomes[index] = outcome
-                bar.update(1)
+                outcome = _failed(batch, index, type(exc).__name__, _first_line(exc))
+            del inflight[ref]
+            load[slot] -= 1
+            record(index, outcome)
         for index in todo:
             outcomes[index] = _failed(batch, index, WORKER_DIED,
                                       "not predicted: every Ray worker died and no more replacements were allowed")
