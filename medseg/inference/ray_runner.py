@@ -115,13 +115,11 @@ def plan_actors(resources: dict[str, float], device: str | None, actors: int | N
         actors = gpus if use_gpu else max(1, int(resources.get("CPU", 1)) // cpus_per_actor)
         actors = max(1, min(actors, scans))
     plan = RayPlan(actors, cpus_per_actor, 1 if use_gpu else 0, "cuda" if use_gpu else "cpu")
-    short = [(name, need, have) for name, need, have in
-             (("CPU", plan.actors * plan.num_cpus, resources.get("CPU", 0)),
-              ("GPU", plan.actors * plan.num_gpus, resources.get("GPU", 0))) if need > have]
-    for name, need, have in short:
-        # An autoscaling cluster may grow to fit; a fixed one leaves the extra actors waiting.
-        log.warning("%d Ray actor(s) need %d %s, the cluster has %g now: some wait until it has more",
-                    plan.actors, need, name, have)
+    for name, need, have in (("CPU", plan.actors * plan.num_cpus, resources.get("CPU", 0)),
+                             ("GPU", plan.actors * plan.num_gpus, resources.get("GPU", 0))):
+        if need > have:  # the extra actors would never start, and the scans queued on them never finish
+            raise MedsegError(f"{plan.actors} Ray actor(s) need {need} {name}, the cluster has {have:g}: lower "
+                              "--ray-actors or --ray-cpus-per-actor")
     return plan
 
 
@@ -138,11 +136,12 @@ def connect(address: str) -> bool:
         raise MedsegError("--ray needs Ray: pip install 'medseg[ray]'") from None
     if ray.is_initialized():
         return False
-    if address != "auto":
+    if address != "auto" or os.environ.get("RAY_ADDRESS"):  # a named cluster: never a local one instead
+        where = address if address != "auto" else f"{os.environ['RAY_ADDRESS']} (RAY_ADDRESS)"
         try:
             ray.init(address=address, include_dashboard=False)
         except (ConnectionError, ValueError) as exc:
-            raise MedsegError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+            raise MedsegError(f"cannot connect to the Ray cluster at {where}: {exc}") from None
         return False
     try:
         ray.init(address="auto", include_dashboard=False)

@@ -177,7 +177,9 @@ def test_plan_one_actor_per_gpu_or_per_cpus_never_more_than_scans():
     plan = plan_actors(gpu_cluster, "cpu", None, 4, scans=100)
     assert (plan.actors, plan.num_gpus, plan.num_cpus, plan.device) == (8, 0, 4, "cpu")
     assert plan_actors({"CPU": 16.0}, "auto", None, 2, scans=3).actors == 3
-    assert plan_actors({"CPU": 2.0}, "auto", 5, 1, scans=3).actors == 5  # asked for: kept (a warning)
+    assert plan_actors({"CPU": 8.0}, "auto", 5, 1, scans=3).actors == 5  # as asked
+    with pytest.raises(MedsegError, match="need 10 CPU, the cluster has 8"):
+        plan_actors({"CPU": 8.0}, "auto", 5, 2, scans=3)
     with pytest.raises(MedsegError, match="no GPUs"):
         plan_actors({"CPU": 8.0}, "cuda", None, 1, scans=3)
 
