@@ -129,7 +129,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model,
                               images_dir=args.images, config=config, **options)
     print(result.describe())
-    return 0
+    return 1 if result.failures else 0  # some cases failed: the others are written (docs/evaluation.md)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -180,6 +180,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medseg.serving.app import MiB, ServeSettings
+    from medseg.serving.auth import TokenSet
+    from medseg.serving.server import serve
+
+    settings = ServeSettings(
+        model=args.run, data_dir=args.data_dir, tokens=TokenSet.from_sources(token_file=args.token_file),
+        insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
+        workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
+        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease)
+    serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+          forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
+    return 0
+
+
 EXAMPLES = """\
 examples:
   medseg demo                                    synthetic phantoms: train -> predict -> evaluate (a few minutes)
@@ -188,6 +203,7 @@ examples:
   medseg train ct_lung.yaml                      a bare name finds a shipped config
   medseg predict --model runs/ct_lung --input scans/ --output masks/
   medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
+  MEDSEG_API_TOKENS=... medseg serve runs/ct_lung   HTTP service: POST a scan, GET its mask (docs/serving.md)
 
 'medseg VERB --help' shows a verb's options and their defaults.
 """
@@ -310,6 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds")
     p.add_argument("--name", default=None, help="manifest name (default: dataset.json's name)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("serve", help="HTTP service: segment uploaded scans as jobs (docs/serving.md)")
+    p.add_argument("run", type=Path, help="run folder or model file to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--data-dir", type=Path, default=Path("medseg_serve"),
+                   help="job store, uploads, masks and audit log; replicas on one host share it")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="bearer tokens, one a line (added to $MEDSEG_API_TOKENS, comma-separated)")
+    p.add_argument("--insecure-local", action="store_true", help="serve without tokens (loopback addresses only)")
+    p.add_argument("--workers", type=int, default=1, help="inference threads in this process sharing one loaded model (0: API only)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--max-queue", type=int, default=64, help="queued + running jobs before new uploads get 429")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="upload size cap, MiB (checked while reading)")
+    p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")
+    p.add_argument("--lease", type=float, default=30, help="seconds a worker's claim on a job lasts without renewal")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (CORS off by default)")
+    p.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, help="TLS private key (PEM)")
+    p.add_argument("--forwarded-allow-ips", default=None, help="proxy addresses whose X-Forwarded-* headers are trusted")
+    p.add_argument("--root-path", default=None, help="path prefix when served behind a reverse proxy under a sub-path")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")
     p.add_argument("--output-dir", type=Path, default=Path("medseg_demo"), help="folder for the phantoms, run, masks and report")
