@@ -71,16 +71,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference.runner import predict_paths
+    common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
+              "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
+              "mirror": True if args.mirror else None}
+    if args.ray is not None:
+        from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
-    summary = predict_paths(
-        model=args.model if len(args.model) > 1 else args.model[0],
-        inputs=args.input,
-        output_dir=args.output,
-        overwrite=args.overwrite,
-        device=args.device,
-        mirror=True if args.mirror else None,
-    )
+        summary = predict_paths_ray(**common, address=args.ray, actors=args.ray_actors,
+                                    cpus_per_actor=args.ray_cpus_per_actor or 1)
+    else:
+        if args.ray_actors is not None or args.ray_cpus_per_actor is not None:
+            raise MedsegError("--ray-actors and --ray-cpus-per-actor need --ray auto|ADDRESS")
+        from medseg.inference.runner import predict_paths
+
+        summary = predict_paths(**common)
     print(summary.describe())
     if args.report:
         from medseg.evaluation.runner import lesion_inventory
@@ -274,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
                    help="classes for --report (default: the model config's evaluate.lesion_classes)")
+    p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="spread the scans over Ray actors (pip install 'medseg[ray]'): auto joins the cluster "
+                        "started on this machine (or RAY_ADDRESS), else starts a local one; or a cluster address")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="Ray actors, each loading the model once (default: one per GPU of the cluster, else "
+                        "one per --ray-cpus-per-actor CPUs)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=None,
+                   help="CPUs (torch threads) per Ray actor (default 1)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")

@@ -178,13 +178,17 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells one version of a file from another: a rename or rewrite changes it."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another: a rename or rewrite changes it.
+
+    Not the device number: machines sharing a network file system (Ray workers on other nodes) may
+    number its mount differently, while inode, mtime and size come from the file server.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclass
@@ -207,10 +211,14 @@ class PredictBatch:
     scans: list[Scan]
     output_dir: Path
     overwrite: bool
-    at_start: dict[str, tuple[int, int, int, int] | None]
+    at_start: dict[str, tuple[int, int, int] | None]
 
     def target(self, scan: Scan) -> Path:
         return output_path(self.output_dir, scan)
+
+    def done(self, scan: Scan) -> bool:
+        """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
+        return self.at_start[scan.case_id] is not None and not self.overwrite
 
 
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1) -> PredictBatch:
@@ -237,7 +245,7 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
     Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
     """
     target = batch.target(scan)
-    if batch.at_start[scan.case_id] is not None and not batch.overwrite:
+    if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
     held = claim(target)
     if held is None:
