@@ -284,7 +284,13 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
     or a cluster address (:func:`connect`). ``actors`` None: one per GPU of the cluster, or one per
     ``cpus_per_actor`` CPUs (each actor's torch threads).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite)
+    from medseg.models.bundle import load_bundle
+
+    batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is read
+    first = model if isinstance(model, str | Path) else next(iter(model))
+    channels = load_bundle(Path(first), verify=False).network.in_channels
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each, as in serial predict
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
     pending = sum(not batch.done(scan) for scan in batch.scans)
     if pending == 0:  # a finished batch needs no cluster
         return finish_batch(batch, run_on_actors(batch, model, RayPlan(0, 0, 0, "cpu"), mirror))
