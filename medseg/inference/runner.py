@@ -13,14 +13,16 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import nibabel as nib
 from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.predictor import Predictor
 from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
-from medseg.io.scans import Scan, find_scans
+from medseg.io.scans import Scan, find_scans, load_scan
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,14 @@ class PredictSummary:
     failed: list[PredictFailure] = field(default_factory=list)
     #: Masks another run on the same folder was writing, or wrote after this run started: not redone.
     claimed: list[Path] = field(default_factory=list)
+
+    def add(self, outcome: ScanOutcome) -> None:
+        """Count one scan's outcome."""
+        if outcome.status == "failed":
+            self.failed.append(PredictFailure(outcome.path, outcome.error, outcome.message, outcome.target.name))
+        else:
+            {"written": self.written, "skipped": self.skipped, "claimed": self.claimed}[outcome.status].append(
+                outcome.target)
 
     def describe(self) -> str:
         """A few lines for the terminal."""
@@ -168,13 +178,101 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells one version of a file from another: a rename or rewrite changes it."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another: a rename or rewrite changes it.
+
+    Not the device number: machines sharing a network file system (Ray workers on other nodes) may
+    number its mount differently, while inode, mtime and size come from the file server.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class ScanOutcome:
+    """What happened to one scan: ``written``, ``skipped`` (mask present), ``claimed`` (another run's) or
+    ``failed`` (with the error class and message)."""
+
+    path: Path
+    target: Path
+    status: Literal["written", "skipped", "claimed", "failed"]
+    error: str = ""
+    message: str = ""
+
+
+@dataclass
+class PredictBatch:
+    """A batch checked and ready before any scan is predicted: its scans, output folder and the state of
+    each mask when the run started (a mask that changes after that was written by another run)."""
+
+    scans: list[Scan]
+    output_dir: Path
+    overwrite: bool
+    at_start: dict[str, tuple[int, int, int] | None]
+
+    def target(self, scan: Scan) -> Path:
+        return output_path(self.output_dir, scan)
+
+    def done(self, scan: Scan) -> bool:
+        """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
+        return self.at_start[scan.case_id] is not None and not self.overwrite
+
+
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1) -> PredictBatch:
+    """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
+    outputs before any work, clean a killed run's temporaries."""
+    output_dir = Path(output_dir)
+    scans = find_scans(inputs, channels=channels)
+    check_outputs(scans, output_dir, inputs)
+    removed = remove_orphan_temporaries(output_dir)
+    if removed:
+        log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
+    at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
+    return PredictBatch(scans, output_dir, overwrite, at_start)
+
+
+def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
+    """Write one scan's outputs: the NIfTI mask at ``target`` (atomically). ``image`` is the scan as read."""
+    save_atomic(mask, target)
+
+
+def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
+    """Predict one scan of ``batch`` and write its outputs, unless its mask exists or another run holds it.
+
+    Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
+    """
+    target = batch.target(scan)
+    if batch.done(scan):
+        return ScanOutcome(scan.path, target, "skipped")
+    held = claim(target)
+    if held is None:
+        return ScanOutcome(scan.path, target, "claimed")
+    with held:
+        if _identity(target) != batch.at_start[scan.case_id]:
+            return ScanOutcome(scan.path, target, "claimed")
+        for tmp in temporaries(target):  # a killed writer's; we hold the claim, so nobody writes them now
+            tmp.unlink(missing_ok=True)
+        try:
+            image = load_scan(scan)
+            write_outputs(scan, image, predictor.predict_image(image), target)
+            return ScanOutcome(scan.path, target, "written")
+        except MedsegError as exc:
+            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+        except Exception as exc:  # one broken scan must not stop a batch of hundreds
+            log.debug("unexpected error on %s", scan.path, exc_info=True)
+            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+
+
+def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> PredictSummary:
+    """Summarise the outcomes and merge this run's failures into the folder's ``failures.csv``."""
+    summary = PredictSummary(batch.output_dir)
+    for outcome in outcomes:
+        summary.add(outcome)
+    _update_failures(batch.output_dir, summary, {str(s.path): batch.target(s).name for s in batch.scans})
+    return summary
 
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
@@ -189,38 +287,12 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
     """
-    output_dir = Path(output_dir)
-    scans = find_scans(inputs)
-    check_outputs(scans, output_dir, inputs)
+    batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is loaded
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
-    summary = PredictSummary(output_dir)
-    removed = remove_orphan_temporaries(output_dir)
-    if removed:
-        log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
-    # A mask that changes after this point was written by another run on the same folder.
-    at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    for scan in tqdm(scans, desc="predict", unit="scan", disable=None):
-        target = output_path(output_dir, scan)
-        if at_start[scan.case_id] is not None and not overwrite:
-            summary.skipped.append(target)
-            continue
-        held = claim(target)
-        if held is None:
-            summary.claimed.append(target)
-            continue
-        with held:
-            if _identity(target) != at_start[scan.case_id]:
-                summary.claimed.append(target)
-                continue
-            for tmp in temporaries(target):  # a killed writer's; we hold the claim, so nobody writes them now
-                tmp.unlink(missing_ok=True)
-            try:
-                save_atomic(predictor.predict_scan(scan), target)
-                summary.written.append(target)
-            except MedsegError as exc:
-                summary.failed.append(PredictFailure(scan.path, type(exc).__name__, str(exc), target.name))
-            except Exception as exc:  # one broken scan must not stop a batch of hundreds
-                log.debug("unexpected error on %s", scan.path, exc_info=True)
-                summary.failed.append(PredictFailure(scan.path, type(exc).__name__, str(exc), target.name))
-    _update_failures(output_dir, summary, {str(scan.path): output_path(output_dir, scan).name for scan in scans})
-    return summary
+    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
+    channels = bundle.network.in_channels if bundle is not None else 1
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
+    outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
+                                                                      disable=None)]
+    return finish_batch(batch, outcomes)

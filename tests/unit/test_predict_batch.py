@@ -186,11 +186,11 @@ def test_a_mask_another_run_wrote_after_this_one_started_is_not_redone_even_with
     class OtherRunFinishesB:
         """Predicts a; meanwhile 'another run' writes b, which this run reaches next."""
 
-        def predict_scan(self, scan):
-            img = predictor.predict_scan(scan)
-            if scan.case_id == "a":
-                nib.save(img, out / "b.nii.gz")
-            return img
+        def predict_image(self, image):
+            mask = predictor.predict_image(image)
+            if not (out / "b.nii.gz").exists():  # a comes first
+                nib.save(mask, out / "b.nii.gz")
+            return mask
 
     summary = predict_paths(None, [inp], out, overwrite=True, predictor=OtherRunFinishesB())
     assert [p.name for p in summary.written] == ["a.nii.gz"] and summary.claimed == [out / "b.nii.gz"]
