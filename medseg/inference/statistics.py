@@ -1,0 +1,246 @@
+"""Per-scan, per-class statistics of a predicted mask, with no reference needed (``statistics.csv`` /
+``statistics.json`` of ``medseg predict``), and the QC flags of each scan (:mod:`medseg.inference.qc`).
+
+For every foreground class: voxel count, volume (mL), mean / median / standard deviation of the scan's
+intensities under the mask (its units: HU for CT), the bounding box in mm and the number of connected
+components (26-connected). The bounding box is the axis-aligned box, in world LPS coordinates (x to the
+patient's left, y posterior, z superior: DICOM's and 3D Slicer's frame), that holds the centres of the
+class's voxels.
+
+Cost: one ``scipy.ndimage.find_objects`` pass over the label map finds each class's box; everything else
+runs inside those boxes (docs/qc.md gives the time on a 512x512x192 CT).
+
+Several runs (or resumed runs) may write one output folder: each scan's rows are merged into the two
+files under a claim (:func:`medseg.atomic.claim`), a scan done again replaces its rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+
+import cc3d
+import nibabel as nib
+import numpy as np
+from nibabel.affines import apply_affine
+from scipy import ndimage
+
+from medseg.atomic import claim, temporaries, write_text_atomic
+from medseg.errors import OutputError
+from medseg.inference.qc import (
+    PredictionUncertainty,
+    class_flags,
+    input_flags,
+    intensity_percentiles,
+    model_flags,
+    ras_spacing,
+    uncertainty_flags,
+)
+from medseg.io.geometry import voxel_volume_ml
+from medseg.models.bundle import ModelBundle
+
+STATISTICS_CSV = "statistics.csv"
+STATISTICS_JSON = "statistics.json"
+STATISTICS_FORMAT = "medseg-statistics-1"
+COORDINATES = "LPS"
+CSV_COLUMNS = ["case_id", "class", "name", "voxels", "volume_ml", "intensity_mean", "intensity_median",
+               "intensity_sd", "intensity_units", "bbox_x_min_mm", "bbox_y_min_mm", "bbox_z_min_mm",
+               "bbox_x_max_mm", "bbox_y_max_mm", "bbox_z_max_mm", "components", "qc_flags"]
+
+
+@dataclass
+class ClassStatistics:
+    """One class of one predicted mask. Intensities in the scan's units; box in LPS mm (None when empty)."""
+
+    value: int
+    name: str
+    voxels: int
+    volume_ml: float
+    intensity_mean: float | None
+    intensity_median: float | None
+    intensity_sd: float | None
+    bbox_lps_min_mm: list[float] | None
+    bbox_lps_max_mm: list[float] | None
+    components: int
+    qc_flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScanStatistics:
+    """A scan's class statistics, its QC inputs (spacing per RAS axis, intensity percentiles, uncertainty)
+    and flags: ``qc_flags`` of the scan as a whole, plus each class's own."""
+
+    case_id: str
+    shape: list[int]
+    spacing_mm: list[float]
+    intensity_units: str
+    classes: list[ClassStatistics]
+    intensity_percentiles: list[float] = field(default_factory=list)
+    uncertainty: PredictionUncertainty | None = None
+    qc_flags: list[str] = field(default_factory=list)
+
+    @property
+    def all_flags(self) -> list[str]:
+        """The scan's flags, then its classes' (no repeats)."""
+        flags = list(self.qc_flags)
+        for c in self.classes:
+            flags += [f for f in c.qc_flags if f not in flags]
+        return flags
+
+    def as_record(self) -> dict[str, object]:
+        """JSON-ready mapping."""
+        return asdict(self)
+
+    def rows(self) -> list[dict[str, object]]:
+        """One CSV row per class; ``qc_flags`` joins the scan's and the class's flags with ';'."""
+        rows = []
+        for c in self.classes:
+            lo, hi = c.bbox_lps_min_mm or [None] * 3, c.bbox_lps_max_mm or [None] * 3
+            flags = [*self.qc_flags, *c.qc_flags]
+            rows.append({"case_id": self.case_id, "class": c.value, "name": c.name, "voxels": c.voxels,
+                         "volume_ml": c.volume_ml, "intensity_mean": c.intensity_mean,
+                         "intensity_median": c.intensity_median, "intensity_sd": c.intensity_sd,
+                         "intensity_units": self.intensity_units,
+                         **{f"bbox_{a}_min_mm": v for a, v in zip("xyz", lo, strict=True)},
+                         **{f"bbox_{a}_max_mm": v for a, v in zip("xyz", hi, strict=True)},
+                         "components": c.components, "qc_flags": ";".join(flags)})
+        return rows
+
+
+def _lps_box(affine: np.ndarray, box: tuple[slice, ...]) -> tuple[list[float], list[float]]:
+    """World LPS (mm) axis-aligned box of the voxel centres inside an index box."""
+    corners = np.array(list(product(*((s.start, s.stop - 1) for s in box))), dtype=float)
+    ras = apply_affine(affine, corners)
+    lps = ras * np.array([-1.0, -1.0, 1.0])
+    return [float(v) for v in lps.min(axis=0)], [float(v) for v in lps.max(axis=0)]
+
+
+def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine: np.ndarray,
+                     label_names: dict[int, str]) -> list[ClassStatistics]:
+    """Statistics of every foreground class of ``label_names`` in a label map (absent classes: zero rows).
+
+    ``intensities`` is the scan on the same grid (any numeric dtype, its units) or None.
+    """
+    labels = np.asarray(labels)
+    if intensities is not None and np.shape(intensities) != labels.shape:
+        raise ValueError(f"image shape {np.shape(intensities)} differs from the mask's {labels.shape}")
+    voxel_ml = voxel_volume_ml(affine)
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False) if labels.dtype.kind not in "iu" else labels)
+    out = []
+    for value, name in sorted(label_names.items()):
+        if value == 0:
+            continue
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
+        if box is None:
+            out.append(ClassStatistics(value, name, 0, 0.0, None, None, None, None, None, 0))
+            continue
+        inside = labels[box] == value
+        n = int(inside.sum())
+        mean = median = sd = None
+        if intensities is not None:
+            values = np.asarray(intensities[box])[inside].astype(np.float64)
+            mean, median, sd = float(values.mean()), float(np.median(values)), float(values.std())
+        components = int(cc3d.connected_components(inside, connectivity=26, return_N=True)[1])
+        lo, hi = _lps_box(np.asarray(affine, dtype=float), box)
+        out.append(ClassStatistics(value, name, n, n * voxel_ml, mean, median, sd, lo, hi, components))
+    return out
+
+
+def intensity_units(modality: str | None) -> str:
+    """The unit of a scan's intensities: HU for CT, otherwise the scanner's arbitrary units."""
+    return "HU" if modality == "CT" else "arbitrary"
+
+
+def scan_statistics(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, label_names: dict[int, str],
+                    modality: str | None = None) -> ScanStatistics:
+    """Class statistics of ``mask`` over ``image`` (same grid), without QC flags."""
+    intensities = np.asanyarray(image.dataobj)
+    if intensities.ndim == 4 and intensities.shape[3] == 1:
+        intensities = intensities[..., 0]
+    labels = np.asanyarray(mask.dataobj)
+    return ScanStatistics(case_id, [int(s) for s in labels.shape], ras_spacing(mask.affine), intensity_units(modality),
+                          class_statistics(labels, intensities if intensities.ndim == 3 else None, mask.affine,
+                                           label_names))
+
+
+def training_modality(bundle: ModelBundle) -> str | None:
+    """The modality a model was trained on: its QC section's, else CT for a CT intensity window, else unknown."""
+    if bundle.spec.qc is not None and bundle.spec.qc.modality:
+        return bundle.spec.qc.modality
+    return "CT" if bundle.spec.preprocessing.intensity.kind.startswith("ct") else None
+
+
+def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bundle: ModelBundle,
+                uncertainty: PredictionUncertainty | None = None, modality: str | None = None) -> ScanStatistics:
+    """Statistics of a predicted mask and the QC flags of the scan and its classes (docs/qc.md).
+
+    ``modality`` is the scan's own when known (a DICOM tag); otherwise it is guessed from the intensities.
+    """
+    qc = bundle.spec.qc
+    trained_on = training_modality(bundle)
+    stats = scan_statistics(case_id, image, mask, bundle.label_names, trained_on)
+    data = np.asanyarray(image.dataobj)
+    stats.intensity_percentiles = intensity_percentiles(data)
+    stats.uncertainty = uncertainty
+    flags = model_flags(qc, bundle.spec.provenance.validation.mean_dice)
+    flags += input_flags(qc, ras_spacing(image.affine), stats.intensity_percentiles, modality)
+    if "modality_mismatch" in flags:
+        stats.intensity_units = "arbitrary" if trained_on == "CT" else "HU"
+    if all(c.voxels == 0 for c in stats.classes):
+        flags.append("empty_prediction")
+    flags += uncertainty_flags(qc, uncertainty)
+    stats.qc_flags = flags
+    for c in stats.classes:
+        c.qc_flags = class_flags(qc, c.value, c.name, c.volume_ml)
+    return stats
+
+
+def _read_existing(output_dir: Path) -> dict[str, dict]:
+    path = output_dir / STATISTICS_JSON
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: cannot read the earlier statistics ({exc}); move it away to start afresh") from None
+    if not isinstance(raw, dict) or raw.get("format") != STATISTICS_FORMAT or not isinstance(raw.get("cases"), dict):
+        raise OutputError(f"{path}: not a medseg statistics file (format {STATISTICS_FORMAT}); move it away")
+    return raw["cases"]
+
+
+def _csv_rows(record: dict) -> list[dict[str, object]]:
+    classes = [ClassStatistics(**c) for c in record["classes"]]
+    scan = ScanStatistics(record["case_id"], record["shape"], record["spacing_mm"], record["intensity_units"], classes,
+                          qc_flags=list(record.get("qc_flags", [])))
+    return scan.rows()
+
+
+def merge_statistics(output_dir: Path, scans: Sequence[ScanStatistics]) -> None:
+    """Merge scans into ``statistics.json`` and ``statistics.csv`` (rows sorted by case): a scan present
+    before is replaced, others stay. Held under a claim, so concurrent runs keep one consistent file."""
+    output_dir = Path(output_dir)
+    target = output_dir / STATISTICS_JSON
+    with claim(target, wait=True):
+        for path in (target, output_dir / STATISTICS_CSV):
+            for tmp in temporaries(path):  # left by a run killed while writing; we hold the claim
+                tmp.unlink(missing_ok=True)
+        cases = _read_existing(output_dir)
+        for scan in scans:
+            cases[scan.case_id] = scan.as_record()
+        cases = dict(sorted(cases.items()))
+        document = {"format": STATISTICS_FORMAT, "coordinates": COORDINATES,
+                    "bbox": "axis-aligned box of the class's voxel centres, world LPS mm",
+                    "connectivity": 26, "cases": cases}
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, CSV_COLUMNS)
+        writer.writeheader()
+        for record in cases.values():
+            writer.writerows(_csv_rows(record))
+        # The CSV first: a reader who sees the JSON updated finds a CSV at least as new.
+        write_text_atomic(output_dir / STATISTICS_CSV, buf.getvalue())
+        write_text_atomic(target, json.dumps(document, indent=1) + "\n")
