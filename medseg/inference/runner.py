@@ -254,19 +254,16 @@ def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, tar
     save_atomic(mask, target)
 
 
-def write_scan_reports(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
+def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
                        stats: ScanStatistics, batch: PredictBatch) -> None:
-    """Merge a scan's statistics into the folder's statistics.csv/json and write its preview, as asked."""
-    if batch.statistics:
-        merge_statistics(batch.output_dir, [stats])
-    if batch.preview:
-        from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
+    """Write a scan's ``<case_id>.preview.png`` (:mod:`medseg.inference.preview`)."""
+    from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
 
-        bundle = predictor.bundle
-        lesion_classes = bundle.config.evaluate.lesion_classes
-        write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
-                      training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
-                      lesion_classes, stats.all_flags)
+    bundle = predictor.bundle
+    lesion_classes = bundle.config.evaluate.lesion_classes
+    write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
+                  training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
+                  lesion_classes, stats.all_flags)
 
 
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
@@ -292,8 +289,13 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
                 return ScanOutcome(scan.path, target, "written")
             mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
             stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
+            if batch.statistics:
+                # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its row,
+                # so every mask present has its statistics.
+                merge_statistics(batch.output_dir, [stats])
             write_outputs(scan, image, mask, target)
-            write_scan_reports(predictor, scan, image, mask, stats, batch)
+            if batch.preview:
+                write_scan_preview(predictor, scan, image, mask, stats, batch)
             return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
         except MedsegError as exc:
             return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))

@@ -5,7 +5,7 @@ For every foreground class: voxel count, volume (mL), mean / median / standard d
 intensities under the mask (its units: HU for CT), the bounding box in mm and the number of connected
 components (26-connected). The bounding box is the axis-aligned box, in world LPS coordinates (x to the
 patient's left, y posterior, z superior: DICOM's and 3D Slicer's frame), that holds the centres of the
-class's voxels.
+class's voxel centres (exact on oblique grids too).
 
 Cost: one ``scipy.ndimage.find_objects`` pass over the label map finds each class's box; everything else
 runs inside those boxes (docs/qc.md gives the time on a 512x512x192 CT).
@@ -112,11 +112,19 @@ class ScanStatistics:
         return rows
 
 
-def _lps_box(affine: np.ndarray, box: tuple[slice, ...]) -> tuple[list[float], list[float]]:
-    """World LPS (mm) axis-aligned box of the voxel centres inside an index box."""
-    corners = np.array(list(product(*((s.start, s.stop - 1) for s in box))), dtype=float)
-    ras = apply_affine(affine, corners)
-    lps = ras * np.array([-1.0, -1.0, 1.0])
+def _lps_box(affine: np.ndarray, box: tuple[slice, ...], inside: np.ndarray) -> tuple[list[float], list[float]]:
+    """World LPS (mm) axis-aligned box of the voxel centres of ``inside`` (a mask over the index ``box``).
+
+    On a grid whose axes run along the world axes the index box's corners give it; on an oblique grid the
+    extremes of each world coordinate lie on voxels of the mask, so those are transformed.
+    """
+    rotation = affine[:3, :3]
+    axis_aligned = np.count_nonzero(np.abs(rotation) > 1e-9 * np.abs(rotation).max()) == 3
+    if axis_aligned:
+        points = np.array(list(product(*((s.start, s.stop - 1) for s in box))), dtype=float)
+    else:
+        points = np.argwhere(inside).astype(float) + [s.start for s in box]
+    lps = apply_affine(affine, points) * np.array([-1.0, -1.0, 1.0])
     return [float(v) for v in lps.min(axis=0)], [float(v) for v in lps.max(axis=0)]
 
 
@@ -146,7 +154,7 @@ def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine:
             values = np.asarray(intensities[box])[inside].astype(np.float64)
             mean, median, sd = float(values.mean()), float(np.median(values)), float(values.std())
         components = int(cc3d.connected_components(inside, connectivity=26, return_N=True)[1])
-        lo, hi = _lps_box(np.asarray(affine, dtype=float), box)
+        lo, hi = _lps_box(np.asarray(affine, dtype=float), box, inside)
         out.append(ClassStatistics(value, name, n, n * voxel_ml, mean, median, sd, lo, hi, components))
     return out
 
