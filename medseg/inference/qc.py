@@ -72,7 +72,7 @@ def ras_spacing(affine: np.ndarray) -> list[float]:
 def intensity_percentiles(data: np.ndarray, percentiles: Sequence[float] = INTENSITY_PERCENTILES,
                           seed: int = 0) -> list[float]:
     """Percentiles of a scan's voxel values (its units), from a fixed-seed sample of INTENSITY_SAMPLES voxels."""
-    flat = np.asarray(data).reshape(-1)
+    flat = np.ravel(np.asarray(data), order="K")  # a view for C- and Fortran-ordered scans alike
     if flat.size > INTENSITY_SAMPLES:
         flat = flat[np.random.default_rng(seed).integers(0, flat.size, INTENSITY_SAMPLES)]
     return [float(v) for v in np.percentile(flat.astype(np.float64), list(percentiles))]

@@ -7,8 +7,8 @@ components (26-connected). The bounding box is the axis-aligned box, in world LP
 patient's left, y posterior, z superior: DICOM's and 3D Slicer's frame), that holds the centres of the
 class's voxel centres (exact on oblique grids too).
 
-Cost: one ``scipy.ndimage.find_objects`` pass over the label map finds each class's box; everything else
-runs inside those boxes (docs/qc.md gives the time on a 512x512x192 CT).
+Cost: one ``cc3d.statistics`` pass over the label map finds each class's box; everything else runs
+inside those boxes, and integer intensities are summarised from one histogram (docs/qc.md gives the time on a 512x512x192 CT).
 
 Several runs (or resumed runs) may write one output folder: each scan's rows are merged into the two
 files under a claim (:func:`medseg.atomic.claim`), a scan done again replaces its rows.
@@ -28,7 +28,6 @@ import cc3d
 import nibabel as nib
 import numpy as np
 from nibabel.affines import apply_affine
-from scipy import ndimage
 
 from medseg.atomic import claim, temporaries, write_text_atomic
 from medseg.errors import OutputError
@@ -128,6 +127,26 @@ def _lps_box(affine: np.ndarray, box: tuple[slice, ...], inside: np.ndarray) -> 
     return [float(v) for v in lps.min(axis=0)], [float(v) for v in lps.max(axis=0)]
 
 
+def intensity_summary(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean, median and (population) standard deviation of voxel values, in float64.
+
+    Integer scans (CT in HU) go through one histogram of their values, which gives all three exactly in a
+    single pass; millions of voxels take a fraction of the time of sorting them.
+    """
+    if values.dtype.kind in "iu" and values.size:
+        lo = int(values.min())
+        counts = np.bincount((values.astype(np.int64) - lo).ravel())
+        if counts.size <= 1 << 20:
+            xs = np.arange(counts.size, dtype=np.float64) + lo
+            n = int(counts.sum())
+            mean = float(counts @ xs) / n
+            sd = float(np.sqrt(counts @ (xs - mean) ** 2 / n))
+            cumulative = np.cumsum(counts)
+            middle = np.searchsorted(cumulative, [(n - 1) // 2 + 1, n // 2 + 1])  # ranks of the middle pair
+            return mean, float(xs[middle].mean()), sd
+    return float(values.mean(dtype=np.float64)), float(np.median(values)), float(values.std(dtype=np.float64))
+
+
 def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine: np.ndarray,
                      label_names: dict[int, str]) -> list[ClassStatistics]:
     """Statistics of every foreground class of ``label_names`` in a label map (absent classes: zero rows).
@@ -135,26 +154,38 @@ def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine:
     ``intensities`` is the scan on the same grid (any numeric dtype, its units) or None.
     """
     labels = np.asarray(labels)
+    affine = np.asarray(affine, dtype=float)
     if intensities is not None and np.shape(intensities) != labels.shape:
         raise ValueError(f"image shape {np.shape(intensities)} differs from the mask's {labels.shape}")
+    if labels.flags.f_contiguous and not labels.flags.c_contiguous:
+        # NIfTI data are Fortran-ordered: work on the transposed (C-ordered) views, whose masks and boolean
+        # selections run through memory in order, and transpose the affine's axes to match.
+        labels = labels.T
+        intensities = None if intensities is None else np.asarray(intensities).T
+        affine = affine[:, [2, 1, 0, 3]]
     voxel_ml = voxel_volume_ml(affine)
-    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False) if labels.dtype.kind not in "iu" else labels)
+    if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 4:
+        labels = labels.astype(np.uint32)
+    # One pass for every class's box (cc3d's C++ statistics; scipy's find_objects took 3x longer).
+    boxes = cc3d.statistics(labels)["bounding_boxes"] if labels.any() else []
     out = []
     for value, name in sorted(label_names.items()):
         if value == 0:
             continue
-        box = boxes[value - 1] if value - 1 < len(boxes) else None
-        if box is None:
+        box = boxes[value] if value < len(boxes) else None
+        if box is None or any(s.stop <= s.start for s in box):
             out.append(ClassStatistics(value, name, 0, 0.0, None, None, None, None, None, 0))
             continue
         inside = labels[box] == value
-        n = int(inside.sum())
+        n = int(np.count_nonzero(inside))
+        if n == 0:
+            out.append(ClassStatistics(value, name, 0, 0.0, None, None, None, None, None, 0))
+            continue
         mean = median = sd = None
         if intensities is not None:
-            values = np.asarray(intensities[box])[inside].astype(np.float64)
-            mean, median, sd = float(values.mean()), float(np.median(values)), float(values.std())
+            mean, median, sd = intensity_summary(np.asarray(intensities[box])[inside])
         components = int(cc3d.connected_components(inside, connectivity=26, return_N=True)[1])
-        lo, hi = _lps_box(np.asarray(affine, dtype=float), box, inside)
+        lo, hi = _lps_box(affine, box, inside)
         out.append(ClassStatistics(value, name, n, n * voxel_ml, mean, median, sd, lo, hi, components))
     return out
 

@@ -18,7 +18,13 @@ from medseg.data.phantom import make_phantom
 from medseg.inference.predictor import Predictor
 from medseg.inference.qc import guess_modality, prediction_uncertainty, ras_spacing
 from medseg.inference.runner import predict_paths
-from medseg.inference.statistics import assess_scan, class_statistics, merge_statistics, scan_statistics
+from medseg.inference.statistics import (
+    assess_scan,
+    class_statistics,
+    intensity_summary,
+    merge_statistics,
+    scan_statistics,
+)
 from medseg.models.bundle import ValidationSummary, load_bundle
 from medseg.training.qc_calibration import input_limits
 from tests.conftest import TINY_SPEC
@@ -75,6 +81,23 @@ def test_class_statistics_match_a_voxel_loop(synthetic):
     assert stats[0].components == 3
     absent = stats[2]
     assert (absent.voxels, absent.volume_ml, absent.components, absent.intensity_mean) == (0, 0.0, 0, None)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32])
+@pytest.mark.parametrize("n", [1, 2, 7, 10])
+def test_intensity_summary_equals_numpy(dtype, n):
+    values = (np.random.default_rng(n).normal(50, 40, n) * (1 if dtype != np.uint8 else 0) + 60).astype(dtype)
+    mean, median, sd = intensity_summary(values)
+    ref = values.astype(np.float64)
+    assert (mean, median, sd) == pytest.approx((ref.mean(), np.median(ref), ref.std()), rel=1e-6)  # float32 median: float32 rounding
+
+
+def test_fortran_ordered_scans_give_the_same_statistics(synthetic):
+    labels, image, affine = synthetic
+    names = {0: "background", 1: "lesion", 2: "organ"}
+    c_order = class_statistics(labels, image, affine, names)
+    f_order = class_statistics(np.asfortranarray(labels), np.asfortranarray(image), affine, names)
+    assert c_order == f_order
 
 
 def test_statistics_files_merge_runs_and_replace_a_redone_scan(synthetic, tmp_path):
