@@ -78,13 +78,14 @@ def _structures(labels: np.ndarray, spacing: np.ndarray, names: dict[int, str], 
     return out[:MAX_ROWS]
 
 
-def _window(values: np.ndarray, modality: str | None) -> tuple[float, float, str]:
-    """Display range and its name: a named CT window in HU, else the 1st-99th percentile of ``values``."""
+def _window(values: np.ndarray, context: np.ndarray, modality: str | None) -> tuple[float, float, str]:
+    """Display range and its name: a named CT window in HU chosen by the structure's ``values``, else the
+    1st-99th percentile of the ``context`` shown around it."""
     if modality == "CT":
         name = "lung" if values.size and float(np.median(values)) < -400 else "soft tissue"
         width, level = CT_WINDOWS[name]
         return level - width / 2, level + width / 2, f"CT {name} window W{width:.0f} L{level:.0f} HU"
-    lo, hi = (np.percentile(values, [1, 99]) if values.size else (0.0, 1.0))
+    lo, hi = (np.percentile(context, [1, 99]) if context.size else (0.0, 1.0))
     hi = hi if hi > lo else lo + 1
     return float(lo), float(hi), f"window p1-p99 of the scan: {lo:.4g} to {hi:.4g} (scan units)"
 
@@ -117,7 +118,8 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
     for row, structure in zip(axes, rows, strict=True):
         margin = [max(int(np.ceil(MIN_MARGIN_MM / s)), b.stop - b.start) for s, b in zip(spacing, structure.box, strict=True)]
         crop = tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(structure.box, margin, lab.shape, strict=True))
-        lo, hi, window_name = _window(np.asarray(img[structure.box][structure.mask], dtype=np.float64), modality)
+        lo, hi, window_name = _window(np.asarray(img[structure.box][structure.mask], dtype=np.float64),
+                                      np.asarray(img[crop], dtype=np.float64), modality)
         for ax, (view, axis, (a, b), flip, letters) in zip(row, views, strict=True):
             take: list[slice | int] = list(crop)
             take[axis] = structure.centre[axis]
