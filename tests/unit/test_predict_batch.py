@@ -187,11 +187,13 @@ def test_a_mask_another_run_wrote_after_this_one_started_is_not_redone_even_with
     class OtherRunFinishesB:
         """Predicts a; meanwhile 'another run' writes b, which this run reaches next."""
 
-        def predict_image(self, image):
-            mask = predictor.predict_image(image)
+        bundle = predictor.bundle
+
+        def predict_image(self, image, with_uncertainty=False):
+            result = predictor.predict_image(image, with_uncertainty=with_uncertainty)
             if not (out / "b.nii.gz").exists():  # a comes first
-                nib.save(mask, out / "b.nii.gz")
-            return mask
+                nib.save(result[0] if with_uncertainty else result, out / "b.nii.gz")
+            return result
 
     summary = predict_paths(None, [inp], out, overwrite=True, predictor=OtherRunFinishesB())
     assert [p.name for p in summary.written] == ["a.nii.gz"] and summary.claimed == [out / "b.nii.gz"]
