@@ -20,8 +20,8 @@ from torch import nn
 
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import CheckpointError
-from medseg.io.channels import check_channel_count
 from medseg.inference.qc import PredictionUncertainty, prediction_uncertainty
+from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
 from medseg.models.bundle import ModelBundle, load_bundle
