@@ -75,7 +75,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
-              "mirror": True if args.mirror else None}
+              "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
+              "preview": args.preview}
     if args.ray is not None:
         from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
@@ -100,6 +101,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inventory = lesion_inventory(args.output, classes, label_names=bundle.label_names, config=evaluate)
         print("lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
+
+
+def _cmd_calibrate_qc(args: argparse.Namespace) -> int:
+    from medseg.training.qc_calibration import calibrate_run
+
+    bundle = calibrate_run(args.run, manifest_path=args.manifest, device=args.device)
+    qc = bundle.spec.qc
+    assert qc is not None
+    print(f"QC limits written to {bundle.path}: modality {qc.modality}, spacing {qc.spacing_mm_low}-{qc.spacing_mm_high} mm, "
+          f"max foreground entropy {qc.max_foreground_entropy}, max low-confidence share {qc.max_low_confidence_share}")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -276,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--no-statistics", action="store_true",
+                   help="skip statistics.csv/json (per-class volume, intensities, box, components) and the QC flags")
+    p.add_argument("--preview", action="store_true",
+                   help="write <case>.preview.png: three planes through each predicted structure")
     p.add_argument("--report", action="store_true",
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
@@ -289,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cpus-per-actor", type=int, default=None,
                    help="CPUs (torch threads) per Ray actor (default 1)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("calibrate-qc", help="set a trained model's QC limits from its training and validation cases")
+    p.add_argument("run", type=Path, help="run folder (its best.pt) or model file")
+    p.add_argument("--manifest", type=Path, default=None, help="manifest to read the cases from (default: the one it was trained on)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.set_defaults(func=_cmd_calibrate_qc)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted masks")

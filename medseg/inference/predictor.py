@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import CheckpointError
+from medseg.inference.qc import PredictionUncertainty, prediction_uncertainty
 from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
@@ -126,14 +128,28 @@ class Predictor:
         assert probs is not None
         return probs / (len(self.models) * (1 + len(self.mirror_axes)))
 
-    def predict_image(self, reference: nib.Nifti1Image) -> nib.Nifti1Image:
+    @overload
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: Literal[False] = False) -> nib.Nifti1Image: ...
+
+    @overload
+    def predict_image(self, reference: nib.Nifti1Image,
+                      with_uncertainty: Literal[True]) -> tuple[nib.Nifti1Image, PredictionUncertainty]: ...
+
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: bool = False
+                      ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, PredictionUncertainty]:
         """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry.
-        A multi-channel scan is one 4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it."""
+
+        ``with_uncertainty`` also returns the entropy summary of the probabilities on the model's grid
+        (:func:`medseg.inference.qc.prediction_uncertainty`), for the QC flags. A multi-channel scan is one
+        4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it.
+        """
         check_channel_count(reference, self.bundle.network.in_channels)
         array, meta = ScanReader().get_data(reference)
         data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
         image = data[IMAGE]
         probs = self.probabilities(image.unsqueeze(0))[0].cpu()
+        uncertainty = prediction_uncertainty(probs.as_tensor() if isinstance(probs, MetaTensor) else probs) \
+            if with_uncertainty else None
         data["pred"] = MetaTensor(probs, meta=dict(image.meta))
         # Invert orientation and resampling: probabilities go back to the source grid (linear), then argmax.
         inverted = mt.Invertd("pred", transform=self.preprocess, orig_keys=IMAGE, nearest_interp=False)(data)["pred"]
@@ -142,7 +158,8 @@ class Predictor:
             keep = mt.KeepLargestConnectedComponent(applied_labels=self.settings.keep_largest_component,
                                                     is_onehot=False, independent=True)
             labels = np.asarray(keep(labels[None])[0]).astype(np.uint8)
-        return mask_like(labels, reference)
+        mask = mask_like(labels, reference)
+        return (mask, uncertainty) if uncertainty is not None else mask
 
     def predict_scan(self, scan: Scan | Path) -> nib.Nifti1Image:
         """Read a scan (NIfTI file or DICOM series) and return its label map on the scan's grid."""

@@ -21,6 +21,13 @@ from tqdm import tqdm
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.predictor import Predictor
+from medseg.inference.statistics import (
+    STATISTICS_CSV,
+    ScanStatistics,
+    assess_scan,
+    merge_statistics,
+    training_modality,
+)
 from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
 from medseg.io.scans import Scan, find_scans, load_scan
 
@@ -28,6 +35,8 @@ log = logging.getLogger(__name__)
 
 FAILURES = "failures.csv"
 FAILURE_COLUMNS = ["file", "mask", "error", "message"]
+#: Scans whose QC flags the terminal summary lists one by one; the rest are counted.
+MAX_FLAG_LINES = 20
 
 
 @dataclass
@@ -50,9 +59,13 @@ class PredictSummary:
     failed: list[PredictFailure] = field(default_factory=list)
     #: Masks another run on the same folder was writing, or wrote after this run started: not redone.
     claimed: list[Path] = field(default_factory=list)
+    #: QC flags (docs/qc.md) of the scans written in this run that raised any, by mask.
+    flagged: dict[Path, list[str]] = field(default_factory=dict)
 
     def add(self, outcome: ScanOutcome) -> None:
         """Count one scan's outcome."""
+        if outcome.qc_flags:
+            self.flagged[outcome.target] = list(outcome.qc_flags)
         if outcome.status == "failed":
             self.failed.append(PredictFailure(outcome.path, outcome.error, outcome.message, outcome.target.name))
         else:
@@ -68,6 +81,12 @@ class PredictSummary:
         if self.claimed:
             lines.append(f"  {len(self.claimed)} scan(s) left to another run on this folder (it was writing them, "
                          "or wrote them after this run started)")
+        for target, flags in list(self.flagged.items())[:MAX_FLAG_LINES]:
+            lines.append(f"  QC {target.name}: {'; '.join(flags)}")
+        if len(self.flagged) > MAX_FLAG_LINES:
+            lines.append(f"  ... QC flags on {len(self.flagged) - MAX_FLAG_LINES} more scan(s)")
+        if self.flagged:
+            lines.append(f"  QC flags are listed in {self.output_dir / STATISTICS_CSV} (docs/qc.md explains each)")
         for f in self.failed:
             lines.append(f"  FAILED {f.path}: {f.error}: {f.message}")
         if self.failed:
@@ -201,6 +220,7 @@ class ScanOutcome:
     status: Literal["written", "skipped", "claimed", "failed"]
     error: str = ""
     message: str = ""
+    qc_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,6 +232,9 @@ class PredictBatch:
     output_dir: Path
     overwrite: bool
     at_start: dict[str, tuple[int, int, int] | None]
+    #: Write statistics.csv/json with the QC flags (docs/qc.md); write ``<case_id>.preview.png``.
+    statistics: bool = True
+    preview: bool = False
 
     def target(self, scan: Scan) -> Path:
         return output_path(self.output_dir, scan)
@@ -221,7 +244,8 @@ class PredictBatch:
         return self.at_start[scan.case_id] is not None and not self.overwrite
 
 
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1) -> PredictBatch:
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
+                  statistics: bool = True, preview: bool = False) -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
     outputs before any work, clean a killed run's temporaries."""
     output_dir = Path(output_dir)
@@ -231,12 +255,24 @@ def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = Fa
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
     at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start)
+    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview)
 
 
 def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
     """Write one scan's outputs: the NIfTI mask at ``target`` (atomically). ``image`` is the scan as read."""
     save_atomic(mask, target)
+
+
+def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
+                       stats: ScanStatistics, batch: PredictBatch) -> None:
+    """Write a scan's ``<case_id>.preview.png`` (:mod:`medseg.inference.preview`)."""
+    from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
+
+    bundle = predictor.bundle
+    lesion_classes = bundle.config.evaluate.lesion_classes
+    write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
+                  training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
+                  lesion_classes, stats.all_flags)
 
 
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
@@ -257,8 +293,19 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
             tmp.unlink(missing_ok=True)
         try:
             image = load_scan(scan)
-            write_outputs(scan, image, predictor.predict_image(image), target)
-            return ScanOutcome(scan.path, target, "written")
+            if not (batch.statistics or batch.preview):
+                write_outputs(scan, image, predictor.predict_image(image), target)
+                return ScanOutcome(scan.path, target, "written")
+            mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
+            stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
+            if batch.statistics:
+                # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its row,
+                # so every mask present has its statistics.
+                merge_statistics(batch.output_dir, [stats])
+            write_outputs(scan, image, mask, target)
+            if batch.preview:
+                write_scan_preview(predictor, scan, image, mask, stats, batch)
+            return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
         except MedsegError as exc:
             return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
         except Exception as exc:  # one broken scan must not stop a batch of hundreds
@@ -277,7 +324,7 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None) -> PredictSummary:
+                  mirror: bool | None = None, statistics: bool = True, preview: bool = False) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -286,13 +333,17 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
+
+    ``statistics`` writes per-class statistics and QC flags (``statistics.csv`` / ``.json``, docs/qc.md);
+    ``preview`` a ``<case_id>.preview.png`` per scan.
     """
-    batch = prepare_batch(inputs, output_dir, overwrite)  # outputs refused before the model is loaded
+    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview)  # before the model
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
     bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
     channels = bundle.network.in_channels if bundle is not None else 1
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
-        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels)
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
+                              preview=preview)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
     return finish_batch(batch, outcomes)

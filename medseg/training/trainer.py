@@ -39,6 +39,7 @@ from medseg.models.bundle import DataProvenance, InitFromRecord, ModelBundle, Va
 from medseg.models.registry import encoder_parameters
 from medseg.training.distributed import DistributedContext, init_distributed
 from medseg.training.init_from import load_matching_weights
+from medseg.training.qc_calibration import calibrate_bundle_file
 from medseg.training.sampling import DrawSeededDataset, epoch_draws, rank_keys, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -548,6 +549,10 @@ class Trainer:
             if self.config.train.choose_postprocessing and self.val_loader is not None \
                     and (self.run_dir / "best.pt").is_file():
                 chosen = self.choose_postprocessing()
+            if self.dist.is_main and (self.run_dir / "best.pt").is_file():
+                # QC limits (docs/qc.md) go into the final best bundle, after the postprocessing choice.
+                calibrate_bundle_file(self.run_dir / "best.pt", self.manifest, self.train_split, self.val_split,
+                                      str(self.device), progress=not self._quiet)
             result = TrainResult(self.run_dir, self.run_dir / "best.pt", s.best_dice, s.best_epoch, s.epoch + 1,
                                  s.history, chosen)
         finally:
