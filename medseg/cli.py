@@ -77,6 +77,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         mirror=True if args.mirror else None,
+        output_format=args.output_format,
     )
     print(summary.describe())
     if args.report:
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
+    p.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"], default="auto",
+                   help="nifti: <case>.nii.gz with ITK-SNAP/Slicer label sidecars; dicom-seg: <case>.seg.dcm (DICOM "
+                        "inputs); both; auto: both for DICOM series, nifti for NIfTI scans (docs/dicom.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--report", action="store_true",
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")

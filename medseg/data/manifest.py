@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from medseg.data.labels import LabelCode
 from medseg.errors import ManifestError
 
 
@@ -47,6 +48,11 @@ class Manifest(BaseModel):
     description: str = ""
     modality: Literal["CT", "MR", "other"] = "CT"
     labels: dict[int, str]
+    label_codes: dict[int, LabelCode] = Field(
+        default_factory=dict,
+        description="coded concept (category and type, e.g. SCT codes) per label value, for DICOM-SEG segments; "
+                    "labels left out get a default from their name (docs/dicom.md)",
+    )
     cases: list[ManifestCase]
     splits: dict[str, list[str]] = Field(default_factory=dict)
     folds: list[dict[str, list[str]]] = Field(default_factory=list)
@@ -71,6 +77,9 @@ class Manifest(BaseModel):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"case ids must be unique, repeated: {dup}")
+        unknown_codes = sorted(set(self.label_codes) - set(self.labels))
+        if unknown_codes:
+            raise ValueError(f"label_codes name values that are not labels: {unknown_codes}")
         known = set(ids)
         for name, members in [*self.splits.items(), *((f"folds[{i}].{k}", v) for i, f in enumerate(self.folds) for k, v in f.items())]:
             unknown = [m for m in members if m not in known]

@@ -19,9 +19,18 @@ import nibabel as nib
 from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
+from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.predictor import Predictor
-from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
+from medseg.io.mask_writers import (
+    MaskWriter,
+    ModelInfo,
+    NiftiMaskWriter,
+    mask_writers,
+    output_kinds,
+    target_suffix,
+)
+from medseg.io.nifti import NIFTI_SUFFIXES
 from medseg.io.scans import Scan, find_scans, load_scan
 
 log = logging.getLogger(__name__)
@@ -75,9 +84,10 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def output_path(output_dir: Path, scan: Scan) -> Path:
-    """Where a scan's mask goes: ``<case_id>.nii.gz`` (names come from files/folders, never DICOM tags)."""
-    return output_dir / f"{scan.case_id}.nii.gz"
+def output_path(output_dir: Path, scan: Scan, output_format: str = "auto") -> Path:
+    """The file that marks a scan done: ``<case_id>.nii.gz``, or ``<case_id>.seg.dcm`` when a SEG is the only
+    output (names come from files/folders, never DICOM tags)."""
+    return output_dir / f"{scan.case_id}{target_suffix(output_format, scan.kind)}"
 
 
 def _input_folders(scans: Sequence[Scan], inputs: Sequence[Path]) -> list[Path]:
@@ -208,26 +218,46 @@ class PredictBatch:
     output_dir: Path
     overwrite: bool
     at_start: dict[str, tuple[int, int, int, int] | None]
+    #: ``--output-format``: auto, nifti, dicom-seg or both (:mod:`medseg.io.mask_writers`).
+    output_format: str = "auto"
 
     def target(self, scan: Scan) -> Path:
-        return output_path(self.output_dir, scan)
+        return output_path(self.output_dir, scan, self.output_format)
+
+    def writers(self, scan: Scan, predictor: Predictor) -> list[MaskWriter]:
+        """The writers of this batch's output format for ``scan``; the last one writes :meth:`target`."""
+        return mask_writers(self.output_format, scan.kind, model_info(predictor))
 
 
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False) -> PredictBatch:
+def model_info(predictor: Predictor) -> ModelInfo:
+    """The model as outputs describe it: bundle name and label table, each label with its coded concept."""
+    spec = predictor.bundle.spec
+    return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels))
+
+
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
+                  output_format: str = "auto") -> PredictBatch:
     """Find the scans, refuse bad outputs before any work, clean a killed run's temporaries."""
     output_dir = Path(output_dir)
     scans = find_scans(inputs)
+    niftis = [scan.path for scan in scans if scan.kind == "nifti" and "dicom-seg" in output_kinds(output_format, "nifti")]
+    if niftis:
+        raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
+                          f"{len(niftis)} input(s) are NIfTI, e.g. {niftis[0]} (use --output-format auto or nifti)")
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
-    at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start)
+    at_start = {scan.case_id: _identity(output_path(output_dir, scan, output_format)) for scan in scans}
+    return PredictBatch(scans, output_dir, overwrite, at_start, output_format)
 
 
-def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
-    """Write one scan's outputs: the NIfTI mask at ``target`` (atomically). ``image`` is the scan as read."""
-    save_atomic(mask, target)
+def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path,
+                  writers: Sequence[MaskWriter] | None = None) -> None:
+    """Write one scan's outputs beside ``target``, each atomically, in the writers' order: the last writes
+    ``target``, which marks the scan done. ``image`` is the scan as read. Default: the NIfTI mask only."""
+    for writer in writers if writers is not None else [NiftiMaskWriter()]:
+        writer.write(scan, image, mask, writer.path(target.parent, scan.case_id))
 
 
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
@@ -244,11 +274,13 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
     with held:
         if _identity(target) != batch.at_start[scan.case_id]:
             return ScanOutcome(scan.path, target, "claimed")
-        for tmp in temporaries(target):  # a killed writer's; we hold the claim, so nobody writes them now
-            tmp.unlink(missing_ok=True)
         try:
+            writers = batch.writers(scan, predictor)
+            for path in [target, *(w.path(target.parent, scan.case_id) for w in writers)]:
+                for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
+                    tmp.unlink(missing_ok=True)
             image = load_scan(scan)
-            write_outputs(scan, image, predictor.predict_image(image), target)
+            write_outputs(scan, image, predictor.predict_image(image), target, writers)
             return ScanOutcome(scan.path, target, "written")
         except MedsegError as exc:
             return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
@@ -268,7 +300,7 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None) -> PredictSummary:
+                  mirror: bool | None = None, output_format: str = "auto") -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -277,8 +309,9 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
+    ``output_format`` (auto, nifti, dicom-seg, both) chooses the files (:mod:`medseg.io.mask_writers`).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite)
+    batch = prepare_batch(inputs, output_dir, overwrite, output_format)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
