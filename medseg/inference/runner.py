@@ -28,6 +28,7 @@ from medseg.io.mask_writers import (
     NiftiMaskWriter,
     mask_writers,
     output_kinds,
+    seg_available,
     target_suffix,
 )
 from medseg.io.nifti import NIFTI_SUFFIXES
@@ -244,6 +245,11 @@ def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = Fa
     if niftis:
         raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
                           f"{len(niftis)} input(s) are NIfTI, e.g. {niftis[0]} (use --output-format auto or nifti)")
+    if output_format in ("dicom-seg", "both") and not seg_available():
+        raise OutputError(f"--output-format {output_format} needs highdicom: pip install 'medseg[dicom]'")
+    if output_format == "auto" and not seg_available() and any(scan.kind == "dicom" for scan in scans):
+        log.warning("highdicom is not installed: DICOM series get NIfTI masks only (pip install 'medseg[dicom]' "
+                    "adds DICOM-SEG)")
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:

@@ -15,6 +15,7 @@ midway has no marker and is redone. Every file is written atomically. File names
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -45,12 +46,20 @@ SLICER_SUFFIX = ".ctbl"
 OUTPUT_SUFFIXES = (NIFTI_SUFFIX, SEG_SUFFIX, ITKSNAP_SUFFIX, SLICER_SUFFIX)
 
 
+def seg_available() -> bool:
+    """True when highdicom (the ``dicom`` extra) is installed, so DICOM-SEG can be written."""
+    return importlib.util.find_spec("highdicom") is not None
+
+
 def output_kinds(output_format: str, scan_kind: str) -> tuple[str, ...]:
-    """The outputs (``dicom-seg``, ``nifti``) of ``output_format`` for a scan of ``scan_kind`` (nifti/dicom)."""
+    """The outputs (``dicom-seg``, ``nifti``) of ``output_format`` for a scan of ``scan_kind`` (nifti/dicom).
+
+    ``auto`` adds a SEG for a DICOM series only when highdicom is installed (a plain install writes NIfTI).
+    """
     if output_format not in OUTPUT_FORMATS:
         raise OutputError(f"unknown output format {output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
     if output_format == "auto":
-        return ("dicom-seg", "nifti") if scan_kind == "dicom" else ("nifti",)
+        return ("dicom-seg", "nifti") if scan_kind == "dicom" and seg_available() else ("nifti",)
     return ("dicom-seg", "nifti") if output_format == "both" else (output_format,)
 
 
@@ -178,18 +187,17 @@ PATIENT_STUDY_TAGS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
-#: Functional groups of a multi-frame source kept for the SEG (its frames' geometry only).
-_FRAME_GEOMETRY_GROUPS = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence")
 SEG_SERIES_NUMBER = 1000
 #: A mask slice and a source plane are the same plane when their positions differ by less than this
 #: fraction of the slice step.
 _PLANE_TOLERANCE = 0.1
 
 
-def _minimal_source(path: Path, for_uid: str | None):
+def _minimal_source(path: Path, for_uid: str | None, step_mm: float):
     """The header of a source file reduced to what a SEG may take from it: references, geometry and
     the required patient and study attributes. Everything else (institution, equipment, acquisition
-    dates, private tags) stays behind, so highdicom cannot copy it."""
+    dates, private tags) stays behind, so highdicom cannot copy it. A missing or empty SliceThickness
+    (type 2 in the source, needed by the SEG's pixel measures) becomes the slice step ``step_mm``."""
     import pydicom
 
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -199,19 +207,49 @@ def _minimal_source(path: Path, for_uid: str | None):
             out[keyword] = ds[keyword]
         elif keyword in PATIENT_STUDY_TAGS:
             setattr(out, keyword, "")
-    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        if keyword in ds:
-            items = []
-            for item in ds[keyword].value:
-                kept = pydicom.Dataset()
-                for group in _FRAME_GEOMETRY_GROUPS:
-                    if group in item:
-                        kept[group] = item[group]
-                items.append(kept)
-            setattr(out, keyword, pydicom.Sequence(items))
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        _frame_geometry(ds, out, step_mm)
     if "FrameOfReferenceUID" not in out:
         out.FrameOfReferenceUID = for_uid
+    if "NumberOfFrames" not in out and not out.get("SliceThickness"):
+        out.SliceThickness = round(step_mm, 6)
     return out
+
+
+def _frame_geometry(ds, out, step_mm: float) -> None:
+    """Copy a multi-frame source's frame geometry into ``out`` in the layout highdicom reads: pixel measures
+    and orientation shared (the reader has checked that the frames agree on them), positions per frame.
+    Vendors put them either way (Philips and Siemens store all three per frame)."""
+    import pydicom
+
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else pydicom.Dataset()
+    frames = list(ds.PerFrameFunctionalGroupsSequence)
+
+    def first(group: str):
+        for item in (shared, *frames):
+            if group in item and item[group].value:
+                return item[group].value[0]
+        return None
+
+    measures, orientation = first("PixelMeasuresSequence"), first("PlaneOrientationSequence")
+    new_shared = pydicom.Dataset()
+    if measures is not None:
+        measures = pydicom.Dataset(measures)  # a copy: the source dataset is not changed
+        if not measures.get("SliceThickness"):
+            measures.SliceThickness = round(step_mm, 6)
+        new_shared.PixelMeasuresSequence = pydicom.Sequence([measures])
+    if orientation is not None:
+        new_shared.PlaneOrientationSequence = pydicom.Sequence([pydicom.Dataset(orientation)])
+    out.SharedFunctionalGroupsSequence = pydicom.Sequence([new_shared])
+    per_frame = []
+    for item in frames:
+        kept = pydicom.Dataset()
+        position = item.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if position:
+            kept.PlanePositionSequence = pydicom.Sequence([pydicom.Dataset(position[0])])
+        per_frame.append(kept)
+    out.PerFrameFunctionalGroupsSequence = pydicom.Sequence(per_frame)
 
 
 class DicomSegWriter(MaskWriter):
@@ -250,6 +288,7 @@ class DicomSegWriter(MaskWriter):
             raise OutputError(f"{scan.path}: mask values {unknown} are not classes of model {self.model.name}")
         planes = series_planes(scan.path, scan.series)
         order = _planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
+        step_mm = float(np.linalg.norm(np.asarray(mask.affine, float)[:3, 2]))
         series_uid = None
         for_uid = None
         sources: dict[Path, pydicom.Dataset] = {}
@@ -266,7 +305,7 @@ class DicomSegWriter(MaskWriter):
                         for_uid = pydicom.uid.generate_uid(entropy_srcs=["medseg-frame-of-reference", series_uid])
                         log.warning("%s: the source series has no FrameOfReferenceUID; the SEG carries one derived "
                                     "from its series UID (viewers place it by its referenced images)", scan.case_id)
-                sources[plane.path] = _minimal_source(plane.path, for_uid)
+                sources[plane.path] = _minimal_source(plane.path, for_uid, step_mm)
         multi_frame = planes[order[0]].frame is not None
         if multi_frame:
             source_images = list(sources.values())

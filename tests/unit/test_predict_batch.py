@@ -157,7 +157,7 @@ def test_orphan_temporaries_are_removed_unless_a_live_run_holds_their_claim(pred
         predict_paths(None, [inp], out, predictor=predictor)
         assert live.exists(), "a live run's temporary file was deleted"
         assert not [p for p in orphans if p.exists()]
-    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.ctbl", "a.itksnap.txt", "a.nii.gz"]
 
 
 # --- runs sharing a folder ---------------------------------------------------------------------------------
@@ -185,6 +185,8 @@ def test_a_mask_another_run_wrote_after_this_one_started_is_not_redone_even_with
 
     class OtherRunFinishesB:
         """Predicts a; meanwhile 'another run' writes b, which this run reaches next."""
+
+        bundle = predictor.bundle
 
         def predict_image(self, image):
             mask = predictor.predict_image(image)
@@ -215,4 +217,5 @@ def test_two_concurrent_runs_on_one_folder_write_each_mask_once(trained_run, tmp
     assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
     written = [int(re.search(r"(\d+) mask\(s\) written", stdout).group(1)) for stdout, _ in results]
     assert sum(written) == 6, results
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"case{i}.nii.gz" for i in range(6))
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"case{i}{suffix}" for i in range(6)
+                                                           for suffix in (".nii.gz", ".ctbl", ".itksnap.txt"))
