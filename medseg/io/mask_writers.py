@@ -193,7 +193,7 @@ SEG_SERIES_NUMBER = 1000
 _PLANE_TOLERANCE = 0.1
 
 
-def _minimal_source(path: Path, for_uid: str | None, step_mm: float):
+def _minimal_source(path: Path, for_uid: str, step_mm: float):
     """The header of a source file reduced to what a SEG may take from it: references, geometry and
     the required patient and study attributes. Everything else (institution, equipment, acquisition
     dates, private tags) stays behind, so highdicom cannot copy it. A missing or empty SliceThickness
@@ -214,6 +214,21 @@ def _minimal_source(path: Path, for_uid: str | None, step_mm: float):
     if "NumberOfFrames" not in out and not out.get("SliceThickness"):
         out.SliceThickness = round(step_mm, 6)
     return out
+
+
+def _frame_of_reference(path: Path, case_id: str) -> str:
+    """The source's FrameOfReferenceUID; for a source without one (anonymised exports often drop it;
+    highdicom needs one) a UID derived from its SeriesInstanceUID, so every SEG of the series shares it."""
+    import pydicom
+
+    header = pydicom.dcmread(str(path), stop_before_pixels=True,
+                             specific_tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
+    uid = str(header.get("FrameOfReferenceUID") or "")
+    if uid:
+        return uid
+    log.warning("%s: the source series has no FrameOfReferenceUID; the SEG carries one derived from its series "
+                "UID (viewers place it by its referenced images)", case_id)
+    return pydicom.uid.generate_uid(entropy_srcs=["medseg-frame-of-reference", str(header.SeriesInstanceUID)])
 
 
 def _frame_geometry(ds, out, step_mm: float) -> None:
@@ -289,22 +304,10 @@ class DicomSegWriter(MaskWriter):
         planes = series_planes(scan.path, scan.series)
         order = _planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
         step_mm = float(np.linalg.norm(np.asarray(mask.affine, float)[:3, 2]))
-        series_uid = None
-        for_uid = None
+        for_uid = _frame_of_reference(planes[order[0]].path, scan.case_id)
         sources: dict[Path, pydicom.Dataset] = {}
         for plane in (planes[i] for i in order):
             if plane.path not in sources:
-                if for_uid is None:
-                    header = pydicom.dcmread(str(plane.path), stop_before_pixels=True,
-                                             specific_tags=["SeriesInstanceUID", "FrameOfReferenceUID"])
-                    series_uid = str(header.SeriesInstanceUID)
-                    for_uid = str(header.get("FrameOfReferenceUID") or "") or None
-                    if for_uid is None:
-                        # Anonymised exports often drop it; highdicom needs one, and every SEG of this
-                        # series should share it, so it is derived from the series UID.
-                        for_uid = pydicom.uid.generate_uid(entropy_srcs=["medseg-frame-of-reference", series_uid])
-                        log.warning("%s: the source series has no FrameOfReferenceUID; the SEG carries one derived "
-                                    "from its series UID (viewers place it by its referenced images)", scan.case_id)
                 sources[plane.path] = _minimal_source(plane.path, for_uid, step_mm)
         multi_frame = planes[order[0]].frame is not None
         if multi_frame:
