@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,7 +288,21 @@ class DicomSegWriter(MaskWriter):
         write_atomic(path, lambda tmp: seg.save_as(str(tmp)))
 
     def build(self, scan, mask: nib.Nifti1Image):
-        """The SEG dataset (highdicom ``Segmentation``) of ``mask`` on the grid of DICOM ``scan``."""
+        """The SEG dataset (highdicom ``Segmentation``) of ``mask`` on the grid of DICOM ``scan``.
+
+        Warnings of pydicom and highdicom are caught and only counted in the log: their text may quote
+        patient attributes (e.g. highdicom's remark on a PatientName of one component).
+        """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seg = self._build(scan, mask)
+        if caught:
+            kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
+            log.info("%s: %d warning(s) (%s) while encoding the DICOM-SEG; not shown, as they may quote patient "
+                     "attributes", scan.case_id, len(caught), kinds)
+        return seg
+
+    def _build(self, scan, mask: nib.Nifti1Image):
         import highdicom as hd
         import pydicom
         from pydicom.sr.codedict import codes

@@ -24,7 +24,7 @@ from tests.unit.dicom_synth import write_series
 pytest.importorskip("highdicom", reason="DICOM-SEG needs highdicom (pip install medseg[dicom])")
 
 CANARIES = {
-    "PatientName": "ZZCANARYNAME^QUUXINA",
+    "PatientName": "ZZCANARYNAMEQUUXINA",  # one component: highdicom warns about it, quoting the name
     "PatientID": "CANARYPID4242",
     "PatientBirthDate": "19010203",
     "StudyDate": "19020304",
@@ -67,7 +67,7 @@ def test_patient_data_reach_only_the_seg_patient_and_study_attributes(untrained_
     bad = write_series(tmp_path / "in" / "bad", 5, **CANARIES)
     bad[2].unlink()  # a missing slice: this series fails, with a message about its geometry
     out = tmp_path / "out"
-    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:  # noqa: SIM117
         warnings.simplefilter("always")
         code = main(["-v", "predict", "--model", str(untrained_model), "--input", str(tmp_path / "in"), "--output",
                      str(out), "--device", "cpu", "--output-format", "both", "--report", "--lesion-classes", "2"])
