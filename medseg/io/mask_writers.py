@@ -210,6 +210,15 @@ def _minimal_source(path: Path, for_uid: str, step_mm: float):
             setattr(out, keyword, "")
     if "PerFrameFunctionalGroupsSequence" in ds:
         _frame_geometry(ds, out, step_mm)
+    charset = out.get("SpecificCharacterSet")
+    if isinstance(charset, str) and charset.startswith("ISO 2022 IR "):
+        # One character set named with code extensions (e.g. "ISO 2022 IR 100"), which highdicom refuses
+        # alone: the same repertoire without extensions ("ISO_IR 100"; IR 6 is the default repertoire).
+        number = charset.rsplit(" ", 1)[-1]
+        if number == "6":
+            del out.SpecificCharacterSet
+        else:
+            out.SpecificCharacterSet = f"ISO_IR {number}"
     if "FrameOfReferenceUID" not in out:
         out.FrameOfReferenceUID = for_uid
     if "NumberOfFrames" not in out and not out.get("SliceThickness"):

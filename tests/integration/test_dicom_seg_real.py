@@ -24,7 +24,7 @@ from medseg.io.scans import find_scans, load_scan
 hd = pytest.importorskip("highdicom", reason="DICOM-SEG needs highdicom (pip install medseg[dicom])")
 
 SERIES = [
-    "torchio_ct_17", "philips_anatomical_001", "siemens_anatomical_001",
+    "torchio_ct_17", "philips_anatomical_001", "siemens_anatomical_001", "generic_anatomical_002_non_isotropic",
     "generic_compressed_jpeg_001", "generic_compressed_jpegls_001", "generic_compressed_j2k_001",
     "generic_compressed_rle_001",
     "philips_enhanced_anatomical_001", "philips_enhanced_anatomical_001_implicit", "siemens_multiframe_anatomical_001",

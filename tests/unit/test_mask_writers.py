@@ -84,6 +84,7 @@ SOURCES = {
     "descending": lambda d: write_series(d, 5, step=(0.0, 0.0, -2.5)),
     "oblique": lambda d: write_series(d, 4, orientation=(0.8, 0.6, 0, -0.6, 0.8, 0), step=(0.0, 0.0, 3.0)),
     "rle": lambda d: write_series(d, 4, transfer_syntax=RLELossless),
+    "iso2022_charset": lambda d: write_series(d, 4, SpecificCharacterSet="ISO 2022 IR 100", PatientName="Müller^Jörg"),
     "jpegls": lambda d: write_series(d, 4, transfer_syntax=JPEGLSLossless),
     "multiframe_shuffled": lambda d: write_multiframe(d / "mf.dcm", 5, indices=[3, 0, 4, 2, 1]),
 }
