@@ -9,9 +9,39 @@ from __future__ import annotations
 from monai import transforms as mt
 
 from medseg.config import ExperimentConfig, IntensityConfig, PreprocessingConfig
+from medseg.errors import ConfigError
 from medseg.io.scans import ScanReader
 
 IMAGE, LABEL = "image", "label"
+
+
+class PerChannelIntensityd(mt.MapTransform):
+    """Each channel of the image normalised by its own :class:`IntensityConfig` (CT window on a CT channel,
+    z-score on an MR or PET channel). Intensity steps are not inverted, so this needs no inverse."""
+
+    def __init__(self, configs: list[IntensityConfig]) -> None:
+        super().__init__(IMAGE)
+        self.configs = list(configs)
+        self.steps = [mt.Compose(_intensity(cfg)) for cfg in self.configs]
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d[IMAGE]
+        if image.shape[0] != len(self.steps):
+            raise ConfigError(f"preprocessing.intensity lists {len(self.steps)} channel configs, but the image has "
+                              f"{image.shape[0]} channel(s)")
+        out = image.clone()
+        for c, step in enumerate(self.steps):
+            out[c : c + 1] = step({IMAGE: image[c : c + 1]})[IMAGE]
+        d[IMAGE] = out
+        return d
+
+
+def _intensity_steps(cfg: IntensityConfig | list[IntensityConfig]) -> list[mt.Transform]:
+    """One config for every channel, or a list: one config per channel, in channel order."""
+    if isinstance(cfg, list):
+        return [PerChannelIntensityd(cfg)]
+    return _intensity(cfg)
 
 
 def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
@@ -36,14 +66,15 @@ def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABE
     """
     steps: list[mt.Transform] = [mt.LoadImaged(keys, reader=ScanReader(), image_only=True)] if load else []
     steps += [
-        mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        # The reader's meta says where channels are: none for a 3D scan (one added), last for stacked channel files.
+        mt.EnsureChannelFirstd(keys, channel_dim=None),
         mt.EnsureTyped(IMAGE, dtype="float32", track_meta=True),
         mt.Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if pre.spacing is not None:
         modes = tuple("bilinear" if k == IMAGE else "nearest" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=modes))
-    steps += _intensity(pre.intensity)
+    steps += _intensity_steps(pre.intensity)
     return mt.Compose(steps)
 
 

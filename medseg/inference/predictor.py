@@ -19,6 +19,7 @@ from torch import nn
 
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import CheckpointError
+from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
 from medseg.models.bundle import ModelBundle, load_bundle
@@ -126,7 +127,9 @@ class Predictor:
         return probs / (len(self.models) * (1 + len(self.mirror_axes)))
 
     def predict_image(self, reference: nib.Nifti1Image) -> nib.Nifti1Image:
-        """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry."""
+        """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry.
+        A multi-channel scan is one 4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it."""
+        check_channel_count(reference, self.bundle.network.in_channels)
         array, meta = ScanReader().get_data(reference)
         data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
         image = data[IMAGE]

@@ -23,6 +23,7 @@ from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.predictor import Predictor
 from medseg.io.mask_writers import (
+    NIFTI_SUFFIX,
     MaskWriter,
     ModelInfo,
     NiftiMaskWriter,
@@ -189,13 +190,17 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells one version of a file from another: a rename or rewrite changes it."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another: a rename or rewrite changes it.
+
+    Not the device number: machines sharing a network file system (Ray workers on other nodes) may
+    number its mount differently, while inode, mtime and size come from the file server.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclass
@@ -218,7 +223,7 @@ class PredictBatch:
     scans: list[Scan]
     output_dir: Path
     overwrite: bool
-    at_start: dict[str, tuple[int, int, int, int] | None]
+    at_start: dict[str, tuple[int, int, int] | None]
     #: ``--output-format``: auto, nifti, dicom-seg or both (:mod:`medseg.io.mask_writers`).
     output_format: str = "auto"
 
@@ -226,21 +231,36 @@ class PredictBatch:
         return output_path(self.output_dir, scan, self.output_format)
 
     def writers(self, scan: Scan, predictor: Predictor) -> list[MaskWriter]:
-        """The writers of this batch's output format for ``scan``; the last one writes :meth:`target`."""
-        return mask_writers(self.output_format, scan.kind, model_info(predictor))
+        """The writers of this batch's output format for ``scan``; the last one writes :meth:`target`.
+        A stand-in predictor without a bundle (no label table) gets the NIfTI mask alone."""
+        model = model_info(predictor)
+        if model is None:
+            if target_suffix(self.output_format, scan.kind) != NIFTI_SUFFIX:
+                raise OutputError(f"{scan.path}: a DICOM-SEG needs the model's label table; this predictor has no bundle")
+            return [NiftiMaskWriter()]
+        return mask_writers(self.output_format, scan.kind, model)
+
+    def done(self, scan: Scan) -> bool:
+        """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
+        return self.at_start[scan.case_id] is not None and not self.overwrite
 
 
-def model_info(predictor: Predictor) -> ModelInfo:
-    """The model as outputs describe it: bundle name and label table, each label with its coded concept."""
-    spec = predictor.bundle.spec
+def model_info(predictor: Predictor) -> ModelInfo | None:
+    """The model as outputs describe it: bundle name and label table, each label with its coded concept;
+    None for a stand-in predictor without a bundle (tests, services)."""
+    bundle = getattr(predictor, "bundle", None)
+    if bundle is None:
+        return None
+    spec = bundle.spec
     return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels))
 
 
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
                   output_format: str = "auto") -> PredictBatch:
-    """Find the scans, refuse bad outputs before any work, clean a killed run's temporaries."""
+    """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
+    outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`."""
     output_dir = Path(output_dir)
-    scans = find_scans(inputs)
+    scans = find_scans(inputs, channels=channels)
     niftis = [scan.path for scan in scans if scan.kind == "nifti" and "dicom-seg" in output_kinds(output_format, "nifti")]
     if niftis:
         raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
@@ -272,7 +292,7 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
     Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
     """
     target = batch.target(scan)
-    if batch.at_start[scan.case_id] is not None and not batch.overwrite:
+    if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
     held = claim(target)
     if held is None:
@@ -317,8 +337,12 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
     ``output_format`` (auto, nifti, dicom-seg, both) chooses the files (:mod:`medseg.io.mask_writers`).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite, output_format)
+    batch = prepare_batch(inputs, output_dir, overwrite, output_format=output_format)  # refused before the model loads
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
+    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
+    channels = bundle.network.in_channels if bundle is not None else 1
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, output_format=output_format)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
     return finish_batch(batch, outcomes)

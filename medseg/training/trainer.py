@@ -60,8 +60,13 @@ def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[Ma
     return [c for c in manifest.split(split, fold) if c.label]
 
 
-def _case_dicts(manifest: Manifest, cases: list[ManifestCase]) -> list[dict[str, str]]:
-    return [{IMAGE: str(manifest.image_path(c)), LABEL: str(manifest.label_path(c))} for c in cases]
+def _case_dicts(manifest: Manifest, cases: list[ManifestCase]) -> list[dict[str, str | list[str]]]:
+    # Several channel files load as one stacked image (ScanReader): a list for multi-channel cases.
+    def image(c: ManifestCase) -> str | list[str]:
+        paths = [str(p) for p in manifest.image_paths(c)]
+        return paths if len(paths) > 1 else paths[0]
+
+    return [{IMAGE: image(c), LABEL: str(manifest.label_path(c))} for c in cases]
 
 
 def _schedule_factor(config: ExperimentConfig, progress: float) -> float:
@@ -281,7 +286,7 @@ class Trainer:
         if not self.dist.is_main:
             self.callbacks = []  # one writer: rank 0 logs, tracks and checkpoints
         self.num_classes = self.manifest.num_classes
-        self.in_channels = 1
+        self.in_channels = self.manifest.num_channels
         self.label_names = dict(self.manifest.labels)
         self.foreground_names = [self.label_names[k] for k in range(1, self.num_classes)]
         self.use_amp = self.device.type == "cuda" and config.train.amp
