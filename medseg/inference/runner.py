@@ -282,8 +282,10 @@ def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, tar
                   writers: Sequence[MaskWriter] | None = None) -> None:
     """Write one scan's outputs beside ``target``, each atomically, in the writers' order: the last writes
     ``target``, which marks the scan done. ``image`` is the scan as read. Default: the NIfTI mask only."""
-    for writer in writers if writers is not None else [NiftiMaskWriter()]:
+    writers = list(writers) if writers is not None else [NiftiMaskWriter()]
+    for writer in writers[:-1]:
         writer.write(scan, image, mask, writer.path(target.parent, scan.case_id))
+    writers[-1].write(scan, image, mask, target)  # exactly ``target``, whatever its name (the service's mask.nii.gz)
 
 
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
