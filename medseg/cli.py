@@ -76,7 +76,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
-              "preview": args.preview}
+              "preview": args.preview, "output_format": args.output_format}
     if args.ray is not None:
         from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
+    p.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"], default="auto",
+                   help="nifti: <case>.nii.gz with ITK-SNAP/Slicer label sidecars; dicom-seg: <case>.seg.dcm (DICOM "
+                        "inputs); both; auto: both for DICOM series, nifti for NIfTI scans (docs/dicom.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--no-statistics", action="store_true",
                    help="skip statistics.csv/json (per-class volume, intensities, box, components) and the QC flags")

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from medseg.data.labels import LabelCode
 from medseg.errors import ManifestError
 
 
@@ -63,6 +64,11 @@ class Manifest(BaseModel):
     description: str = ""
     modality: Literal["CT", "MR", "other"] = "CT"
     labels: dict[int, str]
+    label_codes: dict[int, LabelCode] = Field(
+        default_factory=dict,
+        description="coded concept (category and type, e.g. SCT codes) per label value, for DICOM-SEG segments; "
+                    "labels left out get a default from their name (docs/dicom.md)",
+    )
     channels: list[str] = Field(default_factory=list,
                                 description="names of the input channels (e.g. T1, T2); every case lists that many images")
     cases: list[ManifestCase]
@@ -89,6 +95,9 @@ class Manifest(BaseModel):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"case ids must be unique, repeated: {dup}")
+        unknown_codes = sorted(set(self.label_codes) - set(self.labels))
+        if unknown_codes:
+            raise ValueError(f"label_codes name values that are not labels: {unknown_codes}")
         counts = sorted({len(c.images) for c in self.cases})
         if len(counts) > 1:
             odd = next(c for c in self.cases if len(c.images) != len(self.cases[0].images))

@@ -278,21 +278,21 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
 def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                       device: str | None = "auto", mirror: bool | None = None, address: str = "auto",
                       actors: int | None = None, cpus_per_actor: int = 1, statistics: bool = True,
-                      preview: bool = False) -> PredictSummary:
+                      preview: bool = False, output_format: str = "auto") -> PredictSummary:
     """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors.
 
     Same masks (bit for bit), ``failures.csv``, resume and claims as serial predict. ``address``: ``auto``
     or a cluster address (:func:`connect`). ``actors`` None: one per GPU of the cluster, or one per
-    ``cpus_per_actor`` CPUs (each actor's torch threads).
+    ``cpus_per_actor`` CPUs (each actor's torch threads). ``output_format``: see :mod:`medseg.io.mask_writers`.
     """
     from medseg.models.bundle import load_bundle
 
-    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview)  # before the model
+    options = {"statistics": statistics, "preview": preview, "output_format": output_format}
+    batch = prepare_batch(inputs, output_dir, overwrite, **options)  # outputs refused before the model is read
     first = model if isinstance(model, str | Path) else next(iter(model))
     channels = load_bundle(Path(first), verify=False).network.in_channels
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each, as in serial predict
-        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
-                              preview=preview)
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, **options)
     pending = sum(not batch.done(scan) for scan in batch.scans)
     if pending == 0:  # a finished batch needs no cluster
         return finish_batch(batch, run_on_actors(batch, model, RayPlan(0, 0, 0, "cpu"), mirror))

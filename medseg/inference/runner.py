@@ -19,6 +19,7 @@ import nibabel as nib
 from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
+from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import (
@@ -28,7 +29,17 @@ from medseg.inference.statistics import (
     merge_statistics,
     training_modality,
 )
-from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
+from medseg.io.mask_writers import (
+    NIFTI_SUFFIX,
+    MaskWriter,
+    ModelInfo,
+    NiftiMaskWriter,
+    mask_writers,
+    output_kinds,
+    seg_available,
+    target_suffix,
+)
+from medseg.io.nifti import NIFTI_SUFFIXES
 from medseg.io.scans import Scan, find_scans, load_scan
 
 log = logging.getLogger(__name__)
@@ -94,9 +105,10 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-def output_path(output_dir: Path, scan: Scan) -> Path:
-    """Where a scan's mask goes: ``<case_id>.nii.gz`` (names come from files/folders, never DICOM tags)."""
-    return output_dir / f"{scan.case_id}.nii.gz"
+def output_path(output_dir: Path, scan: Scan, output_format: str = "auto") -> Path:
+    """The file that marks a scan done: ``<case_id>.nii.gz``, or ``<case_id>.seg.dcm`` when a SEG is the only
+    output (names come from files/folders, never DICOM tags)."""
+    return output_dir / f"{scan.case_id}{target_suffix(output_format, scan.kind)}"
 
 
 def _input_folders(scans: Sequence[Scan], inputs: Sequence[Path]) -> list[Path]:
@@ -235,32 +247,68 @@ class PredictBatch:
     #: Write statistics.csv/json with the QC flags (docs/qc.md); write ``<case_id>.preview.png``.
     statistics: bool = True
     preview: bool = False
+    #: ``--output-format``: auto, nifti, dicom-seg or both (:mod:`medseg.io.mask_writers`).
+    output_format: str = "auto"
 
     def target(self, scan: Scan) -> Path:
-        return output_path(self.output_dir, scan)
+        return output_path(self.output_dir, scan, self.output_format)
+
+    def writers(self, scan: Scan, predictor: Predictor) -> list[MaskWriter]:
+        """The writers of this batch's output format for ``scan``; the last one writes :meth:`target`.
+        A stand-in predictor without a bundle (no label table) gets the NIfTI mask alone."""
+        model = model_info(predictor)
+        if model is None:
+            if target_suffix(self.output_format, scan.kind) != NIFTI_SUFFIX:
+                raise OutputError(f"{scan.path}: a DICOM-SEG needs the model's label table; this predictor has no bundle")
+            return [NiftiMaskWriter()]
+        return mask_writers(self.output_format, scan.kind, model)
 
     def done(self, scan: Scan) -> bool:
         """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
         return self.at_start[scan.case_id] is not None and not self.overwrite
 
 
+def model_info(predictor: Predictor) -> ModelInfo | None:
+    """The model as outputs describe it: bundle name and label table, each label with its coded concept;
+    None for a stand-in predictor without a bundle (tests, services)."""
+    bundle = getattr(predictor, "bundle", None)
+    if bundle is None:
+        return None
+    spec = bundle.spec
+    return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels))
+
+
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
-                  statistics: bool = True, preview: bool = False) -> PredictBatch:
+                  statistics: bool = True, preview: bool = False, output_format: str = "auto") -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
-    outputs before any work, clean a killed run's temporaries."""
+    outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`."""
     output_dir = Path(output_dir)
     scans = find_scans(inputs, channels=channels)
+    niftis = [scan.path for scan in scans if scan.kind == "nifti" and "dicom-seg" in output_kinds(output_format, "nifti")]
+    if niftis:
+        raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
+                          f"{len(niftis)} input(s) are NIfTI, e.g. {niftis[0]} (use --output-format auto or nifti)")
+    if output_format in ("dicom-seg", "both") and not seg_available():
+        raise OutputError(f"--output-format {output_format} needs highdicom: pip install 'medseg[dicom]'")
+    if output_format == "auto" and not seg_available() and any(scan.kind == "dicom" for scan in scans):
+        log.warning("highdicom is not installed: DICOM series get NIfTI masks only (pip install 'medseg[dicom]' "
+                    "adds DICOM-SEG)")
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
-    at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview)
+    at_start = {scan.case_id: _identity(output_path(output_dir, scan, output_format)) for scan in scans}
+    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, output_format)
 
 
-def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
-    """Write one scan's outputs: the NIfTI mask at ``target`` (atomically). ``image`` is the scan as read."""
-    save_atomic(mask, target)
+def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path,
+                  writers: Sequence[MaskWriter] | None = None) -> None:
+    """Write one scan's outputs beside ``target``, each atomically, in the writers' order: the last writes
+    ``target``, which marks the scan done. ``image`` is the scan as read. Default: the NIfTI mask only."""
+    writers = list(writers) if writers is not None else [NiftiMaskWriter()]
+    for writer in writers[:-1]:
+        writer.write(scan, image, mask, writer.path(target.parent, scan.case_id))
+    writers[-1].write(scan, image, mask, target)  # exactly ``target``, whatever its name (the service's mask.nii.gz)
 
 
 def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
@@ -289,12 +337,14 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
     with held:
         if _identity(target) != batch.at_start[scan.case_id]:
             return ScanOutcome(scan.path, target, "claimed")
-        for tmp in temporaries(target):  # a killed writer's; we hold the claim, so nobody writes them now
-            tmp.unlink(missing_ok=True)
         try:
+            writers = batch.writers(scan, predictor)
+            for path in [target, *(w.path(target.parent, scan.case_id) for w in writers)]:
+                for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
+                    tmp.unlink(missing_ok=True)
             image = load_scan(scan)
             if not (batch.statistics or batch.preview):
-                write_outputs(scan, image, predictor.predict_image(image), target)
+                write_outputs(scan, image, predictor.predict_image(image), target, writers)
                 return ScanOutcome(scan.path, target, "written")
             mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
             stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
@@ -302,7 +352,7 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
                 # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its row,
                 # so every mask present has its statistics.
                 merge_statistics(batch.output_dir, [stats])
-            write_outputs(scan, image, mask, target)
+            write_outputs(scan, image, mask, target, writers)
             if batch.preview:
                 write_scan_preview(predictor, scan, image, mask, stats, batch)
             return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
@@ -324,7 +374,8 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None, statistics: bool = True, preview: bool = False) -> PredictSummary:
+                  mirror: bool | None = None, statistics: bool = True, preview: bool = False,
+                  output_format: str = "auto") -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -333,17 +384,19 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
     where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
+    ``output_format`` (auto, nifti, dicom-seg, both) chooses the files (:mod:`medseg.io.mask_writers`).
 
     ``statistics`` writes per-class statistics and QC flags (``statistics.csv`` / ``.json``, docs/qc.md);
     ``preview`` a ``<case_id>.preview.png`` per scan.
     """
-    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview)  # before the model
+    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview,
+                          output_format=output_format)  # outputs refused before the model loads
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
     bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
     channels = bundle.network.in_channels if bundle is not None else 1
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
         batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
-                              preview=preview)
+                              preview=preview, output_format=output_format)
     outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
                                                                       disable=None)]
     return finish_batch(batch, outcomes)

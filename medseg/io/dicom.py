@@ -262,25 +262,31 @@ def read_dicom_series_report(
         raise DicomSeriesError(folder, f"cannot read the DICOM series ({type(exc).__name__}: {exc})") from None
 
 
+def _select_series(folder: Path, series: DicomSeriesRef | None) -> DicomSeriesRef:
+    """``series``, or the one series of ``folder`` (refused when it holds none or several)."""
+    if series is not None:
+        return series
+    if not folder.is_dir():
+        raise DicomSeriesError(folder, "not a folder")
+    found_all = find_dicom_series(folder)
+    found = [s for s in found_all if s.folder == folder] or found_all
+    if not found:
+        skipped = sum((list(s.skipped) for s in found_all), [])
+        raise DicomSeriesError(folder, "no DICOM image files found" + (f" ({len(skipped)} other files)" if skipped else ""))
+    if len(found) > 1:
+        where = sorted({str(s.folder.relative_to(folder)) for s in found})
+        raise DicomSeriesError(
+            folder,
+            f"holds {len(found)} DICOM series (different SeriesInstanceUID, in {where}); expected exactly one. "
+            "find_scans lists them as separate scans (<name>_s1, _s2, ...); `medseg convert` takes --series N",
+        )
+    return found[0]
+
+
 def _read_series(
     folder: Path, series: DicomSeriesRef | None, allow_gantry_tilt: bool, max_bytes: int | None
 ) -> tuple[nib.Nifti1Image, DicomReadReport]:
-    if series is None:
-        if not folder.is_dir():
-            raise DicomSeriesError(folder, "not a folder")
-        found_all = find_dicom_series(folder)
-        found = [s for s in found_all if s.folder == folder] or found_all
-        if not found:
-            skipped = sum((list(s.skipped) for s in found_all), [])
-            raise DicomSeriesError(folder, "no DICOM image files found" + (f" ({len(skipped)} other files)" if skipped else ""))
-        if len(found) > 1:
-            where = sorted({str(s.folder.relative_to(folder)) for s in found})
-            raise DicomSeriesError(
-                folder,
-                f"holds {len(found)} DICOM series (different SeriesInstanceUID, in {where}); expected exactly one. "
-                "find_scans lists them as separate scans (<name>_s1, _s2, ...); `medseg convert` takes --series N",
-            )
-        series = found[0]
+    series = _select_series(folder, series)
     report = DicomReadReport(folder, skipped=list(series.skipped))
 
     slices = _usable_slices(series.files, report)
@@ -300,9 +306,7 @@ def _read_series(
     check_size(folder, (first.columns, first.rows, len(slices)), 4, max_bytes)
 
     slices = _decode(folder, slices, report)
-    for s in slices:
-        s.distance = float(np.dot(s.position, normal))
-    slices.sort(key=lambda s: (s.distance, s.path.name, s.frame or 0))
+    _sort_along_normal(slices, normal)
     slices = _drop_duplicates(folder, slices, report)
     if len(slices) < MIN_SLICES:
         raise DicomSeriesError(
@@ -330,6 +334,45 @@ def _read_series(
     report.shape = tuple(int(v) for v in volume.shape)  # type: ignore[assignment]
     report.spacing_mm = (float(col_spacing), float(row_spacing), float(step))
     return img, report
+
+
+def _sort_along_normal(slices: list[_Slice], normal: np.ndarray) -> None:
+    """Order slices by position along the slice normal (mm), ties by file name and frame: the volume's k order."""
+    for s in slices:
+        s.distance = float(np.dot(s.position, normal))
+    slices.sort(key=lambda s: (s.distance, s.path.name, s.frame or 0))
+
+
+@dataclass(frozen=True)
+class SourcePlane:
+    """The source of one slice of a series' volume: its file, its frame (1-based, multi-frame files;
+    None for a single-frame file) and its ImagePositionPatient (LPS mm)."""
+
+    path: Path
+    frame: int | None
+    position: tuple[float, float, float]
+
+
+def series_planes(folder: Path, series: DicomSeriesRef | None = None) -> list[SourcePlane]:
+    """The planes of a series in the order of its volume's slices (k = 0, 1, ...), from headers only.
+
+    Uses the reader's own selection (usable slices, majority orientation) and order (along the slice
+    normal), so plane ``k`` is the source of slice ``k`` of :func:`read_dicom_series`'s volume. Of
+    several planes at one position the first is kept, as the reader does. A writer that needs the
+    source instances (DICOM-SEG) should still check each plane's position against the volume's affine:
+    a file whose pixels could not be decoded is in this list but not in the volume.
+    """
+    folder = Path(folder)
+    series = _select_series(folder, series)
+    report = DicomReadReport(folder)
+    slices = _majority_orientation(folder, _usable_slices(series.files, report), report)
+    _sort_along_normal(slices, _directions(folder, slices[0])[2])
+    planes: list[_Slice] = []
+    for s in slices:
+        if not planes or abs(s.distance - planes[-1].distance) > DUPLICATE_TOLERANCE_MM:
+            planes.append(s)
+    return [SourcePlane(s.path, s.frame, (float(s.position[0]), float(s.position[1]), float(s.position[2])))
+            for s in planes]
 
 
 def _skip_hint(report: DicomReadReport) -> str:

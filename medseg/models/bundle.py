@@ -40,7 +40,7 @@ from medseg.config import (
     config_from_dict,
     format_validation_errors,
 )
-from medseg.data.labels import LabelInfo, label_table
+from medseg.data.labels import LabelCode, LabelInfo, label_table
 from medseg.errors import CheckpointError
 from medseg.models.registry import build_model
 
@@ -216,12 +216,14 @@ class ModelBundle:
 
     @classmethod
     def from_config(cls, config: ExperimentConfig, label_names: dict[int, str], in_channels: int,
-                    weights: dict[str, torch.Tensor] | None = None, data: DataProvenance | None = None) -> ModelBundle:
-        """A bundle for a config about to be trained (weights filled in when saving)."""
+                    weights: dict[str, torch.Tensor] | None = None, data: DataProvenance | None = None,
+                    label_codes: dict[int, LabelCode] | None = None) -> ModelBundle:
+        """A bundle for a config about to be trained (weights filled in when saving); ``label_codes`` are the
+        manifest's coded concepts per class (DICOM-SEG)."""
         spec = BundleSpec(
             name=config.name,
             network=NetworkSpec(architecture=config.model, in_channels=in_channels, num_classes=len(label_names)),
-            labels=label_table(label_names),
+            labels=label_table(label_names, label_codes),
             preprocessing=config.preprocessing,
             inference=inference_spec(config),
             provenance=Provenance(config=config.model_dump(mode="json"), data=data or DataProvenance(),

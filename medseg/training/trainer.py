@@ -322,7 +322,8 @@ class Trainer:
         self.run_dir = prepare_run_dir(config, resume)
         if self.dist.is_main:
             write_text_atomic(self.run_dir / "config.yaml", dump_config(config))
-        self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance())
+        self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance(),
+                                              label_codes=self.manifest.label_codes)
 
         set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
         self.model = build_model(config.model, self.in_channels, self.num_classes)

@@ -60,11 +60,13 @@ CANARIES = {"PatientName": "ZZCANARY^PERSON", "PatientID": "CANARYID9876", "Pati
 
 def test_predict_and_its_lesion_report_carry_no_patient_identifiers(shared_data, trained_run, tmp_path, caplog, capsys):
     import gzip
+    import io
     import logging
 
     import pydicom
 
     from medseg.cli import main
+    from medseg.io.mask_writers import PATIENT_STUDY_TAGS
 
     folder = tmp_path / "in" / "series_a"
     folder.mkdir(parents=True)
@@ -81,9 +83,18 @@ def test_predict_and_its_lesion_report_carry_no_patient_identifiers(shared_data,
     names = sorted(p.name for p in out.iterdir())
     assert "series_a.nii.gz" in names and "lesion_inventory.csv" in names
     texts = [r.getMessage() for r in caplog.records] + list(capsys.readouterr())
+    assert "series_a.seg.dcm" in names  # a DICOM series gets a SEG by default
     for path in out.iterdir():
         raw = path.read_bytes()
         raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+        if path.name.endswith(".seg.dcm"):  # the SEG must carry the patient/study module, and nothing more
+            seg = pydicom.dcmread(path)
+            assert str(seg.PatientName) == CANARIES["PatientName"]
+            for keyword in PATIENT_STUDY_TAGS:
+                seg.pop(keyword, None)
+            buffer = io.BytesIO()
+            seg.save_as(buffer, enforce_file_format=True)
+            raw = buffer.getvalue()
         for canary in CANARIES.values():
             for part in canary.split("^"):
                 assert part.encode() not in raw, (path.name, part)

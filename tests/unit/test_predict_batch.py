@@ -158,7 +158,8 @@ def test_orphan_temporaries_are_removed_unless_a_live_run_holds_their_claim(pred
         predict_paths(None, [inp], out, predictor=predictor)
         assert live.exists(), "a live run's temporary file was deleted"
         assert not [p for p in orphans if p.exists()]
-    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.nii.gz", "statistics.csv", "statistics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.ctbl", "a.itksnap.txt", "a.nii.gz",
+                                                     "statistics.csv", "statistics.json"]
 
 
 # --- runs sharing a folder ---------------------------------------------------------------------------------
@@ -218,7 +219,8 @@ def test_two_concurrent_runs_on_one_folder_write_each_mask_once(trained_run, tmp
     assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
     written = [int(re.search(r"(\d+) mask\(s\) written", stdout).group(1)) for stdout, _ in results]
     assert sum(written) == 6, results
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i}.nii.gz" for i in range(6)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i}{suffix}" for i in range(6)
+                                                            for suffix in (".nii.gz", ".ctbl", ".itksnap.txt")]
                                                            + ["statistics.csv", "statistics.json"])
     # Both runs merged their scans into one statistics file: every case once.
     assert sorted(json.loads((out / "statistics.json").read_text())["cases"]) == [f"case{i}" for i in range(6)]

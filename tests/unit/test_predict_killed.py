@@ -31,7 +31,8 @@ def test_kill_9_mid_batch_then_rerun_gives_every_mask_complete(trained_run, tmp_
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = {p.name for p in out.iterdir() if not p.name.startswith(".") and p.name.endswith(".nii.gz")}
+    # Sidecars (label tables) are written before their mask, which marks the scan done.
+    done_before = {p.name for p in out.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith(".")}
     assert 1 <= len(done_before) < 6, done_before
     for name in done_before:  # whatever was visible at the kill is a complete, readable mask
         assert nib.load(out / name).shape == TINY_SPEC.shape
@@ -42,7 +43,8 @@ def test_kill_9_mid_batch_then_rerun_gives_every_mask_complete(trained_run, tmp_
     for i in range(6):
         assert np.asarray(nib.load(out / f"case{i}.nii.gz").dataobj).shape == TINY_SPEC.shape
     # The killed run's temporary mask and claim (lock) files are gone once the rerun is done.
-    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in range(6)] + ["statistics.csv",
-                                                                                          "statistics.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i}{suffix}" for i in range(6)
+                                                            for suffix in (".nii.gz", ".ctbl", ".itksnap.txt")]
+                                                           + ["statistics.csv", "statistics.json"])
     # Statistics are merged before each mask is written, so the killed run's masks have their rows too.
     assert sorted(json.loads((out / "statistics.json").read_text())["cases"]) == [f"case{i}" for i in range(6)]
