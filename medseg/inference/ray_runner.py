@@ -123,6 +123,15 @@ def plan_actors(resources: dict[str, float], device: str | None, actors: int | N
     return plan
 
 
+def import_ray() -> Any:
+    """The ``ray`` module, or a MedsegError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise MedsegError("--ray needs Ray: pip install 'medseg[ray]'") from None
+    return ray
+
+
 def connect(address: str) -> bool:
     """Join a Ray cluster; True when this call started (and so must stop) a local one.
 
@@ -130,10 +139,7 @@ def connect(address: str) -> bool:
     new local one with this machine's CPUs and GPUs. Anything else is a cluster address (``host:6379``,
     ``ray://host:10001``). An already initialised Ray (a notebook, a test) is used as it is.
     """
-    try:
-        import ray
-    except ImportError:
-        raise MedsegError("--ray needs Ray: pip install 'medseg[ray]'") from None
+    ray = import_ray()
     if ray.is_initialized():
         return False
     if address != "auto" or os.environ.get("RAY_ADDRESS"):  # a named cluster: never a local one instead
@@ -287,6 +293,7 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
     """
     from medseg.models.bundle import load_bundle
 
+    import_ray()  # before reading anything: without Ray, say how to install it
     options = {"statistics": statistics, "preview": preview, "output_format": output_format}
     batch = prepare_batch(inputs, output_dir, overwrite, **options)  # outputs refused before the model is read
     first = model if isinstance(model, str | Path) else next(iter(model))
