@@ -77,6 +77,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         mirror=True if args.mirror else None,
+        backend=args.backend,
+        model_file=args.model_file,
+        precision=args.precision,
     )
     print(summary.describe())
     if args.report:
@@ -91,6 +94,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inventory = lesion_inventory(args.output, classes, label_names=bundle.label_names, config=evaluate)
         print("lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medseg.deploy.export import export_model
+
+    result = export_model(args.run, args.format, output=args.output, scan=args.scan, int8=args.int8, atol=args.atol,
+                          min_dice=args.min_dice, calibration_patches=args.calibration_patches,
+                          overwrite=args.overwrite)
+    print(result.describe())
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -184,6 +197,7 @@ examples:
   medseg train ct_lung.yaml                      a bare name finds a shipped config
   medseg predict --model runs/ct_lung --input scans/ --output masks/
   medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
+  medseg export runs/ct_lung --format onnx       then: medseg predict --backend onnxruntime ...
 
 'medseg VERB --help' shows a verb's options and their defaults.
 """
@@ -255,7 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
                    help="classes for --report (default: the model config's evaluate.lesion_classes)")
+    p.add_argument("--backend", choices=["torch", "torchscript", "onnxruntime", "openvino"], default="torch",
+                   help="run the model's checked export (RUN/exports/, from `medseg export`) instead of its weights")
+    p.add_argument("--model-file", type=Path, default=None,
+                   help="the exported file to run (default: RUN/exports/model.onnx or model.torchscript.pt)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: backends torch and openvino, on CPUs with bf16 instructions")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a model to ONNX (fp32 or int8) or TorchScript, checked against eager")
+    p.add_argument("run", type=Path, help="run folder or model file")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
+    p.add_argument("--output", type=Path, default=None,
+                   help="file to write (default RUN/exports/model.onnx, model.int8.onnx or model.torchscript.pt)")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantization (ONNX), calibrated on patches of the model's training cases")
+    p.add_argument("--scan", type=Path, default=None,
+                   help="real scan to check parity on (default: first test case of the model's manifest)")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| allowed on a real patch (fp32)")
+    p.add_argument("--min-dice", type=float, default=None,
+                   help="least Dice of the export's mask vs eager, per class (default 0.99; 0.97 with --int8)")
+    p.add_argument("--calibration-patches", type=int, default=16, help="training patches for --int8 calibration")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted masks")

@@ -179,11 +179,14 @@ def _identity(path: Path) -> tuple[int, int, int, int] | None:
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None) -> PredictSummary:
+                  mirror: bool | None = None, backend: str = "torch", model_file: Path | None = None,
+                  precision: str = "float32") -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
     ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
+    ``backend`` (torch, torchscript, onnxruntime, openvino) runs the model's checked export instead of its
+    weights (``model_file``, else the run's ``exports/``); ``precision`` bfloat16 for torch and openvino.
 
     One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
@@ -192,7 +195,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     output_dir = Path(output_dir)
     scans = find_scans(inputs)
     check_outputs(scans, output_dir, inputs)
-    predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
+    predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
+                                                       model_file=model_file, precision=precision)
     summary = PredictSummary(output_dir)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
