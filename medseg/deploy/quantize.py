@@ -23,11 +23,12 @@ from medseg.models.bundle import ModelBundle
 log = logging.getLogger(__name__)
 
 
-def calibration_patches(bundle: ModelBundle, count: int = 16, per_case: int = 2, seed: int = 0) -> list[np.ndarray]:
+def calibration_patches(bundle: ModelBundle, count: int = 16, per_case: int | None = None,
+                        seed: int = 0) -> list[np.ndarray]:
     """``count`` float32 patches (1, C, *roi) from the training cases of the bundle's manifest.
 
-    Cases are taken in manifest order, ``per_case`` patches each; sampling is seeded, so a calibration
-    is reproducible.
+    Cases are taken in manifest order, ``per_case`` patches each (default: 2, more when there are too few
+    cases for ``count``); sampling is seeded, so a calibration is reproducible.
     """
     import torch
 
@@ -39,6 +40,8 @@ def calibration_patches(bundle: ModelBundle, count: int = 16, per_case: int = 2,
                           f"{config.data.manifest}, which cannot be used ({exc})") from None
     cases = manifest.split("train", config.data.fold) or manifest.cases
     roi = list(bundle.inference.roi_size)
+    if per_case is None:
+        per_case = max(2, -(-count // max(1, len(cases))))
     # The training sampler without augmentation, its patch set to the inference patch (the exported shape).
     plain = config.model_copy(update={
         "augmentation": AugmentationConfig(flip_prob=0.0, noise_prob=0.0, intensity_shift_prob=0.0),
