@@ -76,7 +76,7 @@ def big_ct(slices: int, folder: Path) -> Path:
     out = ndimage.zoom(data, (1, 1, zoom), order=1).round().astype(np.int16)
     affine = src.affine.copy()
     affine[:3, 2] /= zoom
-    path = folder / "lung1_ct_z%d.nii.gz" % slices
+    path = folder / f"lung1_ct_z{slices}.nii.gz"
     nib.save(nib.Nifti1Image(out, affine), str(path))
     return path
 
