@@ -39,7 +39,7 @@ from torch import nn
 from medseg import __version__
 from medseg.atomic import write_atomic, write_text_atomic
 from medseg.data.manifest import load_manifest
-from medseg.data.transforms import IMAGE
+from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import ExportError, MedsegError
 from medseg.inference.backends import (
     EXPORT_DIR,
@@ -139,9 +139,9 @@ def default_scan(bundle: ModelBundle) -> Path:
 
 def real_patch(bundle: ModelBundle, image: nib.Nifti1Image) -> torch.Tensor:
     """The centre patch (1, C, *roi) of a scan, preprocessed as at inference (zero-padded where smaller)."""
-    predictor = Predictor(nn.Identity(), bundle, CPU, mirror_axes=[])
+    preprocess = preprocessing(bundle.spec.preprocessing, keys=(IMAGE,), load=False)
     array, meta = ScanReader().get_data(image)
-    volume = predictor.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})[IMAGE]
+    volume = preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})[IMAGE]
     volume = torch.as_tensor(volume).float()
     roi = list(bundle.inference.roi_size)
     if len(roi) == 2:  # a 2D network sees axial slices: the middle one
