@@ -326,11 +326,17 @@ def main() -> int:
                         help="only the variants whose names contain one of these (eager fp32 always runs)")
     parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --output, measure nothing")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="result files of other runs of this script whose parts join --output (parts run apart)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("medseg", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     results = json.loads(args.output.read_text()) if args.output.exists() else {"parts": {}}
+    for other in args.merge:
+        results["parts"].update(json.loads(other.read_text())["parts"])
+    if args.merge:
+        write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
     parts = ["ct", "hippocampus"] if args.part == "all" else [args.part]
     for part in [] if args.docs_only else parts:
         load_before = [round(x, 2) for x in os.getloadavg()]
@@ -342,6 +348,8 @@ def main() -> int:
                            "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16_supported(),
                            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
                            "complete": complete}
+            if args.output.exists():  # another part may be running into the same file: keep its figures
+                results["parts"] = json.loads(args.output.read_text())["parts"]
             results["parts"][part] = res
             write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
 
