@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static int8 quantization (ONNX), calibrated on patches of the model's training cases")
     p.add_argument("--scan", type=Path, default=None,
                    help="real scan to check parity on (default: first test case of the model's manifest)")
-    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| allowed on a real patch (fp32)")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| allowed on a real patch, times the largest |logit| if above 1 (fp32)")
     p.add_argument("--min-dice", type=float, default=None,
                    help="least Dice of the export's mask vs eager, per class (default 0.99; 0.97 with --int8)")
     p.add_argument("--calibration-patches", type=int, default=16, help="training patches for --int8 calibration")

@@ -3,7 +3,8 @@
 An export is written only after it agrees with the eager network on real data:
 
 - **logits** on a real patch (the centre patch of a real scan, preprocessed as at inference): the largest
-  absolute difference must be at most ``atol`` (fp32 exports; reported for int8);
+  absolute difference must be at most ``atol`` times the largest eager logit (at least 1) (fp32
+  exports; reported for int8);
 - **masks** on that whole scan (sliding window, inversion, keep-largest-component, as ``medseg predict``):
   the Dice of the exported model's mask against the eager one, per foreground class, must be at least
   ``min_dice`` (a class both leave empty counts as agreement, 1.0).
@@ -81,12 +82,17 @@ class Parity:
         return min(self.dice.values()) if self.dice else 1.0
 
     @property
+    def logit_limit(self) -> float | None:
+        """``atol`` scaled by the logits' size (at least 1): float32 rounding grows with the values summed."""
+        return None if self.atol is None else self.atol * max(1.0, self.max_abs_logit)
+
+    @property
     def passed(self) -> bool:
-        logits_ok = self.atol is None or self.max_abs_logit_diff <= self.atol
+        logits_ok = self.logit_limit is None or self.max_abs_logit_diff <= self.logit_limit
         return logits_ok and self.min_class_dice >= self.min_dice
 
     def describe(self) -> str:
-        tol = f" (limit {self.atol:g})" if self.atol is not None else " (not limited: quantized)"
+        tol = f" (limit {self.logit_limit:.2g})" if self.logit_limit is not None else " (not limited: quantized)"
         dice = ", ".join(f"{k} {v:.4f}" for k, v in self.dice.items())
         return (f"{self.runtime}: max |Δlogit| {self.max_abs_logit_diff:.2e}{tol} on a real patch "
                 f"{self.patch_shape} (logits up to {self.max_abs_logit:.1f}); mask Dice vs eager on a real scan "
@@ -284,7 +290,7 @@ def export_model(run: Path, fmt: ExportFormat = "onnx", output: Path | None = No
         "output": {"name": "logits", "shape": ["batch", bundle.network.num_classes, *bundle.inference.roi_size]},
         "roi_size": list(bundle.inference.roi_size),
         "labels": bundle.label_names,
-        "parity": [asdict(p) | {"passed": p.passed} for p in parity],
+        "parity": [asdict(p) | {"logit_limit": p.logit_limit, "passed": p.passed} for p in parity],
         "int8_calibration_patches": calibration_patches if int8 else None,
         "versions": {"medseg": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
