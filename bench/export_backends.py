@@ -287,6 +287,9 @@ def section(results: dict) -> str:
                       f"{meta['threads']} threads; load average {meta['load_before']} before, {meta['load_after']} after). "
                       "**The 2 CPU cores were shared with other agents' jobs**: absolute times are noisy, the ratios "
                       "of one run are the meaningful figures.", ""]
+        if not meta.get("complete", True):
+            lines += ["**This run was cut short** (session deadline): the variants not in the table were not measured "
+                      "in it.", ""]
         hippo = part == "hippocampus"
         lines += ["| variant | s/scan | speed-up vs eager fp32 | " + ("Dice | Dice change | " if hippo else "")
                   + "mask agreement with eager (mean / min) | warm-up s |",
