@@ -76,7 +76,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
-              "preview": args.preview, "output_format": args.output_format}
+              "preview": args.preview, "output_format": args.output_format, "backend": args.backend,
+              "model_file": args.model_file, "precision": args.precision}
     if args.ray is not None:
         from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
@@ -111,6 +112,16 @@ def _cmd_calibrate_qc(args: argparse.Namespace) -> int:
     assert qc is not None
     print(f"QC limits written to {bundle.path}: modality {qc.modality}, spacing {qc.spacing_mm_low}-{qc.spacing_mm_high} mm, "
           f"max foreground entropy {qc.max_foreground_entropy}, max low-confidence share {qc.max_low_confidence_share}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medseg.deploy.export import export_model
+
+    result = export_model(args.run, args.format, output=args.output, scan=args.scan, int8=args.int8, atol=args.atol,
+                          min_dice=args.min_dice, calibration_patches=args.calibration_patches,
+                          overwrite=args.overwrite)
+    print(result.describe())
     return 0
 
 
@@ -221,6 +232,7 @@ examples:
   medseg predict --model runs/ct_lung --input scans/ --output masks/
   medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
   MEDSEG_API_TOKENS=... medseg serve runs/ct_lung   HTTP service: POST a scan, GET its mask (docs/serving.md)
+  medseg export runs/ct_lung --format onnx       then: medseg predict --backend onnxruntime ...
 
 'medseg VERB --help' shows a verb's options and their defaults.
 """
@@ -307,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "one per --ray-cpus-per-actor CPUs)")
     p.add_argument("--ray-cpus-per-actor", type=int, default=None,
                    help="CPUs (torch threads) per Ray actor (default 1)")
+    p.add_argument("--backend", choices=["torch", "torchscript", "onnxruntime", "openvino"], default="torch",
+                   help="run the model's checked export (RUN/exports/, from `medseg export`) instead of its weights")
+    p.add_argument("--model-file", type=Path, default=None,
+                   help="the exported file to run (default: RUN/exports/model.onnx or model.torchscript.pt)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: backends torch and openvino, on CPUs with bf16 instructions")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("calibrate-qc", help="set a trained model's QC limits from its training and validation cases")
@@ -314,6 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None, help="manifest to read the cases from (default: the one it was trained on)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.set_defaults(func=_cmd_calibrate_qc)
+
+    p = sub.add_parser("export", help="export a model to ONNX (fp32 or int8) or TorchScript, checked against eager")
+    p.add_argument("run", type=Path, help="run folder or model file")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="file format")
+    p.add_argument("--output", type=Path, default=None,
+                   help="file to write (default RUN/exports/model.onnx, model.int8.onnx or model.torchscript.pt)")
+    p.add_argument("--int8", action="store_true",
+                   help="static int8 quantization (ONNX), calibrated on patches of the model's training cases")
+    p.add_argument("--scan", type=Path, default=None,
+                   help="real scan to check parity on (default: first test case of the model's manifest)")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest |logit difference| allowed on a real patch, times the largest |logit| if above 1 (fp32)")
+    p.add_argument("--min-dice", type=float, default=None,
+                   help="least Dice of the export's mask vs eager, per class (default 0.99; 0.97 with --int8)")
+    p.add_argument("--calibration-patches", type=int, default=16, help="training patches for --int8 calibration")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted masks")

@@ -43,3 +43,7 @@ class GeometryError(ScanError):
 
 class OutputError(MedsegError):
     """An output location is unusable (unwritable, or two inputs map to one output)."""
+
+
+class ExportError(MedsegError):
+    """A model cannot be exported, or its export differs from the eager model (nothing is written)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.errors import CheckpointError
+from medseg.inference.backends import build_backend
 from medseg.inference.qc import PredictionUncertainty, prediction_uncertainty
 from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
@@ -70,12 +71,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, model_path: Path | Sequence[Path], device: str | None = None,
-                        mirror: bool | None = None) -> Predictor:
+                        mirror: bool | None = None, backend: str = "torch", model_file: Path | None = None,
+                        precision: str = "float32") -> Predictor:
         """Load model bundles (run folders or files, ``weights_only=True``); several form an ensemble.
 
         The models of an ensemble must share labels, preprocessing and patch size (the folds of one
         config); keep-largest-component applies to the classes every member chose. ``mirror`` True flips
-        over every spatial axis at test time, False never, None as each bundle says.
+        over every spatial axis at test time, False never, None as each bundle says. ``backend`` runs each
+        bundle's checked export (``RUN/exports/``, or ``model_file`` for one model) instead of its weights
+        (:mod:`medseg.inference.backends`); ``precision`` bfloat16 for backends torch and openvino.
         """
         paths = [Path(model_path)] if isinstance(model_path, str | Path) else [Path(p) for p in model_path]
         if not paths:
@@ -95,7 +99,10 @@ class Predictor:
         inference = first.inference.model_copy(update={"keep_largest_component": common})
         ensemble = ModelBundle(first.spec.model_copy(update={"inference": inference}), first.weights, first.path)
         axes = None if mirror is None else (list(range(first.network.spatial_dims)) if mirror else [])
-        return cls([b.build_network() for b in bundles], ensemble, resolve_device(device), mirror_axes=axes)
+        if model_file is not None and len(bundles) > 1:
+            raise CheckpointError("--model-file names one exported model; an ensemble finds each member's export")
+        networks = [build_backend(b, backend, model_file, precision) for b in bundles]  # type: ignore[arg-type]
+        return cls(networks, ensemble, resolve_device(device), mirror_axes=axes)
 
     def _forward_with(self, model: nn.Module):
         def forward(x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class _PredictWorker:
     """
 
     def __init__(self, model: Path | Sequence[Path], device: str, mirror: bool | None, threads: int,
-                 batch: PredictBatch, cwd: str) -> None:
+                 batch: PredictBatch, cwd: str, options: dict[str, Any] | None = None) -> None:
         import torch
 
         from medseg.inference.predictor import Predictor
@@ -67,7 +67,7 @@ class _PredictWorker:
             return
         torch.set_num_threads(threads)
         try:
-            self.predictor = Predictor.from_checkpoint(model, device, mirror=mirror)
+            self.predictor = Predictor.from_checkpoint(model, device, mirror=mirror, **(options or {}))
         except Exception as exc:  # reported by the driver (ready) or as each scan's failure
             self.error = exc
 
@@ -168,7 +168,7 @@ def _failed(batch: PredictBatch, index: int, error: str, message: str) -> ScanOu
 
 
 def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPlan, mirror: bool | None = None,
-                  name_prefix: str = "medseg-predict") -> list[ScanOutcome]:
+                  name_prefix: str = "medseg-predict", options: dict[str, Any] | None = None) -> list[ScanOutcome]:
     """Predict the batch's scans that are not done on ``plan.actors`` actors; outcomes in scan order.
 
     An actor that dies (a crash, out of memory, a lost node) is replaced once per actor of the plan; the
@@ -197,7 +197,7 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
         # Named, so an operator (or a test) can find this run's actors: ray.util.list_named_actors().
         actors[made] = worker.options(name=f"{name_prefix}-{token}-{made}", num_cpus=plan.num_cpus,
                                       num_gpus=plan.num_gpus, max_restarts=0).remote(
-            model, plan.device, mirror, plan.num_cpus, batch_ref, cwd)
+            model, plan.device, mirror, plan.num_cpus, batch_ref, cwd, options)
         made += 1
         return made - 1
 
@@ -284,7 +284,8 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
 def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                       device: str | None = "auto", mirror: bool | None = None, address: str = "auto",
                       actors: int | None = None, cpus_per_actor: int = 1, statistics: bool = True,
-                      preview: bool = False, output_format: str = "auto") -> PredictSummary:
+                      preview: bool = False, output_format: str = "auto", backend: str = "torch",
+                      model_file: Path | None = None, precision: str = "float32") -> PredictSummary:
     """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors.
 
     Same masks (bit for bit), ``failures.csv``, resume and claims as serial predict. ``address``: ``auto``
@@ -309,7 +310,8 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
 
         plan = plan_actors(ray.cluster_resources(), device, actors, cpus_per_actor, pending)
         log.info("predicting %d scan(s) on %d Ray actor(s) (%s)", pending, plan.actors, plan.device)
-        outcomes = run_on_actors(batch, model, plan, mirror)
+        outcomes = run_on_actors(batch, model, plan, mirror,
+                                 options={"backend": backend, "model_file": model_file, "precision": precision})
     finally:
         if started:
             ray.shutdown()

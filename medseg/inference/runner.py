@@ -375,11 +375,14 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
-                  output_format: str = "auto") -> PredictSummary:
+                  output_format: str = "auto", backend: str = "torch", model_file: Path | None = None,
+                  precision: str = "float32") -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
     ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
+    ``backend`` (torch, torchscript, onnxruntime, openvino) runs the model's checked export instead of its
+    weights (``model_file``, else the run's ``exports/``); ``precision`` bfloat16 for torch and openvino.
 
     One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
     Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
@@ -391,7 +394,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     """
     batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview,
                           output_format=output_format)  # outputs refused before the model loads
-    predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
+    predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
+                                                       model_file=model_file, precision=precision)
     bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
     channels = bundle.network.in_channels if bundle is not None else 1
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each

@@ -1,0 +1,380 @@
+"""Exported backends vs eager PyTorch on the CPU: seconds per scan end to end and the Dice change.
+
+Two parts, each one run over the same scans for every variant:
+
+* ``ct``: the ct_lung network (untrained: seeded random weights; speed does not depend on the weights)
+  on a real-sized chest CT: ../shared/data/lung_ct/lung1_ct.nii.gz (512x512x48, 5 mm slices)
+  interpolated along z to 512x512xN (``--ct-slices``, default 200; 1.2 mm slices). No trained lung
+  model exists, so "Dice" here is the agreement of each variant's mask with the eager fp32 mask.
+* ``hippocampus``: a trained hippocampus run (``--hippo-run``) on the test cases of
+  data_manifests/hippocampus.json (``--hippo-cases``, default all 40): Dice against the reference labels,
+  and its change from eager fp32.
+
+Variants: eager fp32, ``torch.compile`` (inductor; compile time reported apart), eager bf16 autocast
+(CPUs with bf16), ONNX Runtime fp32, OpenVINO fp32 and bf16, int8 (static, calibrated on training patches)
+under ONNX Runtime and OpenVINO, and (hippocampus) a 50 % L1-unstructured-pruned eager network.
+"End to end" is ``Predictor.predict_scan``: read, preprocess, sliding window, invert, keep-largest.
+Each variant predicts one scan first, untimed (warm-up, compilation), then every scan timed.
+
+Usage::
+
+    PYTHONPATH=$PWD python bench/export_backends.py --part ct --docs
+    PYTHONPATH=$PWD python bench/export_backends.py --part hippocampus --hippo-run runs/mr_hippocampus --docs
+
+Results go to docs/benchmarks/export_backends.json (merged by part) and, with ``--docs``, to the section
+of docs/benchmarks.md between the export-backends markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from medseg.atomic import write_text_atomic
+from medseg.config import load_config
+from medseg.data.manifest import load_manifest
+from medseg.deploy.export import export_model, mask_agreement
+from medseg.inference.backends import (
+    AutocastNetwork,
+    MainOutput,
+    OnnxRuntimeNetwork,
+    OpenVinoNetwork,
+    bf16_supported,
+)
+from medseg.inference.predictor import Predictor
+from medseg.models import build_model
+from medseg.models.bundle import ModelBundle, load_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+DOCS_BEGIN, DOCS_END = "<!-- export-backends:begin -->", "<!-- export-backends:end -->"
+CPU = torch.device("cpu")
+log = logging.getLogger("bench")
+
+
+def big_ct(slices: int, folder: Path) -> Path:
+    """lung1_ct interpolated (linear) along z to ``slices`` slices over the same extent: a real-sized CT."""
+    src = nib.load(str(SHARED / "lung_ct" / "lung1_ct.nii.gz"))
+    data = np.asarray(src.dataobj, dtype=np.float32)
+    zoom = slices / data.shape[2]
+    out = ndimage.zoom(data, (1, 1, zoom), order=1).round().astype(np.int16)
+    affine = src.affine.copy()
+    affine[:3, 2] /= zoom
+    path = folder / f"lung1_ct_z{slices}.nii.gz"
+    nib.save(nib.Nifti1Image(out, affine), str(path))
+    return path
+
+
+def parity_crop(slices: int, folder: Path) -> Path:
+    """The middle ``slices`` slices of lung1_ct: a real scan small enough for the exports' parity checks."""
+    src = nib.load(str(SHARED / "lung_ct" / "lung1_ct.nii.gz"))
+    start = (src.shape[2] - slices) // 2
+    path = folder / f"lung1_ct_mid{slices}.nii.gz"
+    nib.save(src.slicer[:, :, start:start + slices], str(path))
+    return path
+
+
+def ct_lung_run(folder: Path) -> Path:
+    """A run folder with the shipped ct_lung network, seeded random weights."""
+    config = load_config("ct_lung.yaml")
+    torch.manual_seed(0)
+    bundle = ModelBundle.from_config(config, load_manifest(config.data.manifest).labels, in_channels=1)
+    bundle.with_weights(build_model(config.model, 1, 2).state_dict()).save(folder / "best.pt")
+    return folder
+
+
+def pruned(bundle: ModelBundle, amount: float) -> nn.Module:
+    """The eager network with ``amount`` of each conv's weights zeroed by magnitude (no fine-tuning)."""
+    from torch.nn.utils import prune
+
+    net = bundle.build_network()
+    for module in net.modules():
+        if isinstance(module, nn.Conv3d | nn.ConvTranspose3d | nn.Conv2d | nn.ConvTranspose2d):
+            prune.l1_unstructured(module, "weight", amount)
+            prune.remove(module, "weight")
+    return MainOutput(net).eval()
+
+
+def variants(bundle: ModelBundle, fp32: Path, int8: Path, prune_amount: float | None) -> dict[str, Callable[[], nn.Module]]:
+    """Name -> factory of the network each variant runs (the Predictor around it is the same)."""
+    # The exported runtimes first, the slow-to-build eager variants last: a run cut short keeps the main figures.
+    out: dict[str, Callable[[], nn.Module]] = {
+        "eager fp32": lambda: MainOutput(bundle.build_network()).eval(),
+        "onnxruntime fp32": lambda: OnnxRuntimeNetwork(fp32),
+        "openvino fp32": lambda: OpenVinoNetwork(fp32),
+    }
+    if bf16_supported():
+        out["openvino bf16"] = lambda: OpenVinoNetwork(fp32, "bfloat16")
+    out["onnxruntime int8"] = lambda: OnnxRuntimeNetwork(int8)
+    out["openvino int8"] = lambda: OpenVinoNetwork(int8)
+    out["torch.compile fp32"] = lambda: torch.compile(MainOutput(bundle.build_network()).eval(), dynamic=False)
+    if bf16_supported():
+        out["eager bf16 (autocast)"] = lambda: AutocastNetwork(MainOutput(bundle.build_network()), torch.bfloat16).eval()
+    if prune_amount:
+        out[f"eager fp32, {prune_amount:.0%} pruned"] = lambda: pruned(bundle, prune_amount)
+    return out
+
+
+class BatchSizes(nn.Module):
+    """Records the window-batch sizes the sliding window feeds a network (to warm up the others on them)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self.sizes: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.add(int(x.shape[0]))
+        return self.network(x)
+
+
+def selected(all_variants: dict[str, Callable[[], nn.Module]], wanted: list[str] | None) -> dict[str, Callable[[], nn.Module]]:
+    """The variants named in ``wanted`` (substrings), eager fp32 always first; all when None."""
+    if not wanted:
+        return all_variants
+    keep = {k: v for k, v in all_variants.items() if k == "eager fp32" or any(w in k for w in wanted)}
+    return keep
+
+
+def run_variant(bundle: ModelBundle, factory: Callable[[], nn.Module], scans: list[Path],
+                warm_batches: set[int] | None = None) -> dict:
+    """Build, warm up (untimed), then predict every scan timed; the masks come back too.
+
+    Warm-up is the first scan, or (big scans) zero batches of the sizes in ``warm_batches``: what a
+    compiler specialises on is the batch shape, so one pass over each size compiles everything.
+    """
+    t0 = time.perf_counter()
+    network = factory()
+    predictor = Predictor(network, bundle, CPU, mirror_axes=[])
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if warm_batches:
+        with torch.no_grad():
+            for size in sorted(warm_batches, reverse=True):
+                network(torch.zeros(size, bundle.network.in_channels, *bundle.inference.roi_size))
+    else:
+        predictor.predict_scan(scans[0])
+    warmup_s = time.perf_counter() - t0
+    seconds, masks = [], []
+    for scan in scans:
+        t0 = time.perf_counter()
+        mask = predictor.predict_scan(scan)
+        seconds.append(time.perf_counter() - t0)
+        masks.append(np.asarray(mask.dataobj))
+    return {"build_s": build_s, "warmup_s": warmup_s, "seconds": seconds, "masks": masks}
+
+
+def exports(run: Path, work: Path, scan: Path | None, calibration: int, needed: bool = True) -> tuple[Path, Path, dict]:
+    """fp32 and int8 ONNX exports of ``run`` into ``work`` (parity-checked by ``export_model``); none if not ``needed``."""
+    if not needed:
+        return work / "model.onnx", work / "model.int8.onnx", {}
+    t0 = time.perf_counter()
+    fp32 = export_model(run, "onnx", output=work / "model.onnx", scan=scan, overwrite=True)
+    t1 = time.perf_counter()
+    int8 = export_model(run, "onnx", output=work / "model.int8.onnx", scan=scan, int8=True,
+                        calibration_patches=calibration, overwrite=True, min_dice=0.0)
+    t2 = time.perf_counter()
+    info = {"fp32_export_s": t1 - t0, "int8_export_s": t2 - t1,
+            "parity_fp32": [p.describe() for p in fp32.parity], "parity_int8": [p.describe() for p in int8.parity]}
+    return fp32.path, int8.path, info
+
+
+def summarise(bundle: ModelBundle, runs: dict[str, dict], references: list[np.ndarray] | None) -> dict:
+    """Per variant: seconds per scan, speed-up over eager fp32, Dice (vs reference labels or vs eager)."""
+    names = bundle.label_names
+    eager = runs["eager fp32"]
+    out: dict[str, dict] = {}
+    for name, run in runs.items():
+        agree = [mask_agreement(m, e, names) for m, e in zip(run["masks"], eager["masks"], strict=True)]
+        row = {
+            "sec_per_scan_mean": statistics.mean(run["seconds"]),
+            "sec_per_scan_median": statistics.median(run["seconds"]),
+            "speedup_vs_eager": statistics.mean(eager["seconds"]) / statistics.mean(run["seconds"]),
+            "build_s": run["build_s"], "warmup_s": run["warmup_s"],
+            "agreement_with_eager_mean": statistics.mean(statistics.mean(a.values()) for a in agree),
+            "agreement_with_eager_min": min(min(a.values()) for a in agree),
+        }
+        if references is not None:
+            dice = [mask_agreement(m, r, names) for m, r in zip(run["masks"], references, strict=True)]
+            per_class = {k: statistics.mean(d[k] for d in dice) for k in dice[0]}
+            row["dice_per_class"] = per_class
+            row["dice_mean"] = statistics.mean(per_class.values())
+        out[name] = row
+    if references is not None:
+        base = out["eager fp32"]["dice_mean"]
+        for row in out.values():
+            row["dice_change"] = row["dice_mean"] - base
+    return out
+
+
+def _needs_exports(args: argparse.Namespace) -> bool:
+    return not args.variants or any(w in name for w in args.variants for name in ("onnxruntime", "openvino", "int8"))
+
+
+def part_ct(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
+    scan = big_ct(args.ct_slices, work)
+    run = ct_lung_run(work / "ct_lung")
+    bundle = load_bundle(run)
+    shape = list(nib.load(str(scan)).shape)
+    log.info("ct: %s, scan %s", bundle.spec.name, shape)
+    # Parity on the middle 16 slices (80 mm) of the real CT: the checks cost 5 full-scan predictions.
+    fp32, int8, info = exports(run, work, parity_crop(16, work), args.calibration, _needs_exports(args))
+    runs: dict[str, dict] = {}
+    recorder: BatchSizes | None = None
+    head = {"scan_shape": shape, "network": "ct_lung (MONAI UNet 16-256, 2 res units; random weights)",
+            "roi_size": bundle.inference.roi_size, "sw_batch_size": bundle.inference.sw_batch_size,
+            "overlap": bundle.inference.overlap, "exports": info}
+    for name, factory in selected(variants(bundle, fp32, int8, None), args.variants).items():
+        log.info("ct: %s", name)
+        if recorder is None:  # eager fp32 comes first: it tells the window-batch sizes
+            recorder = BatchSizes(factory())
+            runs[name] = run_variant(bundle, lambda r=recorder: r, [scan], {bundle.inference.sw_batch_size})
+        else:
+            runs[name] = run_variant(bundle, factory, [scan], recorder.sizes)
+        log.info("ct: %s %.1f s", name, runs[name]["seconds"][0])
+        save(head | {"variants": summarise(bundle, runs, None)})  # a variant at a time: a cut run keeps its figures
+    return head | {"variants": summarise(bundle, runs, None)}
+
+
+def part_hippocampus(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
+    bundle = load_bundle(args.hippo_run)
+    manifest = load_manifest(REPO / "data_manifests" / "hippocampus.json")
+    cases = manifest.split("test")[: args.hippo_cases]
+    scans = [manifest.image_path(c) for c in cases]
+    labels = [np.asarray(nib.load(str(manifest.label_path(c))).dataobj).astype(np.uint8) for c in cases]
+    fp32, int8, info = exports(args.hippo_run, work, scans[0], args.calibration, _needs_exports(args))
+    head = {"cases": len(scans), "network": f"{bundle.network.architecture.name} (trained run {args.hippo_run.name})",
+            "roi_size": bundle.inference.roi_size, "exports": info}
+    # One untimed pass over every scan first: the file cache and per-shape caches would otherwise bill
+    # whichever variant runs first (measured: eager fp32 first took 4x as long as the same network later).
+    warm = Predictor(MainOutput(bundle.build_network()).eval(), bundle, CPU, mirror_axes=[])
+    for scan in scans:
+        warm.predict_scan(scan)
+    runs: dict[str, dict] = {}
+    for name, factory in selected(variants(bundle, fp32, int8, args.prune), args.variants).items():
+        log.info("hippocampus: %s", name)
+        runs[name] = run_variant(bundle, factory, scans)
+        log.info("hippocampus: %s %.3f s/scan", name, statistics.mean(runs[name]["seconds"]))
+        save(head | {"variants": summarise(bundle, runs, labels)})
+    return head | {"variants": summarise(bundle, runs, labels)}
+
+
+def section(results: dict) -> str:
+    """The docs/benchmarks.md section for the parts measured so far."""
+    lines = [DOCS_BEGIN, "## Export and CPU backends (`medseg export`, `medseg predict --backend`)", ""]
+    for part in ("ct", "hippocampus"):
+        res = results.get("parts", {}).get(part)
+        if res is None:
+            continue
+        meta = res["meta"]
+        if part == "ct":
+            lines += [f"### ct_lung network on a real-sized chest CT {'×'.join(map(str, res['scan_shape']))}", "",
+                      f"{res['network']}; patch {res['roi_size']}, sw_batch {res['sw_batch_size']}, overlap "
+                      f"{res['overlap']}. One scan, seconds end to end (read, preprocess, sliding window, invert). "
+                      "No trained lung model exists: the Dice column is the agreement of each mask with eager "
+                      "fp32's (an untrained network's margins are small, so this understates the agreement of a "
+                      "trained one)."]
+        else:
+            lines += [f"### Hippocampus (trained) on {res['cases']} test cases", "",
+                      f"{res['network']}; patch {res['roi_size']}. Seconds per scan end to end; Dice against the "
+                      "reference labels (mean of the two classes, mean over cases) and its change from eager fp32."]
+        lines += ["", f"Run on {meta['date']} with `{meta['command']}` ({meta['platform']}, torch {meta['torch']}, "
+                      f"{meta['threads']} threads; load average {meta['load_before']} before, {meta['load_after']} after). "
+                      "**The 2 CPU cores were shared with other agents' jobs**: absolute times are noisy, the ratios "
+                      "of one run are the meaningful figures.", ""]
+        if not meta.get("complete", True):
+            lines += ["**This run was cut short** (session deadline): the variants not in the table were not measured "
+                      "in it.", ""]
+        hippo = part == "hippocampus"
+        lines += ["| variant | s/scan | speed-up vs eager fp32 | " + ("Dice | Dice change | " if hippo else "")
+                  + "mask agreement with eager (mean / min) | warm-up s |",
+                  "|---|---|---|" + ("---|---|" if hippo else "") + "---|---|"]
+        for name, row in res["variants"].items():
+            dice = f"{row['dice_mean']:.4f} | {row['dice_change']:+.4f} | " if hippo else ""
+            lines.append(f"| {name} | {row['sec_per_scan_mean']:.2f} | {row['speedup_vs_eager']:.2f}× | {dice}"
+                         f"{row['agreement_with_eager_mean']:.4f} / {row['agreement_with_eager_min']:.4f} | "
+                         f"{row['warmup_s']:.1f} |")
+        ex = res["exports"]
+        lines += [""] if not ex else ["", f"Export with parity check: fp32 {ex['fp32_export_s']:.0f} s, int8 (with calibration) "
+                      f"{ex['int8_export_s']:.0f} s.", ""]
+    lines += ["All figures: [`benchmarks/export_backends.json`](benchmarks/export_backends.json).", "", DOCS_END]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(text_section: str, docs: Path) -> None:
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n\n"
+    if DOCS_BEGIN in text and DOCS_END in text:
+        head, rest = text.split(DOCS_BEGIN, 1)
+        text = head + text_section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + text_section
+    write_text_atomic(docs, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["ct", "hippocampus", "all"], default="all")
+    parser.add_argument("--ct-slices", type=int, default=200)
+    parser.add_argument("--hippo-run", type=Path, default=REPO / "runs" / "mr_hippocampus")
+    parser.add_argument("--hippo-cases", type=int, default=40)
+    parser.add_argument("--calibration", type=int, default=16, help="training patches for int8 calibration")
+    parser.add_argument("--prune", type=float, default=0.5, help="pruned variant's share of zeroed weights (0: none)")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks" / "export_backends.json")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="only the variants whose names contain one of these (eager fp32 always runs)")
+    parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
+    parser.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --output, measure nothing")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="result files of other runs of this script whose parts join --output (parts run apart)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for name in ("medseg", "onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    results = json.loads(args.output.read_text()) if args.output.exists() else {"parts": {}}
+    for other in args.merge:
+        results["parts"].update(json.loads(other.read_text())["parts"])
+    if args.merge:
+        write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
+    parts = ["ct", "hippocampus"] if args.part == "all" else [args.part]
+    for part in [] if args.docs_only else parts:
+        load_before = [round(x, 2) for x in os.getloadavg()]
+
+        def save(res: dict, complete: bool = False, part: str = part, load_before: list = load_before) -> None:
+            res["meta"] = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "command": "PYTHONPATH=$PWD python "
+                           + " ".join(["bench/export_backends.py", *sys.argv[1:]]),
+                           "platform": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+                           "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16_supported(),
+                           "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
+                           "complete": complete}
+            if args.output.exists():  # another part may be running into the same file: keep its figures
+                results["parts"] = json.loads(args.output.read_text())["parts"]
+            results["parts"][part] = res
+            write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
+
+        with tempfile.TemporaryDirectory(prefix=f"bench_export_{part}_") as tmp:
+            res = part_ct(args, Path(tmp), save) if part == "ct" else part_hippocampus(args, Path(tmp), save)
+        save(res, complete=True)
+        print(json.dumps({k: v for k, v in res.items() if k != "exports"}, indent=2))
+    if args.docs or args.docs_only:
+        update_docs(section(results), REPO / "docs" / "benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
