@@ -43,3 +43,7 @@ class GeometryError(ScanError):
 
 class OutputError(MedsegError):
     """An output location is unusable (unwritable, or two inputs map to one output)."""
+
+
+class PacsError(MedsegError):
+    """A PACS (DICOMweb server) is unreachable, refuses the credentials, times out or refuses a request."""
