@@ -72,7 +72,33 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict_dicomweb(args: argparse.Namespace) -> int:
+    from medseg.inference.pacs import describe, predict_study
+    from medseg.inference.predictor import Predictor
+    from medseg.io.dicomweb import DicomWebSettings
+
+    if not args.study:
+        raise MedsegError("--dicomweb needs --study UID (the study to segment)")
+    if args.input:
+        raise MedsegError("give either --input (local scans) or --dicomweb/--study (a study on a PACS), not both")
+    settings = DicomWebSettings(args.dicomweb, auth_file=args.dicomweb_auth_file, ca_file=args.dicomweb_ca_file,
+                                client_cert=args.dicomweb_client_cert, client_key=args.dicomweb_client_key,
+                                timeout_s=args.dicomweb_timeout)
+    predictor = Predictor.from_checkpoint(args.model if len(args.model) > 1 else args.model[0], args.device,
+                                          mirror=True if args.mirror else None, backend=args.backend,
+                                          model_file=args.model_file, precision=args.precision)
+    outcomes = predict_study(predictor, settings, args.study, args.output, modalities=args.modality)
+    print(describe(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    if args.dicomweb:
+        return _cmd_predict_dicomweb(args)
+    if args.study:
+        raise MedsegError("--study names a study on a PACS: give the server with --dicomweb URL")
+    if not args.input:
+        raise MedsegError("give the scans with --input (or a PACS study with --dicomweb URL --study UID)")
     common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
@@ -296,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, nargs="+", type=Path,
                    help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
+    p.add_argument("--input", nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"], default="auto",
@@ -325,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the exported file to run (default: RUN/exports/model.onnx or model.torchscript.pt)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: backends torch and openvino, on CPUs with bf16 instructions")
+    pacs = p.add_argument_group("a study on a PACS (DICOMweb), instead of --input; see docs/dicom.md")
+    pacs.add_argument("--dicomweb", metavar="URL", default=None,
+                      help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web; credentials come from "
+                           "$MEDSEG_DICOMWEB_AUTH or --dicomweb-auth-file ('user:password' or 'Bearer TOKEN')")
+    pacs.add_argument("--study", metavar="UID", default=None, help="StudyInstanceUID to segment; SEGs are stored back")
+    pacs.add_argument("--dicomweb-auth-file", type=Path, default=None, help="file holding the credentials")
+    pacs.add_argument("--dicomweb-ca-file", type=Path, default=None, help="CA bundle to verify the server's TLS certificate")
+    pacs.add_argument("--dicomweb-client-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS")
+    pacs.add_argument("--dicomweb-client-key", type=Path, default=None, help="its private key, if not in the certificate file")
+    pacs.add_argument("--dicomweb-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    pacs.add_argument("--modality", nargs="+", default=None,
+                      help="series modalities to segment (default: CT for a CT-windowed model, else MR)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("calibrate-qc", help="set a trained model's QC limits from its training and validation cases")

@@ -47,3 +47,7 @@ class OutputError(MedsegError):
 
 class ExportError(MedsegError):
     """A model cannot be exported, or its export differs from the eager model (nothing is written)."""
+
+
+class PacsError(MedsegError):
+    """A PACS (DICOMweb server) is unreachable, refuses the credentials, times out or refuses a request."""

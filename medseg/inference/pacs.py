@@ -1,0 +1,137 @@
+"""Segment a study that lives in a PACS: retrieve each accepted series over DICOMweb, predict it like any
+DICOM folder, store the DICOM-SEG back (STOW-RS).
+
+A rerun stores no duplicates: the SEG's series and instance UIDs are derived from the source series UID
+and the model's weights checksum, so the same model on the same series always makes the same UIDs, and a
+series already holding them is left alone. Series are done one by one; a failing series is reported and the
+others go on. Downloaded instances live in a temporary folder removed afterwards; masks and SEGs are written
+to the output folder under names derived from a hash of the series UID (never from DICOM tags).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medseg.atomic import write_atomic
+from medseg.errors import MedsegError, PacsError
+from medseg.inference.predictor import Predictor
+from medseg.inference.runner import predict_paths
+from medseg.io.dicomweb import (
+    DicomWebSettings,
+    connect,
+    download_series,
+    local_name,
+    series_present,
+    store,
+    study_series,
+)
+
+log = logging.getLogger(__name__)
+
+#: Modalities a model accepts by its intensity normalisation: Hounsfield-unit windows need CT; a model that
+#: z-scores each volume is taken to be an MR model (override with ``--modality``).
+CT_INTENSITIES = ("ct_window", "ct_zscore")
+
+
+@dataclass
+class SeriesOutcome:
+    """What happened to one series of the study: ``stored`` (SEG sent), ``present`` (this model's SEG of it is
+    already on the server), ``not-accepted`` (modality) or ``failed`` (with the reason)."""
+
+    name: str
+    modality: str
+    status: Literal["stored", "present", "not-accepted", "failed"]
+    message: str = ""
+    seg: Path | None = None
+
+
+def accepted_modalities(predictor: Predictor) -> tuple[str, ...]:
+    """The DICOM modalities a model is meant for, from its intensity normalisation."""
+    kind = predictor.bundle.spec.preprocessing.intensity.kind
+    return ("CT",) if kind in CT_INTENSITIES else ("MR",)
+
+
+def seg_uids(source_series_uid: str, weights_sha256: str) -> tuple[str, str]:
+    """The SEG's (series, instance) UIDs: new UIDs (2.25 form), but the same for one model and one series."""
+    from pydicom.uid import generate_uid
+
+    sources = [source_series_uid, weights_sha256, "medseg-seg"]
+    return (generate_uid(prefix=None, entropy_srcs=[*sources, "series"]),
+            generate_uid(prefix=None, entropy_srcs=[*sources, "instance"]))
+
+
+def _assign_uids(seg_path: Path, series_uid: str, instance_uid: str) -> object:
+    """Give the SEG file its derived UIDs (rewritten atomically, so the local copy equals the stored one)."""
+    import pydicom
+
+    ds = pydicom.dcmread(seg_path)
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = instance_uid
+    write_atomic(seg_path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
+    return ds
+
+
+def predict_study(predictor: Predictor, settings: DicomWebSettings, study_uid: str, output_dir: Path,
+                  modalities: Sequence[str] | None = None) -> list[SeriesOutcome]:
+    """Segment every series of ``study_uid`` whose modality the model accepts and store each SEG on the server.
+
+    Raises :class:`PacsError` when the server cannot be used at all (unreachable, credentials refused,
+    unknown study) or the study has no accepted series; a failure of one series is returned, not raised.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    modalities = tuple(m.upper() for m in (modalities or accepted_modalities(predictor)))
+    url = settings.url
+    client = connect(settings)
+    series = study_series(client, url, study_uid)
+    outcomes = [SeriesOutcome(local_name(s.uid), s.modality, "not-accepted",
+                              f"modality {s.modality or '?'} is not one of {', '.join(modalities)}")
+                for s in series if s.modality.upper() not in modalities]
+    accepted = [s for s in series if s.modality.upper() in modalities]
+    if not accepted:
+        found = sorted({s.modality or "?" for s in series})
+        raise PacsError(f"{url}: study {study_uid} has no series of modality {', '.join(modalities)} "
+                        f"(it has {', '.join(found)}); pass --modality to choose others")
+    sha = predictor.bundle.spec.provenance.weights_sha256
+    for info in accepted:
+        name = local_name(info.uid)
+        series_uid, instance_uid = seg_uids(info.uid, sha)
+        try:
+            if series_present(client, url, study_uid, series_uid):
+                outcomes.append(SeriesOutcome(name, info.modality, "present",
+                                              "this model's segmentation is already on the server"))
+                continue
+            with tempfile.TemporaryDirectory(prefix="medseg-dicomweb-") as tmp:
+                folder = download_series(client, url, study_uid, info.uid, Path(tmp))
+                summary = predict_paths(None, [folder], output_dir, overwrite=True, predictor=predictor,
+                                        output_format="both")
+            if summary.failed:
+                failure = summary.failed[0]
+                outcomes.append(SeriesOutcome(name, info.modality, "failed", f"{failure.error}: {failure.message}"))
+                continue
+            seg_path = output_dir / f"{name}.seg.dcm"
+            if not seg_path.is_file():
+                outcomes.append(SeriesOutcome(name, info.modality, "failed", "no segmentation was written "
+                                              "(see the predict messages above)"))
+                continue
+            store(client, url, [_assign_uids(seg_path, series_uid, instance_uid)])
+            outcomes.append(SeriesOutcome(name, info.modality, "stored", seg=seg_path))
+        except MedsegError as exc:
+            log.debug("series %s failed", name, exc_info=True)
+            outcomes.append(SeriesOutcome(name, info.modality, "failed", f"{type(exc).__name__}: {exc}"))
+    return outcomes
+
+
+def describe(outcomes: Sequence[SeriesOutcome]) -> str:
+    """A few lines for the terminal."""
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("stored", "present", "not-accepted", "failed")}
+    lines = [f"{counts['stored']} segmentation(s) stored, {counts['present']} already on the server, "
+             f"{counts['not-accepted']} series of other modalities, {counts['failed']} failed"]
+    lines += [f"  {o.status.upper()} {o.name} ({o.modality}): {o.message}" for o in outcomes if o.status == "failed"]
+    return "\n".join(lines)
