@@ -14,7 +14,8 @@ from medseg.io.scans import ScanReader
 IMAGE, LABEL = "image", "label"
 
 
-def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
+def intensity_transforms(cfg: IntensityConfig) -> list[mt.MapTransform]:
+    """The intensity steps of the preprocessing (on ``IMAGE``), applied after resampling."""
     if cfg.kind == "ct_window":
         return [mt.ScaleIntensityRanged(IMAGE, a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0, b_max=1.0, clip=True)]
     if cfg.kind == "ct_zscore":
@@ -43,7 +44,7 @@ def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABE
     if pre.spacing is not None:
         modes = tuple("bilinear" if k == IMAGE else "nearest" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=modes))
-    steps += _intensity(pre.intensity)
+    steps += intensity_transforms(pre.intensity)
     return mt.Compose(steps)
 
 
