@@ -77,6 +77,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         mirror=True if args.mirror else None,
+        max_memory_gib=args.max_memory_gib,
     )
     print(summary.describe())
     if args.report:
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="memory cap for this run (GiB, default $MEDSEG_MAX_MEMORY_GIB, else the container limit or "
+                        "available memory): scans needing more are refused before they are read and the batch goes on")
     p.add_argument("--report", action="store_true",
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,

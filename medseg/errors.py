@@ -43,3 +43,7 @@ class GeometryError(ScanError):
 
 class OutputError(MedsegError):
     """An output location is unusable (unwritable, or two inputs map to one output)."""
+
+
+class ScanTooLargeError(ScanError):
+    """Predicting a scan would need more memory than this process may use (refused before loading it)."""

@@ -11,6 +11,8 @@ import io
 import logging
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.errors import MedsegError, OutputError
+from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
 from medseg.io.scans import Scan, find_scans, load_scan
@@ -208,12 +211,26 @@ class PredictBatch:
     output_dir: Path
     overwrite: bool
     at_start: dict[str, tuple[int, int, int, int] | None]
+    #: Memory cap for the process in GiB (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
+    max_memory_gib: float | None = None
+    _budget: MemoryBudget | None = field(default=None, repr=False)
 
     def target(self, scan: Scan) -> Path:
         return output_path(self.output_dir, scan)
 
+    def memory(self) -> MemoryBudget:
+        """The memory one scan may use, measured once (after the model is loaded, at the first scan)."""
+        if self._budget is None:
+            self._budget = MemoryBudget.measure(self.max_memory_gib)
+        return self._budget
 
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False) -> PredictBatch:
+    def todo(self, scan: Scan) -> bool:
+        """Whether ``scan`` is to be predicted (its mask was absent at the start, or ``overwrite``)."""
+        return self.overwrite or self.at_start[scan.case_id] is None
+
+
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
+                  max_memory_gib: float | None = None) -> PredictBatch:
     """Find the scans, refuse bad outputs before any work, clean a killed run's temporaries."""
     output_dir = Path(output_dir)
     scans = find_scans(inputs)
@@ -222,7 +239,7 @@ def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = Fa
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
     at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start)
+    return PredictBatch(scans, output_dir, overwrite, at_start, max_memory_gib)
 
 
 def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
@@ -230,31 +247,79 @@ def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, tar
     save_atomic(mask, target)
 
 
+def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
+    """What predicting ``scan`` needs, from its header alone (NIfTI); None when unknown before loading (DICOM)."""
+    if scan.kind != "nifti":
+        return None
+    pre = predictor.bundle.spec.preprocessing
+    return nifti_header_size(scan.path, pre.orientation, pre.spacing, predictor.bundle.network.num_classes)
+
+
+def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
+    """Read a scan, refusing first (:class:`~medseg.errors.ScanTooLargeError`) one whose prediction would not
+    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting."""
+    size = header_size(predictor, scan)
+    if size is not None:
+        batch.memory().check(scan.path, size)
+    image = load_scan(scan)
+    if size is None:
+        pre = predictor.bundle.spec.preprocessing
+        batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine,
+                                                  pre.orientation, pre.spacing, predictor.bundle.network.num_classes))
+    return image
+
+
+def _failed(scan: Scan, target: Path, exc: Exception) -> ScanOutcome:
+    if not isinstance(exc, MedsegError):  # one broken scan must not stop a batch of hundreds
+        log.debug("unexpected error on %s", scan.path, exc_info=exc)
+    return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+
+
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
     """Predict one scan of ``batch`` and write its outputs, unless its mask exists or another run holds it.
 
     Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
     """
+    outcome = _predict(predictor, scan, batch)
+    assert isinstance(outcome, ScanOutcome)
+    return outcome
+
+
+def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Future[nib.Nifti1Image] | None = None,
+             writer: ThreadPoolExecutor | None = None) -> ScanOutcome | Future[ScanOutcome]:
+    """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
+    ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
     target = batch.target(scan)
-    if batch.at_start[scan.case_id] is not None and not batch.overwrite:
+    if not batch.todo(scan):
         return ScanOutcome(scan.path, target, "skipped")
     held = claim(target)
     if held is None:
         return ScanOutcome(scan.path, target, "claimed")
-    with held:
+    with ExitStack() as stack:
+        stack.enter_context(held)
         if _identity(target) != batch.at_start[scan.case_id]:
             return ScanOutcome(scan.path, target, "claimed")
         for tmp in temporaries(target):  # a killed writer's; we hold the claim, so nobody writes them now
             tmp.unlink(missing_ok=True)
         try:
-            image = load_scan(scan)
-            write_outputs(scan, image, predictor.predict_image(image), target)
-            return ScanOutcome(scan.path, target, "written")
-        except MedsegError as exc:
-            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
-        except Exception as exc:  # one broken scan must not stop a batch of hundreds
-            log.debug("unexpected error on %s", scan.path, exc_info=True)
-            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
+            mask = predictor.predict_image(image)
+            if writer is None:
+                write_outputs(scan, image, mask, target)
+                return ScanOutcome(scan.path, target, "written")
+        except Exception as exc:
+            return _failed(scan, target, exc)
+        owned = stack.pop_all()
+
+    def write() -> ScanOutcome:
+        with owned:
+            try:
+                write_outputs(scan, image, mask, target)
+                return ScanOutcome(scan.path, target, "written")
+            except Exception as exc:
+                return _failed(scan, target, exc)
+
+    return writer.submit(write)
 
 
 def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> PredictSummary:
@@ -266,20 +331,56 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
     return summary
 
 
+def _next_todo(batch: PredictBatch, index: int) -> Scan | None:
+    return next((s for s in batch.scans[index + 1:] if batch.todo(s)), None)
+
+
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None) -> PredictSummary:
+                  mirror: bool | None = None, max_memory_gib: float | None = None) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
     ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
 
-    One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
-    Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
-    where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
+    One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on;
+    a scan whose prediction would not fit in memory (``max_memory_gib``, see :mod:`medseg.inference.memory`)
+    is refused before it is read. Existing masks are skipped unless ``overwrite``; masks are written
+    atomically, so a killed run resumes where it stopped. Each scan is claimed first: scans another run on
+    the folder is doing are left to it.
+
+    While the network runs on one scan, the next is read and the previous one's outputs are written, in one
+    background thread each (when the memory budget holds all three).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite)
+    batch = prepare_batch(inputs, output_dir, overwrite, max_memory_gib)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
-    outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
-                                                                      disable=None)]
+    results: list[ScanOutcome | Future[ScanOutcome]] = []
+    with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
+        ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None
+        writing: tuple[Future[ScanOutcome], int] | None = None  # the last write job and the bytes it holds
+        for index, scan in enumerate(tqdm(batch.scans, desc="predict", unit="scan", disable=None)):
+            loaded = ahead[1] if ahead is not None and ahead[0] is scan else None
+            ahead = None
+            budget = batch.memory().bytes
+            size = header_size(predictor, scan) if batch.todo(scan) else None
+            need = size.peak_bytes if size is not None else None
+            held = writing[1] if writing is not None else 0
+            if writing is not None and budget is not None and (need is None or need + held > budget):
+                writing[0].result()  # the previous scan's outputs and this scan do not fit together
+                held = 0
+            following = _next_todo(batch, index)
+            if following is not None:
+                upcoming = header_size(predictor, following)
+                fits = budget is None or (need is not None and upcoming is not None
+                                          and need + held + 2 * upcoming.scan_bytes <= budget)
+                if fits:  # read while this one is predicted (a gzip read briefly holds the file twice)
+                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch))
+            result = _predict(predictor, scan, batch, loaded, writer)
+            if writing is not None:
+                writing[0].result()  # at most one write pending: its memory stays bounded
+                writing = None
+            if isinstance(result, Future):
+                writing = (result, size.scan_bytes + size.voxels if size is not None else 0)
+            results.append(result)
+    outcomes = [r.result() if isinstance(r, Future) else r for r in results]
     return finish_batch(batch, outcomes)
