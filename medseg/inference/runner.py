@@ -247,12 +247,19 @@ def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, tar
     save_atomic(mask, target)
 
 
+def _grid_of(predictor: Predictor) -> tuple[str, tuple[float, ...] | None, int] | None:
+    """Orientation, model spacing and class count of the predictor's model (None for a stand-in without a bundle)."""
+    bundle = getattr(predictor, "bundle", None)
+    if bundle is None:
+        return None
+    pre = bundle.spec.preprocessing
+    return pre.orientation, pre.spacing, bundle.network.num_classes
+
+
 def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
     """What predicting ``scan`` needs, from its header alone (NIfTI); None when unknown before loading (DICOM)."""
-    if scan.kind != "nifti":
-        return None
-    pre = predictor.bundle.spec.preprocessing
-    return nifti_header_size(scan.path, pre.orientation, pre.spacing, predictor.bundle.network.num_classes)
+    grid = _grid_of(predictor)
+    return None if scan.kind != "nifti" or grid is None else nifti_header_size(scan.path, *grid)
 
 
 def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
@@ -262,10 +269,9 @@ def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -
     if size is not None:
         batch.memory().check(scan.path, size)
     image = load_scan(scan)
-    if size is None:
-        pre = predictor.bundle.spec.preprocessing
-        batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine,
-                                                  pre.orientation, pre.spacing, predictor.bundle.network.num_classes))
+    grid = _grid_of(predictor)
+    if size is None and grid is not None:
+        batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine, *grid))
     return image
 
 
