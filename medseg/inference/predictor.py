@@ -127,8 +127,7 @@ class Predictor:
                 forward = self._forward_with(model)
                 for axis in [None, *self.mirror_axes]:
                     flip = [] if axis is None else [axis + 2]
-                    logits = self.inferer(torch.flip(image, flip) if flip else image, forward).float()
-                    p = torch.softmax(logits, dim=1)
+                    p = _softmax_(self.inferer(torch.flip(image, flip) if flip else image, forward).float())
                     p = torch.flip(p, flip) if flip else p
                     probs = p if probs is None else probs + p
         assert probs is not None
@@ -175,6 +174,12 @@ class Predictor:
     def predict_scan(self, scan: Scan | Path) -> nib.Nifti1Image:
         """Read a scan (NIfTI file or DICOM series) and return its label map on the scan's grid."""
         return self.predict_image(load_scan(scan))
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the class axis (1), in place: a model-grid K-class array is the largest thing predict holds."""
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
 def keep_largest_components(labels: np.ndarray, classes: Sequence[int]) -> None:
