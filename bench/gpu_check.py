@@ -173,7 +173,7 @@ def main() -> None:
     config = make_config(args.small)
     emit({"check": "device", "device": device.type,
           "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}, args.out)
-    emit(amp_train(config, device, steps=3 if args.small else 20), args.out)
+    emit(amp_train(config, device, steps=1 if args.small else 20), args.out)
     if not args.skip_compile:
         emit(compiled(config, device), args.out)
     model = bundle_file(config, args.work)
