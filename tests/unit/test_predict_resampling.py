@@ -221,3 +221,19 @@ def test_read_ahead_and_background_writes_keep_order_failures_and_claims(tmp_pat
     for name in ["a", "b", "e"]:
         mask = nib.load(out / f"{name}.nii.gz")
         np.testing.assert_array_equal(mask.affine, nib.load(inputs / f"{name}.nii.gz").affine)
+
+
+def test_cli_max_memory_gib_reaches_the_batch(tmp_path, monkeypatch):
+    from medseg.cli import main
+    from medseg.inference.runner import PredictSummary
+
+    seen = {}
+
+    def fake_predict_paths(**kwargs):
+        seen.update(kwargs)
+        return PredictSummary(tmp_path)
+
+    monkeypatch.setattr(runner, "predict_paths", fake_predict_paths)
+    assert main(["predict", "--model", str(tmp_path / "m"), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--max-memory-gib", "3.5"]) == 0
+    assert seen["max_memory_gib"] == 3.5
