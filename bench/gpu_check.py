@@ -110,16 +110,23 @@ def bundle_file(config, work: Path) -> Path:
 
 
 def ct(shape: tuple[int, int, int], work: Path) -> Path:
-    """A CT of ``shape``: the real lung CT resampled along z when ../shared is present, else synthetic."""
+    """A CT of ``shape``: the real lung CT (centre crop in-plane, resampled along z) when ../shared is
+    present, else synthetic."""
     path = work / f"ct_{'x'.join(map(str, shape))}.nii.gz"
     lung = REPO.parent / "shared" / "data" / "lung_ct" / "lung1_ct.nii.gz"
     if lung.is_file():
         from scipy import ndimage
 
         img = nib.load(lung)
-        data = np.asarray(img.dataobj).astype(np.float32)
-        data = ndimage.zoom(data, np.divide(shape, data.shape), order=1, grid_mode=True, mode="nearest")
-        affine = img.affine @ np.diag([*(np.divide(img.shape, shape)), 1.0])
+        x0, y0 = (img.shape[0] - shape[0]) // 2, (img.shape[1] - shape[1]) // 2
+        z0 = max(img.shape[2] - shape[2], 0) // 2  # small CTs: a crop in z too, at the scan's spacing
+        crop = img.slicer[x0:x0 + shape[0], y0:y0 + shape[1], z0:z0 + min(shape[2], img.shape[2])]
+        data = np.asarray(crop.dataobj).astype(np.float32)
+        ratio = shape[2] / data.shape[2]
+        data = ndimage.zoom(data, (1, 1, ratio), order=1, grid_mode=True, mode="nearest")
+        affine = crop.affine.copy()
+        affine[:3, 2] /= ratio
+        affine[:3, 3] += crop.affine[:3, 2] * (1 / ratio - 1) / 2  # same extent along z
     else:
         rng = np.random.default_rng(0)
         data = rng.normal(-700, 200, shape).astype(np.float32)
@@ -128,8 +135,8 @@ def ct(shape: tuple[int, int, int], work: Path) -> Path:
     return path
 
 
-def sliding_window(model: Path, device: torch.device, work: Path) -> dict:
-    scan = nib.load(ct((128, 128, 40), work))
+def sliding_window(model: Path, device: torch.device, work: Path, shape: tuple[int, int, int]) -> dict:
+    scan = nib.load(ct(shape, work))
     scan = nib.Nifti1Image(np.asarray(scan.dataobj), scan.affine)
     predictor = Predictor.from_checkpoint(model, str(device))
     seen: dict[str, str] = {}
@@ -177,8 +184,8 @@ def main() -> None:
     if not args.skip_compile:
         emit(compiled(config, device), args.out)
     model = bundle_file(config, args.work)
-    emit(sliding_window(model, device, args.work), args.out)
-    emit(end_to_end(model, device, args.work, (128, 128, 40) if args.small else (512, 512, 300)), args.out)
+    emit(sliding_window(model, device, args.work, (96, 96, 12) if args.small else (192, 192, 48)), args.out)
+    emit(end_to_end(model, device, args.work, (96, 96, 12) if args.small else (512, 512, 300)), args.out)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # which checks the script's logic only (its numbers say nothing about a GPU).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
-#   bash bench/gpu_check.sh --small    # logic check on a CPU (about a minute)
+#   bash bench/gpu_check.sh --small    # logic check on a CPU (a few minutes on a busy 2-core machine)
+# Needs medseg's dependencies in $PYTHON (default python), e.g. after scripts/setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
