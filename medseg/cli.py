@@ -56,6 +56,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from medseg.planning.planner import PlanOptions, write_plan
 
+    def intensity_kinds(intensity) -> str:
+        return "/".join(i.kind for i in intensity) if isinstance(intensity, list) else intensity.kind
+
     target = {"auto": None, "cpu": False, "cuda": True}[args.target]
     options = PlanOptions(name=args.name or args.output.stem, output_dir=args.run_dir, memory_gib=args.memory_gib,
                           base_features=args.base_features, cuda=target)
@@ -63,22 +66,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                                                        max_cases=args.max_cases, overwrite=args.overwrite)
     print(f"wrote {fingerprint_path}\nwrote {config_path}: {config.model.spatial_dims}D {config.model.name}, "
           f"patch {config.train.patch_size}, batch {config.train.batch_size}, spacing {list(config.preprocessing.spacing or [])} mm, "
-          f"{config.preprocessing.intensity.kind} normalisation")
+          f"{intensity_kinds(config.preprocessing.intensity)} normalisation")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from medseg.inference.runner import predict_paths
+    common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
+              "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
+              "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
+              "preview": args.preview}
+    if args.ray is not None:
+        from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
-    summary = predict_paths(
-        model=args.model if len(args.model) > 1 else args.model[0],
-        inputs=args.input,
-        output_dir=args.output,
-        overwrite=args.overwrite,
-        device=args.device,
-        mirror=True if args.mirror else None,
-        max_memory_gib=args.max_memory_gib,
-    )
+        summary = predict_paths_ray(**common, address=args.ray, actors=args.ray_actors,
+                                    cpus_per_actor=args.ray_cpus_per_actor or 1)
+    else:
+        if args.ray_actors is not None or args.ray_cpus_per_actor is not None:
+            raise MedsegError("--ray-actors and --ray-cpus-per-actor need --ray auto|ADDRESS")
+        from medseg.inference.runner import predict_paths
+
+        summary = predict_paths(**common, max_memory_gib=args.max_memory_gib)
     print(summary.describe())
     if args.report:
         from medseg.evaluation.runner import lesion_inventory
@@ -92,6 +99,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         inventory = lesion_inventory(args.output, classes, label_names=bundle.label_names, config=evaluate)
         print("lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
+
+
+def _cmd_calibrate_qc(args: argparse.Namespace) -> int:
+    from medseg.training.qc_calibration import calibrate_run
+
+    bundle = calibrate_run(args.run, manifest_path=args.manifest, device=args.device)
+    qc = bundle.spec.qc
+    assert qc is not None
+    print(f"QC limits written to {bundle.path}: modality {qc.modality}, spacing {qc.spacing_mm_low}-{qc.spacing_mm_high} mm, "
+          f"max foreground entropy {qc.max_foreground_entropy}, max low-confidence share {qc.max_low_confidence_share}")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -126,7 +144,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model,
                               images_dir=args.images, config=config, **options)
     print(result.describe())
-    return 0
+    return 1 if result.failures else 0  # some cases failed: the others are written (docs/evaluation.md)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -177,6 +195,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medseg.serving.app import MiB, ServeSettings
+    from medseg.serving.auth import TokenSet
+    from medseg.serving.server import serve
+
+    settings = ServeSettings(
+        model=args.run, data_dir=args.data_dir, tokens=TokenSet.from_sources(token_file=args.token_file),
+        insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
+        workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
+        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease)
+    serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+          forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
+    return 0
+
+
 EXAMPLES = """\
 examples:
   medseg demo                                    synthetic phantoms: train -> predict -> evaluate (a few minutes)
@@ -185,6 +218,7 @@ examples:
   medseg train ct_lung.yaml                      a bare name finds a shipped config
   medseg predict --model runs/ct_lung --input scans/ --output masks/
   medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
+  MEDSEG_API_TOKENS=... medseg serve runs/ct_lung   HTTP service: POST a scan, GET its mask (docs/serving.md)
 
 'medseg VERB --help' shows a verb's options and their defaults.
 """
@@ -248,18 +282,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, nargs="+", type=Path,
                    help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
-    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders")
+    p.add_argument("--input", required=True, nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--max-memory-gib", type=float, default=None,
                    help="memory cap for this run (GiB, default $MEDSEG_MAX_MEMORY_GIB, else the container limit or "
                         "available memory): scans needing more are refused before they are read and the batch goes on")
+    p.add_argument("--no-statistics", action="store_true",
+                   help="skip statistics.csv/json (per-class volume, intensities, box, components) and the QC flags")
+    p.add_argument("--preview", action="store_true",
+                   help="write <case>.preview.png: three planes through each predicted structure")
     p.add_argument("--report", action="store_true",
                    help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
                    help="classes for --report (default: the model config's evaluate.lesion_classes)")
+    p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="spread the scans over Ray actors (pip install 'medseg[ray]'): auto joins the cluster "
+                        "started on this machine (or RAY_ADDRESS), else starts a local one; or a cluster address")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="Ray actors, each loading the model once (default: one per GPU of the cluster, else "
+                        "one per --ray-cpus-per-actor CPUs)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=None,
+                   help="CPUs (torch threads) per Ray actor (default 1)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("calibrate-qc", help="set a trained model's QC limits from its training and validation cases")
+    p.add_argument("run", type=Path, help="run folder (its best.pt) or model file")
+    p.add_argument("--manifest", type=Path, default=None, help="manifest to read the cases from (default: the one it was trained on)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.set_defaults(func=_cmd_calibrate_qc)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted masks")
@@ -302,6 +354,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds")
     p.add_argument("--name", default=None, help="manifest name (default: dataset.json's name)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("serve", help="HTTP service: segment uploaded scans as jobs (docs/serving.md)")
+    p.add_argument("run", type=Path, help="run folder or model file to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--data-dir", type=Path, default=Path("medseg_serve"),
+                   help="job store, uploads, masks and audit log; replicas on one host share it")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="bearer tokens, one a line (added to $MEDSEG_API_TOKENS, comma-separated)")
+    p.add_argument("--insecure-local", action="store_true", help="serve without tokens (loopback addresses only)")
+    p.add_argument("--workers", type=int, default=1, help="inference threads in this process sharing one loaded model (0: API only)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--max-queue", type=int, default=64, help="queued + running jobs before new uploads get 429")
+    p.add_argument("--max-upload-mb", type=float, default=512, help="upload size cap, MiB (checked while reading)")
+    p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")
+    p.add_argument("--lease", type=float, default=30, help="seconds a worker's claim on a job lasts without renewal")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (CORS off by default)")
+    p.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, help="TLS private key (PEM)")
+    p.add_argument("--forwarded-allow-ips", default=None, help="proxy addresses whose X-Forwarded-* headers are trusted")
+    p.add_argument("--root-path", default=None, help="path prefix when served behind a reverse proxy under a sub-path")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="synthetic CT phantoms: train, predict and evaluate end to end")
     p.add_argument("--output-dir", type=Path, default=Path("medseg_demo"), help="folder for the phantoms, run, masks and report")

@@ -95,7 +95,16 @@ class PreprocessingConfig(_Section):
     orientation: str = Field(default="RAS", pattern=r"^[RLAPSI]{3}$")
     spacing: tuple[float, float, float] | None = Field(
         default=None, strict=False, description="target spacing in mm; null keeps the scan's")  # from a YAML list
-    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    intensity: IntensityConfig | list[IntensityConfig] = Field(
+        default_factory=IntensityConfig,
+        description="one normalisation for every input channel, or a list: one per channel, in channel order")
+
+    @field_validator("intensity")
+    @classmethod
+    def _some_channel(cls, v: IntensityConfig | list[IntensityConfig]) -> IntensityConfig | list[IntensityConfig]:
+        if isinstance(v, list) and not v:
+            raise ValueError("a per-channel intensity list needs one entry per input channel, got none")
+        return v
 
     @field_validator("orientation")
     @classmethod

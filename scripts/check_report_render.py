@@ -26,7 +26,11 @@ from matplotlib.image import imread
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
 _EMBEDDED = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
-_EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*['"](?!data:|#)([^'"]+)['"]""", re.IGNORECASE)
+# Resources the page would load (images, scripts, stylesheets) must be embedded; hyperlinks (<a href>) may go
+# to the page itself (#id, which must exist) or to a web address, never to a relative file a copy lacks.
+_EXTERNAL = re.compile(r"""(?:\bsrc|<(?!a\b)\w+[^>]*\bhref)\s*=\s*['"](?!data:|#)([^'"]+)['"]""", re.IGNORECASE)
+_LINKS = re.compile(r"""<a\b[^>]*\bhref\s*=\s*['"]([^'"]+)['"]""", re.IGNORECASE)
+_IDS = re.compile(r"""\bid\s*=\s*['"]([^'"]+)['"]""", re.IGNORECASE)
 
 
 def find_chromium() -> str | None:
@@ -64,6 +68,13 @@ def check_html(text: str) -> list[str]:
     external = _EXTERNAL.findall(text)
     if external:
         problems.append(f"references outside the file: {external[:3]}")
+    ids = set(_IDS.findall(text))
+    for link in _LINKS.findall(text):
+        if link.startswith("#"):
+            if link[1:] not in ids:
+                problems.append(f"link {link} points to no element of the page")
+        elif not link.startswith(("https://", "http://")):
+            problems.append(f"link {link} is relative: it breaks when the report is copied or medseg is pip-installed")
     return problems
 
 

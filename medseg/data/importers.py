@@ -6,8 +6,12 @@ Both layouts are first read into a :class:`SourceDataset` (cases with one path p
 then one function turns that into a manifest, so the two formats share every rule: label values
 0..N-1, modality from the channel names, seeded cross-validation folds, unlabelled test cases.
 
+Several input channels (nnU-Net's ``CASE_0000``, ``CASE_0001`` files) become multi-channel cases: one
+image path per channel and the manifest's ``channels`` named from ``channel_names``.
+
 What medseg cannot train yet is refused with the reason: nnU-Net regions (a label given as a list of
-values), nnU-Net's ``ignore`` label, label values with gaps, and more than one input channel.
+values), nnU-Net's ``ignore`` label, label values with gaps, and Decathlon multi-modal tasks (channels
+in the 4th dimension of one image).
 """
 
 from __future__ import annotations
@@ -287,21 +291,19 @@ def _image_channels(path: Path) -> int:
     return int(shape[3]) if len(shape) >= 4 else 1
 
 
-def check_single_channel(source: SourceDataset) -> None:
-    """Refuse a data set with more than one input channel: medseg's models take one so far.
-
-    Channels are files per case (nnU-Net) or the 4th dimension of one image (Decathlon); the first case is
-    enough to tell, as both layouts require every case to have the same channels.
-    """
-    names = source.channel_names
-    count = len(names)
-    if count == 1 and source.layout == "msd" and source.training:
-        count = _image_channels(source.training[0].channels[0])
-        if count > 1:
-            names = [f"{names[0]} {i}" for i in range(count)]
-    if count > 1:
-        raise ManifestError(f"{source.folder / 'dataset.json'}: dataset has {count} channels ({', '.join(names)}); "
-                            "medseg models take one channel so far")
+def check_channel_files(source: SourceDataset) -> None:
+    """Refuse channels stored in the 4th dimension of one image (Decathlon multi-modal tasks): medseg reads
+    one 3D file per channel (nnU-Net layout). The first case is enough to tell, as every case has the
+    same channels."""
+    if source.layout != "msd" or not source.training:
+        return
+    count = _image_channels(source.training[0].channels[0])
+    if count > 1 or len(source.channel_names) > 1:
+        count = max(count, len(source.channel_names))
+        raise ManifestError(f"{source.folder / 'dataset.json'}: this Decathlon task keeps {count} channels "
+                            f"({', '.join(source.channel_names)}) in the 4th dimension of one image; medseg reads one "
+                            "3D file per channel: split each image into CASE_0000.nii.gz, CASE_0001.nii.gz, ... "
+                            "(nnU-Net layout) and use 'medseg import nnunet'")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -317,10 +319,16 @@ def manifest_from_source(source: SourceDataset, manifest_path: Path, folds: int 
     ``splits`` train/val is fold 0; ``folds=0`` puts every training case in ``train`` and none in ``val``.
     Unlabelled test images are cases without labels in the ``test`` split.
     """
-    check_single_channel(source)
+    check_channel_files(source)
     root = Path(manifest_path).absolute().parent
-    cases = [ManifestCase(id=c.id, image=_relative(c.channels[0], root),
-                          label=_relative(c.label, root) if c.label else None) for c in (*source.training, *source.test)]
+    multi = len(source.channel_names) > 1
+
+    def image(case: SourceCase) -> str | list[str]:
+        paths = [_relative(p, root) for p in case.channels]
+        return paths if multi else paths[0]
+
+    cases = [ManifestCase(id=c.id, image=image(c), label=_relative(c.label, root) if c.label else None)
+             for c in (*source.training, *source.test)]
     ids = [c.id for c in cases]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
@@ -337,12 +345,13 @@ def manifest_from_source(source: SourceDataset, manifest_path: Path, folds: int 
         splits = {"train": sorted(train_ids), "val": []}
     splits["test"] = sorted(c.id for c in source.test)
     outside = any(not (root.resolve() / p).resolve().is_relative_to(root.resolve())
-                  for c in cases for p in (c.image, c.label) if p)
+                  for c in cases for p in (*c.images, c.label) if p)
     return Manifest(
         name=name or source.name,
         description=source.description,
         modality=modality_of(source.channel_names),
         labels=source.labels,
+        channels=list(source.channel_names) if multi else [],
         cases=cases,
         splits=splits,
         folds=fold_list,

@@ -9,6 +9,9 @@ Example (see ``data_manifests/example.json``)::
       "cases": [{"id": "case_000", "image": "images/case_000.nii.gz", "label": "labels/case_000.nii.gz"}],
       "splits": {"train": ["case_000"], "val": [], "test": []}
     }
+
+Multi-channel cases (T1/T2, CT+PET) list one file per channel, all on one voxel grid, and the manifest
+may name the channels: ``"channels": ["T1", "T2"]``, ``"image": ["t1/case_000.nii.gz", "t2/case_000.nii.gz"]``.
 """
 
 from __future__ import annotations
@@ -31,12 +34,25 @@ from medseg.errors import ManifestError
 
 
 class ManifestCase(BaseModel):
-    """One case: an image (NIfTI file or DICOM series folder) and optionally its label map."""
+    """One case: an image (NIfTI file or DICOM series folder), or a list of them (one per input channel, on
+    one voxel grid), and optionally its label map (on the first channel's grid)."""
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    image: str
+    image: str | list[str] = Field(description="image path, or one path per input channel")
     label: str | None = None
+
+    @field_validator("image")
+    @classmethod
+    def _some_image(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("a list of channel images needs at least one path")
+        return v
+
+    @property
+    def images(self) -> list[str]:
+        """The case's image paths as written, one per channel."""
+        return [self.image] if isinstance(self.image, str) else list(self.image)
 
 
 class Manifest(BaseModel):
@@ -47,6 +63,8 @@ class Manifest(BaseModel):
     description: str = ""
     modality: Literal["CT", "MR", "other"] = "CT"
     labels: dict[int, str]
+    channels: list[str] = Field(default_factory=list,
+                                description="names of the input channels (e.g. T1, T2); every case lists that many images")
     cases: list[ManifestCase]
     splits: dict[str, list[str]] = Field(default_factory=dict)
     folds: list[dict[str, list[str]]] = Field(default_factory=list)
@@ -71,6 +89,14 @@ class Manifest(BaseModel):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"case ids must be unique, repeated: {dup}")
+        counts = sorted({len(c.images) for c in self.cases})
+        if len(counts) > 1:
+            odd = next(c for c in self.cases if len(c.images) != len(self.cases[0].images))
+            raise ValueError(f"every case must list the same number of channel images: case '{self.cases[0].id}' has "
+                             f"{len(self.cases[0].images)}, case '{odd.id}' has {len(odd.images)}")
+        if self.channels and counts and counts[0] != len(self.channels):
+            raise ValueError(f"'channels' names {len(self.channels)} channel(s) ({', '.join(self.channels)}) but cases "
+                             f"list {counts[0]} image(s) each")
         known = set(ids)
         for name, members in [*self.splits.items(), *((f"folds[{i}].{k}", v) for i, f in enumerate(self.folds) for k, v in f.items())]:
             unknown = [m for m in members if m not in known]
@@ -88,9 +114,28 @@ class Manifest(BaseModel):
         """Number of classes including background."""
         return len(self.labels)
 
+    @property
+    def num_channels(self) -> int:
+        """Input channels per case (images listed per case; 1 for a plain image path)."""
+        if self.channels:
+            return len(self.channels)
+        return len(self.cases[0].images) if self.cases else 1
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The channels' names: ``channels``, or the modality for one channel, or ``channel_N``."""
+        if self.channels:
+            return list(self.channels)
+        n = self.num_channels
+        return [self.modality] if n == 1 else [f"channel_{i}" for i in range(n)]
+
     def image_path(self, case: ManifestCase) -> Path:
-        """Absolute path of a case's image."""
-        return (self.root / case.image).resolve()
+        """Absolute path of a case's image (its first channel's, whose grid labels and masks share)."""
+        return (self.root / case.images[0]).resolve()
+
+    def image_paths(self, case: ManifestCase) -> list[Path]:
+        """Absolute paths of a case's channel images, in channel order."""
+        return [(self.root / p).resolve() for p in case.images]
 
     def label_path(self, case: ManifestCase) -> Path | None:
         """Absolute path of a case's label map, if it has one."""
@@ -130,7 +175,8 @@ def load_manifest(path: Path) -> Manifest:
     manifest._root = path.resolve().parent
     if not manifest.allow_paths_outside_root:
         check_paths_inside_root(manifest, path)
-    missing = [str(p) for c in manifest.cases for p in (manifest.image_path(c), manifest.label_path(c)) if p and not p.exists()]
+    missing = [str(p) for c in manifest.cases for p in (*manifest.image_paths(c), manifest.label_path(c))
+               if p and not p.exists()]
     if missing:
         raise ManifestError(f"{path}: {len(missing)} listed file(s) do not exist, e.g. {missing[:3]}")
     return manifest
@@ -141,7 +187,7 @@ def check_paths_inside_root(manifest: Manifest, path: Path) -> None:
     paths elsewhere, symlinks pointing out), so a manifest cannot quietly read files it does not ship."""
     root = manifest.root.resolve()
     for case in manifest.cases:
-        for key, raw in (("image", case.image), ("label", case.label)):
+        for key, raw in (*(("image", p) for p in case.images), ("label", case.label)):
             if raw is None:
                 continue
             resolved = (root / raw).resolve()
@@ -153,17 +199,25 @@ def check_paths_inside_root(manifest: Manifest, path: Path) -> None:
 
 
 def check_case_geometry(manifest: Manifest, case: ManifestCase) -> None:
-    """Load a case's image and label and refuse a label off the image's grid or with undeclared values.
+    """Load a case's image and label and refuse a label off the image's grid or with undeclared values,
+    or channel images off the first channel's grid.
 
-    Reads both scans: call it once per case (e.g. when caching), not on every epoch.
+    Reads the scans: call it once per case (e.g. when caching), not on every epoch.
     """
+    from medseg.io.channels import load_channels
     from medseg.io.geometry import check_label_matches_image
     from medseg.io.scans import load_scan
 
     label_path = manifest.label_path(case)
+    paths = manifest.image_paths(case)
+    if len(paths) > 1:
+        image = load_channels(paths)
+    elif label_path is None:
+        return
+    else:
+        image = load_scan(paths[0])
     if label_path is None:
         return
-    image = load_scan(manifest.image_path(case))
     label = load_scan(label_path)
     check_label_matches_image(image, label, set(manifest.labels), label_path)
 

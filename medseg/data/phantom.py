@@ -112,3 +112,74 @@ def write_phantom_dataset(root: Path, num_cases: int, seed: int = 0, spec: Phant
         splits={"train": ids[: -n_test - 1], "val": ids[-n_test - 1 : -n_test], "test": ids[-n_test:]},
     )
     return save_manifest(manifest, root / "manifest.json")
+
+
+TWO_CHANNEL_LABELS = {0: "background", 1: "lesion"}
+
+
+def make_two_channel_phantom(rng: np.random.Generator, shape: tuple[int, int, int] = (32, 32, 16),
+                             spacing: tuple[float, float, float] = (2.0, 2.0, 2.0), radius_mm: float = 5.0,
+                             noise: float = 10.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A phantom whose label needs both channels: (image (X, Y, Z, 2) float32, label uint8, affine).
+
+    Round blobs of one size sit on a dark background (100) in MR-like units. A "lesion" (label 1) is bright
+    (300) in both channels; decoys are bright in one channel only, three per channel per lesion. One channel
+    alone shows lesions and its decoys alike, so a one-channel model cannot tell them apart.
+    """
+    nx, ny, nz = shape
+    X, Y, Z = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing, strict=True)), indexing="ij")
+    image = np.full((*shape, 2), 100.0, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    margin = radius_mm + 2 * max(spacing)
+    centres: list[np.ndarray] = []
+    extent = np.array(shape) * np.array(spacing)
+    # 2 lesions, 3 decoys per lesion in each channel; blobs are kept apart so each is a separate object.
+    kinds = [(0, 1)] * 2 + [(0,)] * 6 + [(1,)] * 6
+    for channels in kinds:
+        for _ in range(200):
+            c = rng.uniform(margin, extent - margin)
+            if all(np.linalg.norm(c - o) > 2 * radius_mm + 2 for o in centres):
+                break
+        else:
+            continue  # no room left: fewer blobs
+        centres.append(c)
+        blob = (X - c[0]) ** 2 + (Y - c[1]) ** 2 + (Z - c[2]) ** 2 <= radius_mm**2
+        for ch in channels:
+            image[blob, ch] = 300.0
+        if len(channels) == 2:
+            label[blob] = 1
+    image += rng.normal(0.0, noise, size=image.shape).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    return image, label, affine
+
+
+def write_two_channel_nnunet(root: Path, num_cases: int, seed: int = 0, num_test: int = 1,
+                             shape: tuple[int, int, int] = (32, 32, 16)) -> Path:
+    """Two-channel phantoms (:func:`make_two_channel_phantom`) in nnU-Net v2 raw layout under ``root``:
+    ``dataset.json``, ``imagesTr/case_XXX_0000.nii.gz`` + ``_0001``, ``labelsTr/case_XXX.nii.gz`` and
+    ``num_test`` unlabelled cases in ``imagesTs/`` (their labels in ``labelsTs/``, for scoring). Returns ``root``."""
+    import json
+
+    from medseg.atomic import write_text_atomic
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for i in range(num_cases + num_test):
+        image, label, affine = make_two_channel_phantom(rng, shape)
+        case_id = f"case_{i:03d}"
+        images, labels = ("imagesTr", "labelsTr") if i < num_cases else ("imagesTs", "labelsTs")
+        for c in range(2):
+            save_atomic(_nifti(image[..., c], affine), root / images / f"{case_id}_{c:04d}.nii.gz")
+        save_atomic(_nifti(label, affine), root / labels / f"{case_id}.nii.gz")
+    raw = {"name": "Dataset900_TwoChannelPhantoms", "channel_names": {"0": "T1", "1": "T2"},
+           "labels": {"background": 0, "lesion": 1}, "numTraining": num_cases, "file_ending": ".nii.gz",
+           "description": f"synthetic two-channel phantoms (seed {seed}): a lesion is bright in both channels"}
+    write_text_atomic(root / "dataset.json", json.dumps(raw, indent=2) + "\n")
+    return root
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img

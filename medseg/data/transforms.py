@@ -9,13 +9,43 @@ from __future__ import annotations
 from monai import transforms as mt
 
 from medseg.config import ExperimentConfig, IntensityConfig, PreprocessingConfig
+from medseg.errors import ConfigError
 from medseg.io.scans import ScanReader
 
 IMAGE, LABEL = "image", "label"
 
 
-def intensity_transforms(cfg: IntensityConfig) -> list[mt.MapTransform]:
-    """The intensity steps of the preprocessing (on ``IMAGE``), applied after resampling."""
+class PerChannelIntensityd(mt.MapTransform):
+    """Each channel of the image normalised by its own :class:`IntensityConfig` (CT window on a CT channel,
+    z-score on an MR or PET channel). Intensity steps are not inverted, so this needs no inverse."""
+
+    def __init__(self, configs: list[IntensityConfig]) -> None:
+        super().__init__(IMAGE)
+        self.configs = list(configs)
+        self.steps = [mt.Compose(_intensity(cfg)) for cfg in self.configs]
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d[IMAGE]
+        if image.shape[0] != len(self.steps):
+            raise ConfigError(f"preprocessing.intensity lists {len(self.steps)} channel configs, but the image has "
+                              f"{image.shape[0]} channel(s)")
+        out = image.clone()
+        for c, step in enumerate(self.steps):
+            out[c : c + 1] = step({IMAGE: image[c : c + 1]})[IMAGE]
+        d[IMAGE] = out
+        return d
+
+
+def intensity_transforms(cfg: IntensityConfig | list[IntensityConfig]) -> list[mt.Transform]:
+    """The intensity steps of the preprocessing (on ``IMAGE``, after resampling): one config for every
+    channel, or a list: one config per channel, in channel order."""
+    if isinstance(cfg, list):
+        return [PerChannelIntensityd(cfg)]
+    return _intensity(cfg)
+
+
+def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
     if cfg.kind == "ct_window":
         return [mt.ScaleIntensityRanged(IMAGE, a_min=cfg.a_min, a_max=cfg.a_max, b_min=0.0, b_max=1.0, clip=True)]
     if cfg.kind == "ct_zscore":
@@ -37,7 +67,8 @@ def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABE
     """
     steps: list[mt.Transform] = [mt.LoadImaged(keys, reader=ScanReader(), image_only=True)] if load else []
     steps += [
-        mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        # The reader's meta says where channels are: none for a 3D scan (one added), last for stacked channel files.
+        mt.EnsureChannelFirstd(keys, channel_dim=None),
         mt.EnsureTyped(IMAGE, dtype="float32", track_meta=True),
         mt.Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]

@@ -8,24 +8,38 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import cc3d
 import numpy as np
-from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
-from nibabel.orientations import apply_orientation, io_orientation
 
-from medseg.evaluation.lesions import MatchStatus, bucket_names
-from medseg.evaluation.metrics import voxel_spacing
+from medseg.evaluation.display import (
+    MARKER_COLOR,
+    PREDICTION_COLOR,
+    PREDICTION_STYLE,
+    REFERENCE_COLOR,
+    REFERENCE_STYLE,
+    DisplayGrid,
+    Window,
+    choose_window,
+    format_lps,
+    format_voxel,
+    looks_like_ct,
+)
+from medseg.evaluation.lesions import Lesion, MatchStatus, bucket_names
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from medseg.evaluation.runner import CaseResult, EvaluationResult
 
-_COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#9a6324", "#800000"]
+# Okabe-Ito (colour-blind safe), one per class in the summary plots.
+_COLORS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000"]
 
 
 def _png(fig: Figure) -> str:
@@ -38,11 +52,26 @@ def _color(class_id: int) -> str:
     return _COLORS[(class_id - 1) % len(_COLORS)]
 
 
-def _prediction_color(class_id: int) -> tuple[float, float, float]:
-    """The class colour mixed halfway with white: where the dashed prediction runs along the solid reference
-    contour, a same-colour dash would vanish into it; a tint keeps both visible on grey images."""
-    rgb = to_rgb(_color(class_id))
-    return tuple(0.45 * c + 0.55 for c in rgb)  # type: ignore[return-value]
+def dice_axis_limits(values: Iterable[float]) -> tuple[float, float]:
+    """Dice axis limits fitted to the values: their range plus a margin, at least 0.1 wide, inside [0, 1] (plus 0.01 at an end it reaches).
+
+    A fixed 0-1 axis squeezes models that differ between 0.85 and 0.95 into a sliver.
+    """
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not finite:
+        return 0.0, 1.0
+    lo, hi = min(finite), max(finite)
+    pad = max(0.05 * (hi - lo), 0.02)
+    lo, hi = lo - pad, hi + pad
+    if hi - lo < 0.1:
+        mid = (lo + hi) / 2
+        lo, hi = mid - 0.05, mid + 0.05
+    # Within [0, 1] plus a hair, so a dot at exactly 1 (or 0) is not cut by the frame.
+    if hi > 1.0:
+        lo, hi = max(0.0, lo - (hi - 1.0)), 1.0
+    if lo < 0.0:
+        lo, hi = 0.0, min(1.0, hi - lo)
+    return lo - (0.01 if lo == 0.0 else 0.0), hi + (0.01 if hi == 1.0 else 0.0)
 
 
 def metric_boxplots(result: EvaluationResult) -> str:
@@ -57,7 +86,8 @@ def metric_boxplots(result: EvaluationResult) -> str:
         positions = np.arange(1, len(summaries) + 1)
         shown = [(p, d) for p, d in zip(positions, data, strict=True) if d]
         if shown:
-            ax.boxplot([d for _, d in shown], positions=[p for p, _ in shown], widths=0.5, showfliers=False)
+            ax.boxplot([d for _, d in shown], positions=[p for p, _ in shown], widths=0.5, showfliers=False,
+                       medianprops={"color": "black"})
             for (p, d), s in zip(shown, [s for s, d in zip(summaries, data, strict=True) if d], strict=True):
                 ax.scatter(p + rng.uniform(-0.15, 0.15, len(d)), d, s=9, alpha=0.6, color=_color(s.class_id), zorder=3)
         ax.set_xticks(positions, [s.name for s in summaries], rotation=30 if len(summaries) > 4 else 0, ha="right" if len(summaries) > 4 else "center")
@@ -71,7 +101,9 @@ def metric_boxplots(result: EvaluationResult) -> str:
                             textcoords="offset points", ha="center", fontsize=7, color="#777")
             if not d:
                 ax.annotate("no values", (p, 0.5), xycoords=("data", "axes fraction"), ha="center", fontsize=8, color="#777")
-    axes[0].set_ylim(-0.02, 1.02)
+    dice = [c.metrics[s.class_id].dice for s in summaries for c in result.cases if s.class_id in c.metrics]
+    axes[0].set_ylim(*dice_axis_limits(dice))
+    axes[0].set_ylabel("Dice (axis fitted to the data)")
     axes[1].set_ylim(bottom=0)
     return _png(fig)
 
@@ -93,11 +125,11 @@ def lesion_figure(result: EvaluationResult, class_id: int) -> str:
         fps = [m.prediction.volume_ml for m in matches if m.status == MatchStatus.FALSE_POSITIVE and m.prediction]
         ax_scatter.plot([lo, hi], [lo, hi], color="#999", lw=1, ls=":")
         if det:
-            ax_scatter.scatter(*zip(*det, strict=True), s=18, color="#4363d8", label=f"detected ({len(det)})")
+            ax_scatter.scatter(*zip(*det, strict=True), s=18, color="#0072B2", label=f"detected ({len(det)})")
         if missed:
-            ax_scatter.scatter(missed, [lo] * len(missed), marker="v", s=30, color="#e6194b", label=f"missed ({len(missed)})", clip_on=False)
+            ax_scatter.scatter(missed, [lo] * len(missed), marker="v", s=30, color="#D55E00", label=f"missed ({len(missed)})", clip_on=False)
         if fps:
-            ax_scatter.scatter([lo] * len(fps), fps, marker="<", s=30, color="#f58231", label=f"false positive ({len(fps)})", clip_on=False)
+            ax_scatter.scatter([lo] * len(fps), fps, marker="<", s=30, color="#E69F00", label=f"false positive ({len(fps)})", clip_on=False)
         ax_scatter.set_xscale("log")
         ax_scatter.set_yscale("log")
         ax_scatter.set_xlim(lo, hi)
@@ -117,8 +149,8 @@ def lesion_figure(result: EvaluationResult, class_id: int) -> str:
     x = np.arange(len(buckets))
     sens = [summary.detection[b].sensitivity for b in buckets]
     prec = [summary.detection[b].precision for b in buckets]
-    ax_bars.bar(x - 0.2, [v or 0 for v in sens], 0.4, color="#4363d8", label="sensitivity")
-    ax_bars.bar(x + 0.2, [v or 0 for v in prec], 0.4, color="#3cb44b", label="precision")
+    ax_bars.bar(x - 0.2, [v or 0 for v in sens], 0.4, color="#0072B2", label="sensitivity")
+    ax_bars.bar(x + 0.2, [v or 0 for v in prec], 0.4, color="#009E73", label="precision")
     for i, b in enumerate(buckets):
         d = summary.detection[b]
         ax_bars.annotate(f"{d.tp}/{d.tp + d.fn}", (i - 0.2, sens[i] or 0), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
@@ -132,40 +164,40 @@ def lesion_figure(result: EvaluationResult, class_id: int) -> str:
     return _png(fig)
 
 
-def _canonical(affine: np.ndarray, *arrays: np.ndarray) -> tuple[tuple[float, float, float], list[np.ndarray]]:
-    """Arrays flipped/transposed to the closest RAS orientation, and their spacing (mm) in that order."""
-    ornt = io_orientation(affine)
-    spacing = np.asarray(voxel_spacing(affine))[ornt[:, 0].astype(int)]
-    return tuple(float(s) for s in spacing), [apply_orientation(a, ornt) for a in arrays]  # type: ignore[return-value]
+# ---------------------------------------------------------------------------------------------- overlays
 
 
-def _draw(ax: Axes, image: np.ndarray | None, ref: np.ndarray, pred: np.ndarray, spacing: tuple[float, float],
-          classes: list[int], window: tuple[float, float] | None, flip_x: bool, letters: tuple[str, str, str, str]) -> None:
-    """One slice: grey image, reference (solid) and prediction (dashed) contours per class; in mm."""
-    nx, ny = ref.shape
-    extent = (0, nx * spacing[0], 0, ny * spacing[1])
-    if image is not None and window is not None:
-        ax.imshow(image.T, cmap="gray", origin="lower", extent=extent, vmin=window[0], vmax=window[1], interpolation="nearest")
-    else:
-        ax.imshow(np.zeros((ny, nx)), cmap="gray_r", origin="lower", extent=extent, vmin=0, vmax=1)
-    xs = (np.arange(nx) + 0.5) * spacing[0]
-    ys = (np.arange(ny) + 0.5) * spacing[1]
-    for k in classes:
-        for mask, style, color, width in ((ref == k, "solid", _color(k), 1.8), (pred == k, "dashed", _prediction_color(k), 1.4)):
-            if mask.any() and not mask.all():
-                ax.contour(xs, ys, mask.T.astype(np.float32), levels=[0.5], colors=[color], linestyles=style, linewidths=width)
-    if flip_x:
-        ax.invert_xaxis()
-    ax.set_xticks([])
-    ax.set_yticks([])
-    left, right, bottom, top = letters
-    for text, xy in ((left, (0.02, 0.5)), (right, (0.98, 0.5)), (bottom, (0.5, 0.02)), (top, (0.5, 0.98))):
-        ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=10, fontweight="bold", ha="center", va="center")
+@dataclass
+class CaseView:
+    """One case's reference, prediction and image (if on the grid) in RAS-closest order, for drawing."""
+
+    case_id: str
+    grid: DisplayGrid
+    reference: np.ndarray
+    prediction: np.ndarray
+    image: np.ndarray | None
+    is_ct: bool
 
 
-def case_overlay(case: CaseResult, label_names: dict[int, str]) -> str:
-    """Axial, coronal and sagittal slices through the largest reference structure (the prediction's if the
-    reference is empty), each slice where that structure is widest; image in grey when available."""
+@dataclass(frozen=True)
+class Overlay:
+    """A drawn overlay: the PNG (base64) and where it looks, in the terms a viewer uses."""
+
+    png: str
+    centre_voxel: tuple[int, int, int]  # the file's (i, j, k) of the crosshair point
+    centre_lps_mm: tuple[float, float, float]
+    slices: dict[str, str]  # view name -> "k = 23 of 48"
+    window: str
+
+    def describe(self) -> str:
+        """Centre voxel and LPS position, and the window, for a caption."""
+        if not self.slices:
+            return "both masks empty"
+        return f"centre {format_voxel(self.centre_voxel)}, {format_lps(self.centre_lps_mm)}; {self.window}"
+
+
+def load_case_view(case: CaseResult) -> CaseView:
+    """Read a case's masks (and image, if it lies on the reference grid) and reorient them for drawing."""
     from medseg.evaluation.runner import label_array, load_image_on_grid
     from medseg.io.nifti import load_nifti
 
@@ -173,52 +205,171 @@ def case_overlay(case: CaseResult, label_names: dict[int, str]) -> str:
     ref = label_array(ref_img, case.reference_path)
     pred = label_array(load_nifti(case.prediction_path), case.prediction_path) if case.prediction_path else np.zeros_like(ref)
     image = load_image_on_grid(case.image_path, ref_img, case.reference_path)
-    arrays = [ref, pred] + ([image] if image is not None else [])
-    spacing, arrays = _canonical(np.asarray(ref_img.affine), *arrays)
-    ref, pred = arrays[0], arrays[1]
-    image = arrays[2] if image is not None else None
+    grid = DisplayGrid(np.asarray(ref_img.affine), ref.shape)
+    return CaseView(case.case_id, grid, grid.reorient(ref), grid.reorient(pred),
+                    grid.reorient(image) if image is not None else None,
+                    image is not None and looks_like_ct(image))
 
-    target = ref > 0 if ref.any() else pred > 0
-    fig = Figure(figsize=(11, 4))
+
+# (name, reoriented axis sliced, in-plane axes, radiological x flip, edge letters left/right/bottom/top)
+_VIEWS = (("axial", 2, (0, 1), True, ("R", "L", "P", "A")),
+          ("coronal", 1, (0, 2), True, ("R", "L", "I", "S")),
+          ("sagittal", 0, (1, 2), False, ("P", "A", "I", "S")))
+
+
+def _contour(ax: Axes, mask: np.ndarray, spacing: tuple[float, float], origin: tuple[float, float], color: str,
+             style: str, width: float) -> None:
+    if mask.any():
+        xs = origin[0] + (np.arange(mask.shape[0]) + 0.5) * spacing[0]
+        ys = origin[1] + (np.arange(mask.shape[1]) + 0.5) * spacing[1]
+        # Padding closes contours that touch the crop's edge.
+        padded = np.pad(mask.T.astype(np.float32), 1)
+        xs = np.concatenate([[xs[0] - spacing[0]], xs, [xs[-1] + spacing[0]]])
+        ys = np.concatenate([[ys[0] - spacing[1]], ys, [ys[-1] + spacing[1]]])
+        ax.contour(xs, ys, padded, levels=[0.5], colors=[color], linestyles=style, linewidths=width)
+
+
+def _panel(ax: Axes, view: CaseView, axis: int, index: int, box: tuple[slice, slice, slice], classes: list[int],
+           window: Window | None, label_names: dict[int, str], marker: tuple[float, float, float] | None = None) -> None:
+    """One slice of the box: grey image, reference (orange, solid) and prediction (blue, dashed) outlines, in mm."""
+    name, _, (a, b), flip, letters = next(v for v in _VIEWS if v[1] == axis)
+    take: list[slice | int] = list(box)
+    take[axis] = index
+    sl = tuple(take)
+    ref, pred = view.reference[sl], view.prediction[sl]
+    sp = (view.grid.spacing[a], view.grid.spacing[b])
+    origin = (box[a].start * sp[0], box[b].start * sp[1])
+    extent = (origin[0], origin[0] + ref.shape[0] * sp[0], origin[1], origin[1] + ref.shape[1] * sp[1])
+    if view.image is not None and window is not None:
+        ax.imshow(view.image[sl].T, cmap="gray", origin="lower", extent=extent, vmin=window.low, vmax=window.high,
+                  interpolation="nearest")
+    else:
+        ax.imshow(np.zeros(ref.shape[::-1]), cmap="gray", origin="lower", extent=extent, vmin=0, vmax=1)
+    for k in classes:
+        _contour(ax, ref == k, sp, origin, REFERENCE_COLOR, REFERENCE_STYLE, 2.0)
+        _contour(ax, pred == k, sp, origin, PREDICTION_COLOR, PREDICTION_STYLE, 2.0)
+        if len(classes) > 1:
+            where = np.argwhere((ref == k) | (pred == k))
+            if len(where):
+                cx, cy = (where.mean(axis=0) + 0.5) * sp + origin
+                ax.text(cx, cy, label_names.get(k, f"class_{k}"), color="white", fontsize=7, ha="center", va="center",
+                        bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
+    if marker is not None:
+        cx, cy, radius = marker
+        ax.add_patch(Circle((cx, cy), radius, fill=False, color=MARKER_COLOR, lw=1.0, ls=":"))
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    if flip:
+        ax.invert_xaxis()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    left, right, bottom, top = letters
+    for text, xy in ((left, (0.03, 0.5)), (right, (0.97, 0.5)), (bottom, (0.5, 0.03)), (top, (0.5, 0.97))):
+        ax.text(*xy, text, transform=ax.transAxes, color="#F0E442", fontsize=10, fontweight="bold", ha="center", va="center")
+    ax.set_title(f"{name} · {view.grid.slice_label(axis, index)}", fontsize=9)
+
+
+def _legend(fig: Figure) -> None:
+    """Big solid swatches, on white below the panels: readable in print and by colour-blind readers."""
+    handles = [Patch(facecolor=REFERENCE_COLOR, edgecolor="black", label="reference (solid outline)"),
+               Patch(facecolor=PREDICTION_COLOR, edgecolor="black", label="prediction (dashed outline)")]
+    fig.legend(handles=handles, loc="lower center", ncols=2, fontsize=10, frameon=False, handlelength=2.5, handleheight=1.2)
+
+
+def _slices_through(mask: np.ndarray) -> tuple[int, int, int]:
+    """Per axis, the plane where ``mask`` (reoriented) has the most voxels; of tied planes the most central."""
+    out = []
+    for axis in range(3):
+        areas = mask.sum(axis=tuple(i for i in range(3) if i != axis))
+        tied = np.flatnonzero(areas == areas.max())
+        occupied = np.flatnonzero(areas)
+        middle = (occupied[0] + occupied[-1]) / 2 if len(occupied) else (len(areas) - 1) / 2
+        out.append(int(tied[np.argmin(np.abs(tied - middle))]))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _box_around(lo: np.ndarray, hi: np.ndarray, margin: list[int], shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    return tuple(slice(max(int(lo[i]) - margin[i], 0), min(int(hi[i]) + margin[i], shape[i])) for i in range(3))  # type: ignore[return-value]
+
+
+def _overlay(fig: Figure, view: CaseView, centre: tuple[int, int, int], window: Window | None) -> Overlay:
+    _legend(fig)
+    slices = {name: view.grid.slice_label(axis, centre[axis]) for name, axis, *_ in _VIEWS}
+    return Overlay(_png(fig), view.grid.file_index(centre), view.grid.lps(centre), slices,
+                   window.describe() if window is not None else "no image on the reference grid: black background")
+
+
+def case_overlay(case: CaseResult, label_names: dict[int, str], view: CaseView | None = None) -> Overlay:
+    """Axial, coronal and sagittal slices through the largest reference structure (the prediction's if the
+    reference is empty), each slice where that structure is widest; image in grey when available."""
+    view = view or load_case_view(case)
+    target = view.reference > 0 if view.reference.any() else view.prediction > 0
+    fig = Figure(figsize=(11, 4.0))
     axes = fig.subplots(1, 3)
+    fig.subplots_adjust(bottom=0.12, top=0.88, wspace=0.05)
     if not target.any():
         for ax in axes:
             ax.text(0.5, 0.5, "both masks empty", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
-        return _png(fig)
+        return Overlay(_png(fig), (0, 0, 0), view.grid.lps((0, 0, 0)), {}, "")
     largest = cc3d.largest_k(target, k=1, connectivity=26) > 0
     coords = np.argwhere(largest)
     lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
     # Context around the structure: its own size again on each side, at least 25 mm.
-    margin = [max(int(np.ceil(25 / s)), int(hi[i] - lo[i])) for i, s in enumerate(spacing)]
-    box = tuple(slice(max(int(lo[i]) - margin[i], 0), min(int(hi[i]) + margin[i], ref.shape[i])) for i in range(3))
-    ref_c, pred_c, big = ref[box], pred[box], largest[box]
-    img_c = image[box] if image is not None else None
-    window = None
-    if img_c is not None:
-        lo_w, hi_w = np.percentile(img_c, [1, 99])
-        window = (float(lo_w), float(hi_w if hi_w > lo_w else lo_w + 1))
-    classes = sorted({int(k) for k in np.unique(ref_c) if k} | {int(k) for k in np.unique(pred_c) if k})
+    margin = [max(int(np.ceil(25 / s)), int(hi[i] - lo[i])) for i, s in enumerate(view.grid.spacing)]
+    box = _box_around(lo, hi, margin, view.reference.shape)
+    centre = _slices_through(largest)
+    window = choose_window(view.image[box], view.is_ct) if view.image is not None else None
+    classes = sorted({int(k) for k in np.unique(view.reference[box]) if k} | {int(k) for k in np.unique(view.prediction[box]) if k})
+    for ax, (_, axis, *_) in zip(axes, _VIEWS, strict=True):
+        _panel(ax, view, axis, centre[axis], box, classes, window, label_names)
+    fig.suptitle(case.case_id, fontsize=10)
+    return _overlay(fig, view, centre, window)
 
-    views = (("axial", 2, (0, 1), True, ("R", "L", "P", "A")),
-             ("coronal", 1, (0, 2), True, ("R", "L", "I", "S")),
-             ("sagittal", 0, (1, 2), False, ("P", "A", "I", "S")))
-    for ax, (title, axis, (a, b), flip, letters) in zip(axes, views, strict=True):
-        areas = big.sum(axis=tuple(i for i in range(3) if i != axis))
-        index = int(np.argmax(areas))
-        take = [slice(None)] * 3
-        take[axis] = index  # type: ignore[call-overload]
-        sl = tuple(take)
-        _draw(ax, img_c[sl] if img_c is not None else None, ref_c[sl], pred_c[sl], (spacing[a], spacing[b]), classes,
-              window, flip, letters)
-        ax.set_title(f"{title} (slice {index + box[axis].start})", fontsize=9)
-    handles = []
-    from matplotlib.lines import Line2D
 
-    for k in classes:
-        name = label_names.get(k, f"class_{k}")
-        handles.append(Line2D([], [], color=_color(k), lw=1.8, label=f"{name} reference"))
-        handles.append(Line2D([], [], color=_prediction_color(k), lw=1.4, ls="--", label=f"{name} prediction"))
-    fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8, frameon=True, facecolor="#bbbbbb")
-    fig.suptitle(f"{case.case_id}", fontsize=10)
-    return _png(fig)
+def lesion_mask(view: CaseView, lesion: Lesion, class_id: int, side: str, connectivity: int = 26) -> np.ndarray:
+    """The lesion's voxels (reoriented array) as a boolean mask, found again from its box and voxel count."""
+    volume = view.reference if side == "reference" else view.prediction
+    box = view.grid.display_box(lesion.bbox)
+    crop = np.ascontiguousarray(volume[box] == class_id)
+    components = cc3d.connected_components(crop, connectivity=connectivity)
+    counts = np.bincount(components.ravel())
+    # The component that fills its own box; equal counts are the lesion itself, else take the largest.
+    candidates = [c for c in range(1, len(counts)) if counts[c] == lesion.voxels] or [int(np.argmax(counts[1:])) + 1]
+    mask = np.zeros(volume.shape, bool)
+    mask[box] = components == candidates[0]
+    return mask
+
+
+def lesion_overlay(view: CaseView, lesion: Lesion, class_id: int, side: str, title: str, label_names: dict[int, str],
+                   connectivity: int = 26) -> Overlay:
+    """Four panels centred on one lesion: the whole axial slice (a square marks the zoom), then axial,
+    coronal and sagittal zooms through the planes where the lesion is largest; the lesion ringed."""
+    mask = lesion_mask(view, lesion, class_id, side, connectivity)
+    coords = np.argwhere(mask)
+    lo, hi = coords.min(axis=0), coords.max(axis=0) + 1
+    centre = _slices_through(mask)
+    spacing = view.grid.spacing
+    extent_mm = max((hi[i] - lo[i]) * spacing[i] for i in range(3))
+    # A field of view of at least 60 mm, or three times the lesion: enough anatomy to find it again.
+    half_mm = max(30.0, 1.5 * extent_mm)
+    mid = (lo + hi) / 2
+    box = tuple(slice(max(int(np.floor(mid[i] - half_mm / spacing[i])), 0),
+                      min(int(np.ceil(mid[i] + half_mm / spacing[i])), mask.shape[i])) for i in range(3))
+    window = choose_window(view.image[box], view.is_ct) if view.image is not None else None
+    full = tuple(slice(0, n) for n in mask.shape)
+    fig = Figure(figsize=(14, 4.0))
+    axes = fig.subplots(1, 4)
+    fig.subplots_adjust(bottom=0.12, top=0.88, wspace=0.05)
+    context_window = choose_window(view.image[:, :, centre[2]], view.is_ct) if view.image is not None else None
+    _panel(axes[0], view, 2, centre[2], full, [class_id], context_window, label_names)  # type: ignore[arg-type]
+    x0, y0 = box[0].start * spacing[0], box[1].start * spacing[1]
+    axes[0].add_patch(Rectangle((x0, y0), (box[0].stop - box[0].start) * spacing[0], (box[1].stop - box[1].start) * spacing[1],
+                                fill=False, color=MARKER_COLOR, lw=1.2))
+    axes[0].set_title(f"whole axial slice · {view.grid.slice_label(2, centre[2])}", fontsize=9)
+    radius = max(4.0, 0.75 * extent_mm + 2.0)
+    for ax, (_, axis, (a, b), *_) in zip(axes[1:], _VIEWS, strict=True):
+        marker = ((mid[a]) * spacing[a], (mid[b]) * spacing[b], radius)
+        _panel(ax, view, axis, centre[axis], box, [class_id], window, label_names, marker)  # type: ignore[arg-type]
+    fig.suptitle(title, fontsize=10)
+    return _overlay(fig, view, centre, window)

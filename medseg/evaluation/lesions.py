@@ -8,7 +8,9 @@ centres, mapped to the scanner frame by the affine. That one surface gives:
   with a plane of constant world S coordinate (the scanner's axial plane), over all such planes. For axial
   acquisitions the planes pass through the slice centres, so this is the in-slice diameter a reader would
   measure; for sagittal, coronal or oblique acquisitions the planes cut the voxel grid, and the result is
-  still the diameter in the patient's axial plane rather than in the acquired slice.
+  still the diameter in the patient's axial plane rather than in the acquired slice;
+* the short-axis diameter (RECIST 1.1 / WHO): in that same axial plane, the longest extent of the
+  cross-section along a line perpendicular to the long axis.
 
 A single voxel measures one voxel edge across; a line of n voxels measures n edges. Components are found
 with ``cc3d`` (26-connectivity by default).
@@ -16,9 +18,11 @@ with ``cc3d`` (26-connectivity by default).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 import cc3d
 import numpy as np
@@ -44,9 +48,22 @@ class Lesion:
     volume_ml: float
     diameter_mm: float
     axial_diameter_mm: float
+    short_axis_mm: float
     centroid_ras_mm: tuple[float, float, float]
     mean_intensity: float | None = None
     bbox: tuple[slice, slice, slice] = field(default=(slice(0), slice(0), slice(0)), repr=False, compare=False)
+    centroid_voxel: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def centroid_lps_mm(self) -> tuple[float, float, float]:
+        """Centroid in LPS mm (DICOM, 3D Slicer, ITK-SNAP): the RAS centroid with x and y negated."""
+        r, a, s = self.centroid_ras_mm
+        return (-r, -a, s)
+
+    @property
+    def viewer_voxel(self) -> tuple[int, int, int]:
+        """Voxel (i, j, k) of the centroid in the file's own array: what Slicer's and ITK-SNAP's cursor show."""
+        return tuple(int(round(c)) for c in self.centroid_voxel)  # type: ignore[return-value]
 
     def size_mm(self, size_by: str) -> float:
         """The diameter that sorts this lesion into a size bucket: ``"axial"`` or ``"3d"`` (mm)."""
@@ -57,6 +74,8 @@ class Lesion:
         record = asdict(self)
         record.pop("bbox")
         record["centroid_ras_mm"] = [round(c, 3) for c in self.centroid_ras_mm]
+        record["centroid_lps_mm"] = [round(c, 3) for c in self.centroid_lps_mm]
+        record["centroid_voxel"] = list(self.viewer_voxel)
         return record
 
 
@@ -84,15 +103,65 @@ def _max_pairwise_distance(points: np.ndarray) -> float:
     return best
 
 
+def _hull_points(points: np.ndarray) -> np.ndarray:
+    """The convex hull's vertices (they hold every longest chord), or all distinct points if degenerate."""
+    try:
+        return points[ConvexHull(points).vertices]
+    except QhullError:  # flat or degenerate point sets: all points, still exact
+        return np.unique(points, axis=0)
+
+
 def _diameter(points: np.ndarray) -> float:
     """Largest distance between points (mm); the convex hull's vertices suffice and are far fewer."""
     if len(points) < 2:
         return 0.0
-    try:
-        points = points[ConvexHull(points).vertices]
-    except QhullError:  # flat or degenerate point sets: all points, still exact
-        points = np.unique(points, axis=0)
-    return _max_pairwise_distance(points)
+    return _max_pairwise_distance(_hull_points(points))
+
+
+def _diameter_ends(points: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Largest distance between 2D points and its two end points."""
+    hull = _hull_points(points)
+    d = cdist(hull, hull)
+    i, j = np.unravel_index(int(np.argmax(d)), d.shape)
+    return float(d[i, j]), hull[i], hull[j]
+
+
+def short_axis_length(segments: np.ndarray, start: np.ndarray, end: np.ndarray) -> float:
+    """Longest extent (mm) of a planar contour along lines perpendicular to the long axis ``start``-``end``.
+
+    ``segments`` (n, 2, 2) is the contour as line segments in the plane. For each perpendicular line the
+    extent is the distance between the outermost contour crossings (what a caliper across the lesion
+    reads). Between two segment end points the set of crossed segments is fixed and the extent is convex
+    in the line's position, so its maximum lies at a segment end point: evaluating there is exact.
+    """
+    length = float(np.linalg.norm(end - start))
+    if len(segments) == 0 or length == 0:
+        return 0.0
+    u = (end - start) / length
+    v = np.array([-u[1], u[0]])
+    along = segments @ u  # (n, 2): position of each end point along the long axis
+    across = segments @ v
+    positions = np.unique(along)
+    if len(positions) > 4000:  # very large sections: a dense sample is within a hair of the maximum
+        positions = np.quantile(positions, np.linspace(0, 1, 4000))
+    lo_s, hi_s = along.min(axis=1), along.max(axis=1)
+    best = 0.0
+    for chunk in np.array_split(positions, max(1, len(positions) // 256)):
+        t = chunk[:, None]
+        crossing = (lo_s[None, :] <= t) & (hi_s[None, :] >= t)
+        span = along[:, 1] - along[:, 0]
+        safe = np.where(span == 0, 1.0, span)
+        frac = np.clip((t - along[None, :, 0]) / safe[None, :], 0.0, 1.0)
+        w = across[None, :, 0] + frac * (across[None, :, 1] - across[None, :, 0])
+        # A segment lying along the line itself: both of its ends count.
+        w_hi = np.where(span[None, :] == 0, across.max(axis=1)[None, :], w)
+        w_lo = np.where(span[None, :] == 0, across.min(axis=1)[None, :], w)
+        top = np.where(crossing, w_hi, -np.inf).max(axis=1)
+        bottom = np.where(crossing, w_lo, np.inf).min(axis=1)
+        valid = np.isfinite(top) & np.isfinite(bottom)
+        if valid.any():
+            best = max(best, float((top - bottom)[valid].max()))
+    return best
 
 
 def _surface(mask: np.ndarray, affine: np.ndarray, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,35 +189,65 @@ def _axial_levels(mask: np.ndarray, affine: np.ndarray, origin: Sequence[int], z
     return np.arange(lo + step / 2, hi, step)
 
 
-def _axial_diameter(verts: np.ndarray, faces: np.ndarray, levels: np.ndarray) -> float:
-    """Largest diameter (mm) of the surface's cross-sections with the planes S = level."""
-    edges = np.unique(np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1), axis=0)
-    a, b = verts[edges[:, 0]], verts[edges[:, 1]]
-    best = 0.0
+def _section_segments(verts: np.ndarray, faces: np.ndarray, level: float) -> np.ndarray:
+    """The cross-section of a triangle surface with the plane S = ``level`` as (n, 2, 2) segments in (x, y) mm."""
+    z = verts[faces, 2] - level  # (faces, 3)
+    crossings = []
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        za, zb = z[:, i], z[:, j]
+        crossed = za * zb < 0
+        t = np.divide(za, za - zb, out=np.zeros_like(za), where=crossed)[:, None]
+        a, b = verts[faces[:, i], :2], verts[faces[:, j], :2]
+        crossings.append((crossed, a + t * (b - a)))
+    hits = np.stack([c for c, _ in crossings], axis=1)
+    points = np.stack([p for _, p in crossings], axis=1)  # (faces, 3, 2)
+    two = hits.sum(axis=1) == 2  # no vertex lies on a plane, so a crossed triangle has exactly two crossed edges
+    order = np.argsort(~hits[two], axis=1, kind="stable")[:, :2]
+    return np.take_along_axis(points[two], order[:, :, None], axis=1)
+
+
+class Diameters(NamedTuple):
+    """Diameters of one lesion in mm: longest 3D, longest axial, and the short axis perpendicular to the latter."""
+
+    longest_3d_mm: float
+    axial_mm: float
+    short_axis_mm: float
+
+
+def _axial_diameters(verts: np.ndarray, faces: np.ndarray, levels: np.ndarray) -> tuple[float, float]:
+    """Longest diameter (mm) of the surface's cross-sections with the planes S = level, and the short axis
+    in the plane where it is found (planes tied within 1 um: the larger short axis)."""
+    sections = []
     for level in levels:
-        da, db = a[:, 2] - level, b[:, 2] - level
-        crossing = da * db < 0
-        if np.count_nonzero(crossing) < 2:
-            continue
-        t = (da[crossing] / (da[crossing] - db[crossing]))[:, None]
-        section = a[crossing, :2] + t * (b[crossing, :2] - a[crossing, :2])
-        best = max(best, _diameter(section))
-    return best
+        segments = _section_segments(verts, faces, float(level))
+        if len(segments) >= 2:
+            sections.append((*_diameter_ends(segments.reshape(-1, 2)), segments))
+    if not sections:
+        return 0.0, 0.0
+    longest = max(d for d, *_ in sections)
+    short = max(short_axis_length(seg, a, b) for d, a, b, seg in sections if d >= longest - 1e-3)
+    return longest, short
 
 
-def lesion_diameters(mask: np.ndarray, affine: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> tuple[float, float]:
-    """Longest 3D and longest axial (RECIST-style) diameters in mm of one component.
+def measure_diameters(mask: np.ndarray, affine: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> Diameters:
+    """Longest 3D, longest axial (RECIST 1.1) and short-axis (perpendicular, same plane) diameters in mm.
 
     ``mask`` is the component cropped to its bounding box and ``origin`` the box's first voxel index in the
     image whose ``affine`` maps voxel indices to scanner mm.
     """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
-        return 0.0, 0.0
+        return Diameters(0.0, 0.0, 0.0)
     verts, faces = _surface(mask, affine, origin)
     d3 = _diameter(verts)
     levels = _axial_levels(mask, affine, origin, (float(verts[:, 2].min()), float(verts[:, 2].max())))
-    return d3, _axial_diameter(verts, faces, levels)
+    return Diameters(d3, *_axial_diameters(verts, faces, levels))
+
+
+def lesion_diameters(mask: np.ndarray, affine: np.ndarray, origin: Sequence[int] = (0, 0, 0)) -> tuple[float, float]:
+    """Longest 3D and longest axial (RECIST-style) diameters in mm of one component (see :func:`measure_diameters`)."""
+    d = measure_diameters(mask, affine, origin)
+    return d.longest_3d_mm, d.axial_mm
 
 
 def find_lesions(
@@ -181,12 +280,14 @@ def find_lesions(
             continue
         local = tuple(stats["bounding_boxes"][cid])
         origin = [s.start + int(o) for s, o in zip(local, shift, strict=True)]
-        d3, dax = lesion_diameters(raw[local] == cid, affine, origin)
-        centroid = apply_affine(affine, np.asarray(stats["centroids"][cid], dtype=np.float64) + shift)
+        d3, dax, short = measure_diameters(raw[local] == cid, affine, origin)
+        voxel = np.asarray(stats["centroids"][cid], dtype=np.float64) + shift
+        centroid = apply_affine(affine, voxel)
         mean = float(sums[cid] / counts[cid]) if sums is not None else None
         box = tuple(slice(s.start + int(o), s.stop + int(o)) for s, o in zip(local, shift, strict=True))
-        lesion = Lesion(0, int(counts[cid]), int(counts[cid]) * voxel_ml, d3, dax,
-                        tuple(float(c) for c in centroid), mean, box)  # type: ignore[arg-type]
+        lesion = Lesion(0, int(counts[cid]), int(counts[cid]) * voxel_ml, d3, dax, short,
+                        tuple(float(c) for c in centroid), mean, box,  # type: ignore[arg-type]
+                        tuple(float(c) for c in voxel))  # type: ignore[arg-type]
         measured.append((cid, lesion))
 
     measured.sort(key=lambda item: -item[1].voxels)
@@ -204,8 +305,7 @@ def find_lesions(
 
 
 def _renumbered(lesion: Lesion, index: int) -> Lesion:
-    return Lesion(index, lesion.voxels, lesion.volume_ml, lesion.diameter_mm, lesion.axial_diameter_mm,
-                  lesion.centroid_ras_mm, lesion.mean_intensity, lesion.bbox)
+    return dataclasses.replace(lesion, index=index)
 
 
 class MatchStatus(StrEnum):

@@ -32,6 +32,8 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
+from medseg.io.geometry import voxel_spacing, voxel_volume_ml  # noqa: F401  (re-exported: lesions, runner, figures)
+
 
 class PairStatus(StrEnum):
     """Which of the reference and the prediction contain the class."""
@@ -69,16 +71,6 @@ class ClassMetrics:
         record["status"] = str(self.status)
         record["volume_difference_ml"] = self.volume_difference_ml
         return record
-
-
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel edge lengths (mm) along the array axes: the column norms of the affine's 3x3 part."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3, / 1000); exact also for sheared grids."""
-    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -18,24 +18,27 @@ from typing import TYPE_CHECKING
 
 from medseg import __version__
 from medseg.atomic import write_text_atomic
+from medseg.errors import MedsegError
+from medseg.evaluation.display import PREDICTION_COLOR, REFERENCE_COLOR
 from medseg.evaluation.lesions import Lesion, LesionMatch, bucket_names, size_bucket
 
 if TYPE_CHECKING:
     from medseg.config import EvaluateConfig
     from medseg.evaluation.runner import EvaluationResult, LesionInventory
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: short axis, centroid voxel and LPS, failures
 
 CASE_COLUMNS = ["case_id", "class_id", "class_name", "status", "dice", "nsd", "nsd_tolerance_mm", "hd95_mm", "assd_mm",
                 "reference_ml", "prediction_ml", "volume_difference_ml"]
 SUMMARY_COLUMNS = ["class_id", "class_name", "metric", "n", "n_undefined", "mean", "std", "median", "q1", "q3", "iqr",
                    "min", "max", "n_both_present", "n_reference_empty", "n_prediction_empty", "n_both_empty"]
 LESION_FIELDS = ["index", "voxels", "volume_ml", "diameter_mm", "axial_diameter_mm", "centroid_r_mm", "centroid_a_mm",
-                 "centroid_s_mm", "mean_intensity"]
+                 "centroid_s_mm", "mean_intensity", "short_axis_mm", "centroid_i", "centroid_j", "centroid_k"]
 LESION_COLUMNS = (["case_id", "class_id", "class_name", "status", "note", "size_bucket", "iou", "dice"]
                   + [f"reference_{f}" for f in LESION_FIELDS] + [f"prediction_{f}" for f in LESION_FIELDS])
 DETECTION_COLUMNS = ["class_id", "class_name", "size_bucket", "tp", "fn", "fp", "sensitivity", "precision", "f1"]
 INVENTORY_COLUMNS = ["case_id", "class_id", "class_name", "kept", *LESION_FIELDS]
+FAILURE_COLUMNS = ["case_id", "reason"]
 
 
 def _clean(value: object) -> object:
@@ -74,9 +77,11 @@ def _lesion_fields(lesion: Lesion | None, prefix: str) -> dict[str, object]:
     if lesion is None:
         return {}
     r, a, s = lesion.centroid_ras_mm
+    i, j, k = lesion.viewer_voxel
     values = {"index": lesion.index, "voxels": lesion.voxels, "volume_ml": lesion.volume_ml,
               "diameter_mm": lesion.diameter_mm, "axial_diameter_mm": lesion.axial_diameter_mm,
-              "centroid_r_mm": r, "centroid_a_mm": a, "centroid_s_mm": s, "mean_intensity": lesion.mean_intensity}
+              "short_axis_mm": lesion.short_axis_mm, "centroid_r_mm": r, "centroid_a_mm": a, "centroid_s_mm": s,
+              "mean_intensity": lesion.mean_intensity, "centroid_i": i, "centroid_j": j, "centroid_k": k}
     return {f"{prefix}{k}": v for k, v in values.items()}
 
 
@@ -143,6 +148,7 @@ def result_document(result: EvaluationResult, pred_dir: Path, labels: Path, imag
         "mean_foreground_dice": result.mean_foreground_dice,
         "missing_predictions": result.missing_predictions,
         "unmatched_predictions": result.unmatched_predictions,
+        "failures": [{"case_id": f.case_id, "reason": f.reason} for f in result.failures],
         "summary": {name: {"class_id": s.class_id, "nsd_tolerance_mm": s.nsd_tolerance_mm, "status_counts": s.status_counts,
                            "metrics": {m: st.as_record() for m, st in s.stats.items()}}
                     for name, s in result.per_class.items()},
@@ -169,6 +175,9 @@ def write_reports(result: EvaluationResult, pred_dir: Path, labels: Path, images
     files = {
         "per-case metrics": write_text_atomic(out / "metrics_per_case.csv", csv_text(CASE_COLUMNS, case_rows(result))),
         "summary": write_text_atomic(out / "summary.csv", csv_text(SUMMARY_COLUMNS, summary_rows(result))),
+        # Always written (header only when none failed): a stale list from an earlier run is never left behind.
+        "failures": write_text_atomic(out / "evaluation_failures.csv", csv_text(
+            FAILURE_COLUMNS, ({"case_id": f.case_id, "reason": f.reason} for f in result.failures))),
     }
     if result.lesion_summary:
         files["lesions"] = write_text_atomic(out / "lesions.csv", csv_text(LESION_COLUMNS, lesion_rows(result)))
@@ -211,6 +220,9 @@ h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:28px;border-bo
 table{border-collapse:collapse;font-size:13px;margin:8px 0} th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f2f2f2} td.l,th.l{text-align:left} .muted{color:#777;font-size:12px} .warn{color:#a40000;font-weight:bold}
 img{max-width:100%;border:1px solid #eee;margin:6px 0} figure{margin:8px 0} figcaption{font-size:12px;color:#555}
+dl.defs{font-size:13px} dl.defs dt{font-weight:bold;margin-top:4px} dl.defs dd{margin-left:16px}
+.sw{display:inline-block;width:22px;height:12px;border:1px solid #333;vertical-align:middle}
+.reason{font-family:monospace;font-size:12px;white-space:pre-wrap}
 """
 
 
@@ -247,6 +259,11 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
     if result.unmatched_predictions:
         parts.append(f"<p class='muted'>{len(result.unmatched_predictions)} prediction(s) without reference (ignored): "
                      f"{html.escape(', '.join(result.unmatched_predictions[:20]))}</p>")
+    if result.failures:
+        parts.append(f"<h2 id='failed-cases'>Failed cases</h2><p class='warn'>{len(result.failures)} case(s) could not be "
+                     "evaluated and are left out of every figure and statistic below (also in evaluation_failures.csv):</p>")
+        parts.append(_table(["case", "reason"], ([html.escape(f.case_id), f"<span class='reason'>{html.escape(f.reason)}</span>"]
+                                                 for f in result.failures), left=2))
 
     parts.append("<h2>Per-class summary</h2>")
     rows = []
@@ -279,34 +296,186 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
             parts.append(f"<p class='muted'>mean per-lesion Dice over reference lesions {_num(les.mean_lesion_dice)}; dropped "
                          f"small components: {les.dropped_reference} reference, {les.dropped_prediction} predicted.</p>")
             parts.append(_img(figures.lesion_figure(result, les.class_id), f"{name}: lesion volumes and detection by size"))
-        notes = [r for r in lesion_rows(result) if r["status"] != "detected"]
-        if notes:
-            rows = [[html.escape(str(r["case_id"])), html.escape(str(r["class_name"])), html.escape(str(r["status"])),
-                     html.escape(str(r.get("note", ""))), _num(r.get("reference_volume_ml"), 3),  # type: ignore[arg-type]
-                     _num(r.get("prediction_volume_ml"), 3), _num(r.get("reference_axial_diameter_mm") or r.get("prediction_axial_diameter_mm"), 1)]  # type: ignore[arg-type]
-                    for r in notes[:50]]
-            parts.append("<h3>Missed, false-positive and dropped lesions</h3>"
-                         + _table(["case", "class", "status", "note", "ref mL", "pred mL", "axial Ø mm"], rows, left=4))
+        parts += _lesion_sections(result)
 
     ranked = sorted((c for c in result.cases if c.mean_dice is not None), key=lambda c: c.mean_dice)  # type: ignore[arg-type,return-value]
     n = min(cfg.overlay_cases, len(ranked))
     if n:
-        parts.append("<h2>Worst and best cases</h2><p class='muted'>Slices through the largest reference structure "
-                     "(radiological view: patient right on the left). Solid: reference, dashed: prediction.</p>")
+        parts.append("<h2>Worst and best cases</h2><p class='muted'>Slices through the largest reference structure. "
+                     + _VIEW_NOTE + "</p>")
         chosen = [("worst", c) for c in ranked[:n]] + [("best", c) for c in ranked[::-1][:n] if c not in ranked[:n]]
         for tag, case in chosen:
-            png = figures.case_overlay(case, result.label_names)
-            parts.append(_img(png, f"{tag}: {case.case_id} — mean Dice {_num(case.mean_dice)}"))
+            try:
+                overlay = figures.case_overlay(case, result.label_names)
+            except CASE_FIGURE_ERRORS as exc:
+                parts.append(f"<p class='warn'>{tag}: {html.escape(case.case_id)}: no picture ({html.escape(str(exc))})</p>")
+                continue
+            parts.append(_img(overlay.png, f"{tag}: {case.case_id} — mean Dice {_num(case.mean_dice)}; {overlay.describe()}"))
 
     parts.append("<h2>All cases</h2><details><summary>per-case Dice</summary>")
     classes = list(result.per_class.values())
     rows = [[html.escape(c.case_id), _num(c.mean_dice)] + [_num(c.metrics[s.class_id].dice) if s.class_id in c.metrics else "–"
                                                           for s in classes] for c in result.cases]
     parts.append(_table(["case", "mean"] + [s.name for s in classes], rows) + "</details>")
-    parts.append("<p class='muted'>Definitions: docs/evaluation.md. Tables: metrics_per_case.csv, summary.csv, "
-                 "evaluation.json" + (", lesions.csv, lesion_detection.csv" if result.lesion_summary else "") + ".</p>")
+    parts.append(_footer(result))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-__all__ = ["SCHEMA_VERSION", "bucket_names", "csv_text", "html_report", "write_inventory", "write_reports"]
+# Errors that leave one picture out of the report (with the reason) instead of the whole report.
+CASE_FIGURE_ERRORS: tuple[type[Exception], ...] = (MedsegError, OSError, ValueError)
+
+# Lesion pictures drawn at most (the table lists every lesion): each is a ~100 kB PNG in the page.
+MAX_LESION_OVERLAYS = 40
+MAX_LESION_ROWS = 200
+
+_VIEW_NOTE = ("Radiological view (patient right on the left). "
+              f"<span class='sw' style='background:{REFERENCE_COLOR}'></span> <b>orange, solid outline</b>: reference; "
+              f"<span class='sw' style='background:{PREDICTION_COLOR}'></span> <b>blue, dashed outline</b>: prediction. Slice numbers are voxel "
+              "indices (i, j, k) of the scan file's own array, as 3D Slicer and ITK-SNAP show them; positions are "
+              "LPS mm (x to the patient's left, y to the back, z up: the DICOM and Slicer convention). The "
+              "intensity window of each picture is named in its caption.")
+
+
+def _location(lesion: Lesion | None) -> tuple[str, str]:
+    """Viewer voxel and LPS position of a lesion centroid, for a table cell."""
+    if lesion is None:
+        return "–", "–"
+    return (html.escape(", ".join(str(v) for v in lesion.viewer_voxel)),
+            html.escape(", ".join(f"{v:.1f}" for v in lesion.centroid_lps_mm)))
+
+
+def _lesion_sections(result: EvaluationResult) -> list[str]:
+    """The missed / false-positive / dropped lesion table (with locations) and one picture per missed and
+    false-positive lesion, centred on it."""
+    from medseg.evaluation import figures as fig
+    from medseg.evaluation.lesions import MatchStatus
+
+    cfg = result.config
+    parts: list[str] = []
+    pictures: list[str] = []
+    anchors: dict[tuple[str, int, str, int], str] = {}
+    drawn = 0
+    wanted = 0
+    for case in result.cases:
+        todo = [(k, m) for k, ms in case.lesions.items() for m in ms if m.status != MatchStatus.DETECTED]
+        if not todo:
+            continue
+        wanted += len(todo)
+        if drawn >= MAX_LESION_OVERLAYS:
+            continue
+        try:
+            view = fig.load_case_view(case)
+        except CASE_FIGURE_ERRORS as exc:
+            pictures.append(f"<p class='warn'>{html.escape(case.case_id)}: no lesion pictures ({html.escape(str(exc))})</p>")
+            continue
+        for k, m in todo:
+            if drawn >= MAX_LESION_OVERLAYS:
+                break
+            side = "reference" if m.status == MatchStatus.MISSED else "prediction"
+            lesion = m.reference if side == "reference" else m.prediction
+            assert lesion is not None
+            name = result.label_names.get(k, f"class_{k}")
+            what = "missed" if side == "reference" else "false positive"
+            title = (f"{case.case_id} · {name} · {what} lesion {side} #{lesion.index}: {lesion.volume_ml:.3g} mL, "
+                     f"{lesion.axial_diameter_mm:.1f} × {lesion.short_axis_mm:.1f} mm")
+            overlay = fig.lesion_overlay(view, lesion, k, side, title, result.label_names, cfg.connectivity)
+            drawn += 1
+            anchor = f"lesion-{drawn}"
+            anchors[(case.case_id, k, side, lesion.index)] = anchor
+            pictures.append(f"<div id='{anchor}'>" + _img(overlay.png, f"{title}; {overlay.describe()}") + "</div>")
+
+    rows_data = [r for r in lesion_rows(result) if r["status"] != "detected"]
+    if rows_data:
+        rows = []
+        for r in rows_data[:MAX_LESION_ROWS]:
+            side = "reference" if r.get("reference_index") is not None else "prediction"
+            lesion = _find_lesion(result, str(r["case_id"]), int(r["class_id"]), side, int(r[f"{side}_index"]))  # type: ignore[call-overload]
+            voxel, lps = _location(lesion)
+            anchor = anchors.get((str(r["case_id"]), int(r["class_id"]), side, int(r[f"{side}_index"])))  # type: ignore[call-overload]
+            link = f"<a href='#{anchor}'>picture</a>" if anchor else "–"
+            rows.append([html.escape(str(r["case_id"])), html.escape(str(r["class_name"])), html.escape(str(r["status"])),
+                         html.escape(str(r.get("note", ""))), _num(r.get("reference_volume_ml"), 3),  # type: ignore[arg-type]
+                         _num(r.get("prediction_volume_ml"), 3),  # type: ignore[arg-type]
+                         _num(r.get(f"{side}_axial_diameter_mm"), 1), _num(r.get(f"{side}_short_axis_mm"), 1),  # type: ignore[arg-type]
+                         voxel, lps, link])
+        more = (f" The first {MAX_LESION_ROWS} of {len(rows_data)} are listed; all are in lesions.csv."
+                if len(rows_data) > MAX_LESION_ROWS else "")
+        parts.append("<h3>Missed, false-positive and dropped lesions</h3><p class='muted'>Location: the lesion's centroid "
+                     "as the voxel (i, j, k) of the scan file (what 3D Slicer and ITK-SNAP show at the cursor) and in "
+                     "LPS mm. Long axis: longest axial diameter (RECIST 1.1); short axis: longest diameter perpendicular "
+                     "to it in the same axial plane (WHO: long × short)." + more + "</p>"
+                     + _table(["case", "class", "status", "note", "ref mL", "pred mL", "long axis mm", "short axis mm",
+                               "voxel (i, j, k)", "LPS (x, y, z) mm", "figure"], rows, left=4))
+    if pictures:
+        more = (f" {MAX_LESION_OVERLAYS} of {wanted} drawn; the rest are listed above and in lesions.csv."
+                if wanted > drawn else "")
+        parts.append("<h3>Missed and false-positive lesions, one picture each</h3><p class='muted'>Each picture is "
+                     "centred on its lesion (white dotted ring): the whole axial slice with the zoomed area boxed, then "
+                     "axial, coronal and sagittal zooms through the planes where the lesion is largest. "
+                     + _VIEW_NOTE + more + "</p>")
+        parts += pictures
+    return parts
+
+
+def _find_lesion(result: EvaluationResult, case_id: str, class_id: int, side: str, index: int) -> Lesion | None:
+    for case in result.cases:
+        if case.case_id != case_id:
+            continue
+        for m in case.lesions.get(class_id, []):
+            lesion = m.reference if side == "reference" else m.prediction
+            if lesion is not None and lesion.index == index:
+                return lesion
+        for lesion in case.dropped.get(class_id, {}).get(side, []):
+            if lesion.index == index:
+                return lesion
+    return None
+
+
+def documentation_url() -> str | None:
+    """The installed package's documentation address (``[project.urls]`` in pyproject), if it has one."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("medseg").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return None
+    found = dict(u.split(",", 1) for u in urls if "," in u)
+    found = {k.strip().lower(): v.strip() for k, v in found.items()}
+    for key in ("documentation", "homepage", "repository", "source"):
+        if found.get(key, "").startswith(("https://", "http://")):
+            return found[key]
+    return None
+
+
+_DEFINITIONS = [
+    ("Dice", "2|P∩R| / (|P| + |R|) over voxels; undefined when both masks are empty, 0 when one is."),
+    ("HD95", "95th percentile Hausdorff distance (mm) between the two mask boundaries, the larger of both directions; "
+             "undefined when either mask is empty."),
+    ("ASSD", "average symmetric surface distance (mm)."),
+    ("NSD", "normalised surface Dice: share of both surfaces within the class tolerance (mm) of the other."),
+    ("Lesion", "a connected component of a lesion class; matched one to one by IoU (Hungarian), IoU ≥ the stated "
+               "threshold. Missed: an unmatched reference lesion; false positive: an unmatched predicted lesion."),
+    ("Long / short axis", "longest diameter in an axial plane of the patient (RECIST 1.1), and the longest diameter "
+                          "perpendicular to it in the same plane (WHO), measured on the marching-cubes surface."),
+    ("Coordinates", "voxel (i, j, k): index in the scan file's array (3D Slicer, ITK-SNAP); LPS mm: the DICOM patient "
+                    "frame (x left, y posterior, z superior), from the file's affine."),
+    ("Windows", "CT: named HU windows, lung W 1500 / L −600 or soft tissue W 400 / L 40, chosen by the share of air "
+                "and lung in the shown region; other images: 1st–99th percentile of the shown region."),
+]
+
+
+def _footer(result: EvaluationResult) -> str:
+    """Definitions in the page itself (it travels without the docs) and, if known, the documentation address."""
+    items = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in _DEFINITIONS)
+    url = documentation_url()
+    more = (f"Full definitions: <a href='{html.escape(url)}'>{html.escape(url)}</a> (Evaluation)." if url
+            else "Full definitions: docs/evaluation.md in the medseg source.")
+    files = ("metrics_per_case.csv, summary.csv, evaluation_failures.csv, evaluation.json"
+             + (", lesions.csv, lesion_detection.csv" if result.lesion_summary else ""))
+    return (f"<h2>Definitions</h2><dl class='defs'>{items}</dl><p class='muted'>{more} Tables beside this page: "
+            f"{html.escape(files)}.</p>")
+
+
+__all__ = ["SCHEMA_VERSION", "bucket_names", "csv_text", "documentation_url", "html_report", "write_inventory",
+           "write_reports"]

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # Metrics summarised per class, in the order tables show them.
 SUMMARY_METRICS = ("dice", "nsd", "hd95_mm", "assd_mm", "reference_ml", "prediction_ml", "volume_difference_ml")
 
+# Errors that make one case fail (listed in the outputs) without stopping the others: our own (unreadable
+# file, wrong grid, not a label map) and what numpy/nibabel raise on damaged data.
+CASE_ERRORS: tuple[type[Exception], ...] = (MedsegError, OSError, ValueError)
+
 # Shapes agree exactly; affines to this many mm (float32 headers written by other tools round differently).
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -57,6 +61,14 @@ class CaseResult:
         """Mean Dice over this case's classes where Dice is defined; ``None`` when none is."""
         values = [m.dice for m in self.metrics.values() if m.dice is not None]
         return float(np.mean(values)) if values else None
+
+
+@dataclass(frozen=True)
+class CaseFailure:
+    """A case that could not be evaluated (unreadable file, wrong grid, not a label map) and why."""
+
+    case_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,7 @@ class EvaluationResult:
     missing_predictions: list[str]
     unmatched_predictions: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    failures: list[CaseFailure] = field(default_factory=list)
 
     @property
     def mean_foreground_dice(self) -> float:
@@ -158,6 +171,11 @@ class EvaluationResult:
             how = "scored as empty" if self.config.missing_as_empty else "NOT scored"
             lines.append(f"  WARNING: {len(self.missing_predictions)} reference case(s) have no prediction ({how}): "
                          f"{', '.join(self.missing_predictions[:5])}{' ...' if len(self.missing_predictions) > 5 else ''}")
+        if self.failures:
+            lines.append(f"  WARNING: {len(self.failures)} case(s) failed and were not evaluated:")
+            lines += [f"    {f.case_id}: {f.reason}" for f in self.failures[:10]]
+            if len(self.failures) > 10:
+                lines.append(f"    ... and {len(self.failures) - 10} more (evaluation_failures.csv)")
         if self.unmatched_predictions:
             lines.append(f"  {len(self.unmatched_predictions)} prediction(s) have no reference: "
                          f"{', '.join(self.unmatched_predictions[:5])}{' ...' if len(self.unmatched_predictions) > 5 else ''}")
@@ -388,8 +406,10 @@ def evaluate_folders(
     report pictures. ``options`` override fields of ``config`` (:class:`medseg.config.EvaluateConfig`),
     e.g. ``lesion_classes=[2]``, ``nsd_tolerance_mm=1.0``.
 
-    Writes ``metrics_per_case.csv``, ``summary.csv``, ``evaluation.json``, with lesion classes
-    ``lesions.csv`` and ``lesion_detection.csv``, and ``report.html`` (see docs/evaluation.md).
+    Writes ``metrics_per_case.csv``, ``summary.csv``, ``evaluation_failures.csv``, ``evaluation.json``, with lesion
+    classes ``lesions.csv`` and ``lesion_detection.csv``, and ``report.html`` (see docs/evaluation.md).
+    A case that cannot be evaluated (unreadable, wrong grid) is listed in ``result.failures`` and the
+    outputs, and the others are evaluated; when no case can be, a :class:`MedsegError` says why.
     """
     from medseg.evaluation.reports import write_reports
 
@@ -413,10 +433,21 @@ def evaluate_folders(
         log.warning("%d reference case(s) have no prediction in %s: %s", len(missing), pred_dir, missing[:5])
 
     classes = [k for k in label_names if k != 0]
-    cases = []
+    cases: list[CaseResult] = []
+    failures: list[CaseFailure] = []
     for case_id in tqdm(to_score, desc="evaluate", unit="case", disable=not progress):
         image = find_image(case_id, images_dir, refs.images)
-        cases.append(evaluate_case(case_id, refs.labels[case_id], predictions.get(case_id), classes, cfg, image))
+        try:
+            cases.append(evaluate_case(case_id, refs.labels[case_id], predictions.get(case_id), classes, cfg, image))
+        except CASE_ERRORS as exc:
+            # One bad file must not cost the results of every other case: list it and go on.
+            reason = str(exc) if isinstance(exc, MedsegError) else f"{type(exc).__name__}: {exc}"
+            failures.append(CaseFailure(case_id, reason))
+            log.warning("case %s not evaluated: %s", case_id, reason)
+    if not cases:
+        listed = "; ".join(f"{f.case_id}: {f.reason}" for f in failures[:5])
+        raise MedsegError(f"no case could be evaluated ({len(failures)} failed): {listed}"
+                          + (" ..." if len(failures) > 5 else ""))
 
     per_class = summarize_classes(cases, label_names, cfg)
     result = EvaluationResult(
@@ -428,6 +459,7 @@ def evaluate_folders(
         lesion_summary=summarize_lesions(cases, label_names, cfg),
         missing_predictions=missing,
         unmatched_predictions=unmatched,
+        failures=failures,
     )
     result.files = write_reports(result, pred_dir=pred_dir, labels=Path(labels), images_dir=images_dir)
     return result
@@ -487,6 +519,6 @@ def lesion_inventory(
 
 
 __all__ = [
-    "CaseResult", "ClassSummary", "EvaluationResult", "LesionClassSummary", "LesionInventory", "MatchStatus",
+    "CaseFailure", "CaseResult", "ClassSummary", "EvaluationResult", "LesionClassSummary", "LesionInventory", "MatchStatus",
     "evaluate_case", "evaluate_folders", "lesion_inventory", "load_label_names",
 ]

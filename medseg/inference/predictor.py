@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, overload
 
 import cc3d
 import nibabel as nib
@@ -20,7 +21,9 @@ from torch import nn
 
 from medseg.data.transforms import IMAGE, intensity_transforms, preprocessing
 from medseg.errors import CheckpointError
+from medseg.inference.qc import PredictionUncertainty, prediction_uncertainty
 from medseg.inference.resampling import GridPlan
+from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
 from medseg.models.bundle import ModelBundle, load_bundle
@@ -140,18 +143,34 @@ class Predictor:
         pre = self.bundle.spec.preprocessing
         return GridPlan.for_scan(affine, shape, pre.orientation, pre.spacing)
 
-    def predict_image(self, reference: nib.Nifti1Image) -> nib.Nifti1Image:
-        """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry."""
+    @overload
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: Literal[False] = False) -> nib.Nifti1Image: ...
+
+    @overload
+    def predict_image(self, reference: nib.Nifti1Image,
+                      with_uncertainty: Literal[True]) -> tuple[nib.Nifti1Image, PredictionUncertainty]: ...
+
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: bool = False
+                      ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, PredictionUncertainty]:
+        """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry.
+
+        ``with_uncertainty`` also returns the entropy summary of the probabilities on the model's grid
+        (:func:`medseg.inference.qc.prediction_uncertainty`), for the QC flags. A multi-channel scan is one
+        4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it.
+        """
+        check_channel_count(reference, self.bundle.network.in_channels)
         array, meta = ScanReader().get_data(reference)
-        plan = self.plan(reference.affine, array.shape)
+        plan = self.plan(reference.affine, array.shape) if array.ndim == 3 else None  # one channel: fast path
+        uncertainty = None
         if plan is None:
-            labels = self._labels_monai(array, meta)
+            labels, uncertainty = self._labels_monai(array, meta, with_uncertainty)
         else:
             # Same steps as the MONAI path (reorient, resample linearly, intensity, network, linear inverse,
             # argmax), in slabs: the float32 scan and the K x scan-sized probabilities never exist.
             image = self.intensity({IMAGE: plan.scan_to_model(array).unsqueeze(0)})[IMAGE]
             probs = self.probabilities(torch.as_tensor(image).unsqueeze(0))[0]
             del image
+            uncertainty = prediction_uncertainty(probs) if with_uncertainty else None
             probs = probs.half() if probs.device.type == "cpu" else probs  # halves the model-grid memory
             labels = plan.labels_on_scan(probs)
             del probs
@@ -159,17 +178,21 @@ class Predictor:
             keep_largest_components(labels, self.settings.keep_largest_component)
         if plan is not None:
             labels = plan.oriented_to_scan(labels)
-        return mask_like(labels, reference)
+        mask = mask_like(labels, reference)
+        return (mask, uncertainty) if uncertainty is not None else mask
 
-    def _labels_monai(self, array: np.ndarray, meta: dict) -> np.ndarray:
+    def _labels_monai(self, array: np.ndarray, meta: dict, with_uncertainty: bool = False
+                      ) -> tuple[np.ndarray, PredictionUncertainty | None]:
         """Labels on the scan grid through MONAI's Spacingd/Invertd (dense affine-grid resampling)."""
         data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
         image = data[IMAGE]
         probs = self.probabilities(image.unsqueeze(0))[0].cpu()
+        uncertainty = prediction_uncertainty(probs.as_tensor() if isinstance(probs, MetaTensor) else probs) \
+            if with_uncertainty else None
         data["pred"] = MetaTensor(probs, meta=dict(image.meta))
         # Invert orientation and resampling: probabilities go back to the source grid (linear), then argmax.
         inverted = mt.Invertd("pred", transform=self.preprocess, orig_keys=IMAGE, nearest_interp=False)(data)["pred"]
-        return torch.argmax(inverted, dim=0).numpy().astype(np.uint8)
+        return torch.argmax(inverted, dim=0).numpy().astype(np.uint8), uncertainty
 
     def predict_scan(self, scan: Scan | Path) -> nib.Nifti1Image:
         """Read a scan (NIfTI file or DICOM series) and return its label map on the scan's grid."""

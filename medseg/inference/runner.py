@@ -24,6 +24,13 @@ from medseg.atomic import claim, temporaries, temporary_target, write_text_atomi
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
+from medseg.inference.statistics import (
+    STATISTICS_CSV,
+    ScanStatistics,
+    assess_scan,
+    merge_statistics,
+    training_modality,
+)
 from medseg.io.nifti import NIFTI_SUFFIXES, save_atomic
 from medseg.io.scans import Scan, find_scans, load_scan
 
@@ -31,6 +38,8 @@ log = logging.getLogger(__name__)
 
 FAILURES = "failures.csv"
 FAILURE_COLUMNS = ["file", "mask", "error", "message"]
+#: Scans whose QC flags the terminal summary lists one by one; the rest are counted.
+MAX_FLAG_LINES = 20
 
 
 @dataclass
@@ -53,9 +62,13 @@ class PredictSummary:
     failed: list[PredictFailure] = field(default_factory=list)
     #: Masks another run on the same folder was writing, or wrote after this run started: not redone.
     claimed: list[Path] = field(default_factory=list)
+    #: QC flags (docs/qc.md) of the scans written in this run that raised any, by mask.
+    flagged: dict[Path, list[str]] = field(default_factory=dict)
 
     def add(self, outcome: ScanOutcome) -> None:
         """Count one scan's outcome."""
+        if outcome.qc_flags:
+            self.flagged[outcome.target] = list(outcome.qc_flags)
         if outcome.status == "failed":
             self.failed.append(PredictFailure(outcome.path, outcome.error, outcome.message, outcome.target.name))
         else:
@@ -71,6 +84,12 @@ class PredictSummary:
         if self.claimed:
             lines.append(f"  {len(self.claimed)} scan(s) left to another run on this folder (it was writing them, "
                          "or wrote them after this run started)")
+        for target, flags in list(self.flagged.items())[:MAX_FLAG_LINES]:
+            lines.append(f"  QC {target.name}: {'; '.join(flags)}")
+        if len(self.flagged) > MAX_FLAG_LINES:
+            lines.append(f"  ... QC flags on {len(self.flagged) - MAX_FLAG_LINES} more scan(s)")
+        if self.flagged:
+            lines.append(f"  QC flags are listed in {self.output_dir / STATISTICS_CSV} (docs/qc.md explains each)")
         for f in self.failed:
             lines.append(f"  FAILED {f.path}: {f.error}: {f.message}")
         if self.failed:
@@ -181,13 +200,17 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
-    """What tells one version of a file from another: a rename or rewrite changes it."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another: a rename or rewrite changes it.
+
+    Not the device number: machines sharing a network file system (Ray workers on other nodes) may
+    number its mount differently, while inode, mtime and size come from the file server.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 @dataclass
@@ -200,6 +223,7 @@ class ScanOutcome:
     status: Literal["written", "skipped", "claimed", "failed"]
     error: str = ""
     message: str = ""
+    qc_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -210,7 +234,10 @@ class PredictBatch:
     scans: list[Scan]
     output_dir: Path
     overwrite: bool
-    at_start: dict[str, tuple[int, int, int, int] | None]
+    at_start: dict[str, tuple[int, int, int] | None]
+    #: Write statistics.csv/json with the QC flags (docs/qc.md); write ``<case_id>.preview.png``.
+    statistics: bool = True
+    preview: bool = False
     #: Memory cap for the process in GiB (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
     max_memory_gib: float | None = None
     _budget: MemoryBudget | None = field(default=None, repr=False)
@@ -218,33 +245,50 @@ class PredictBatch:
     def target(self, scan: Scan) -> Path:
         return output_path(self.output_dir, scan)
 
+    def done(self, scan: Scan) -> bool:
+        """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
+        return self.at_start[scan.case_id] is not None and not self.overwrite
+
+    def todo(self, scan: Scan) -> bool:
+        """Whether ``scan`` is to be predicted (not :meth:`done`)."""
+        return not self.done(scan)
+
     def memory(self) -> MemoryBudget:
         """The memory one scan may use, measured once (after the model is loaded, at the first scan)."""
         if self._budget is None:
             self._budget = MemoryBudget.measure(self.max_memory_gib)
         return self._budget
 
-    def todo(self, scan: Scan) -> bool:
-        """Whether ``scan`` is to be predicted (its mask was absent at the start, or ``overwrite``)."""
-        return self.overwrite or self.at_start[scan.case_id] is None
 
-
-def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
-                  max_memory_gib: float | None = None) -> PredictBatch:
-    """Find the scans, refuse bad outputs before any work, clean a killed run's temporaries."""
+def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
+                  statistics: bool = True, preview: bool = False, max_memory_gib: float | None = None) -> PredictBatch:
+    """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
+    outputs before any work, clean a killed run's temporaries."""
     output_dir = Path(output_dir)
-    scans = find_scans(inputs)
+    scans = find_scans(inputs, channels=channels)
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
     at_start = {scan.case_id: _identity(output_path(output_dir, scan)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start, max_memory_gib)
+    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, max_memory_gib)
 
 
 def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path) -> None:
     """Write one scan's outputs: the NIfTI mask at ``target`` (atomically). ``image`` is the scan as read."""
     save_atomic(mask, target)
+
+
+def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
+                       stats: ScanStatistics, batch: PredictBatch) -> None:
+    """Write a scan's ``<case_id>.preview.png`` (:mod:`medseg.inference.preview`)."""
+    from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
+
+    bundle = predictor.bundle
+    lesion_classes = bundle.config.evaluate.lesion_classes
+    write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
+                  training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
+                  lesion_classes, stats.all_flags)
 
 
 def _grid_of(predictor: Predictor) -> tuple[str, tuple[float, ...] | None, int] | None:
@@ -296,7 +340,7 @@ def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Futu
     """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
     ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
     target = batch.target(scan)
-    if not batch.todo(scan):
+    if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
     held = claim(target)
     if held is None:
@@ -309,23 +353,40 @@ def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Futu
             tmp.unlink(missing_ok=True)
         try:
             image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
-            mask = predictor.predict_image(image)
-            if writer is None:
-                write_outputs(scan, image, mask, target)
-                return ScanOutcome(scan.path, target, "written")
+            stats: ScanStatistics | None = None
+            if not (batch.statistics or batch.preview):
+                mask = predictor.predict_image(image)
+            else:
+                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
+                stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
         except Exception as exc:
             return _failed(scan, target, exc)
-        owned = stack.pop_all()
 
-    def write() -> ScanOutcome:
-        with owned:
+        def write() -> ScanOutcome:
             try:
+                if stats is None:
+                    write_outputs(scan, image, mask, target)
+                    return ScanOutcome(scan.path, target, "written")
+                if batch.statistics:
+                    # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its
+                    # row, so every mask present has its statistics.
+                    merge_statistics(batch.output_dir, [stats])
                 write_outputs(scan, image, mask, target)
-                return ScanOutcome(scan.path, target, "written")
+                if batch.preview:
+                    write_scan_preview(predictor, scan, image, mask, stats, batch)
+                return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
             except Exception as exc:
                 return _failed(scan, target, exc)
 
-    return writer.submit(write)
+        if writer is None:
+            return write()
+        owned = stack.pop_all()
+
+    def write_and_release() -> ScanOutcome:
+        with owned:
+            return write()
+
+    return writer.submit(write_and_release)
 
 
 def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> PredictSummary:
@@ -343,7 +404,8 @@ def _next_todo(batch: PredictBatch, index: int) -> Scan | None:
 
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
-                  mirror: bool | None = None, max_memory_gib: float | None = None) -> PredictSummary:
+                  mirror: bool | None = None, statistics: bool = True, preview: bool = False,
+                  max_memory_gib: float | None = None) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -355,11 +417,20 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     atomically, so a killed run resumes where it stopped. Each scan is claimed first: scans another run on
     the folder is doing are left to it.
 
+    ``statistics`` writes per-class statistics and QC flags (``statistics.csv`` / ``.json``, docs/qc.md);
+    ``preview`` a ``<case_id>.preview.png`` per scan.
+
     While the network runs on one scan, the next is read and the previous one's outputs are written, in one
     background thread each (when the memory budget holds all three).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite, max_memory_gib)
+    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview,
+                          max_memory_gib=max_memory_gib)  # before the model
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror)
+    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
+    channels = bundle.network.in_channels if bundle is not None else 1
+    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
+        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
+                              preview=preview, max_memory_gib=max_memory_gib)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
     with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
         ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None

@@ -77,6 +77,16 @@ def check_spacing_values(spacing: np.ndarray | tuple[float, ...], path: Path, wh
         raise GeometryError(path, f"{what} must be positive and finite, got {values.tolist()} mm")
 
 
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel edge lengths (mm) along the array axes: the column norms of the affine's 3x3 part."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3, / 1000); exact also for sheared grids."""
+    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+
+
 def _geometry(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spacing (mm), origin (mm) and unit direction columns of an image's affine."""
     affine = np.asarray(img.affine, dtype=float)

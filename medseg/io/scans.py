@@ -29,10 +29,17 @@ class Scan:
     path: Path
     kind: Literal["nifti", "dicom"]
     series: DicomSeriesRef | None = None
+    #: A multi-channel case: one NIfTI file per input channel, in channel order (``path`` is the first).
+    channels: tuple[Path, ...] = ()
 
 
-def find_scans(paths: Sequence[Path]) -> list[Scan]:
-    """Scans under the given paths: NIfTI files, folders of NIfTI files, and DICOM series folders."""
+def find_scans(paths: Sequence[Path], channels: int = 1) -> list[Scan]:
+    """Scans under the given paths: NIfTI files, folders of NIfTI files, and DICOM series folders.
+
+    nnU-Net channel files ``CASE_0000.nii.gz, CASE_0001.nii.gz...`` are one case named ``CASE``: with
+    ``channels`` > 1 (the model's input channels) they are grouped into one multi-channel scan (see
+    :func:`medseg.io.channels.group_channel_files`); with one channel a lone ``CASE_0000`` is named ``CASE``.
+    """
     scans: list[Scan] = []
     for raw in paths:
         path = Path(raw)
@@ -54,7 +61,9 @@ def find_scans(paths: Sequence[Path]) -> list[Scan]:
         else:
             raise ScanError(path, "no such file or folder")
     _number_duplicate_series(scans)
-    return scans
+    from medseg.io.channels import group_channel_files
+
+    return group_channel_files(scans, channels)
 
 
 def _number_duplicate_series(scans: list[Scan]) -> None:
@@ -80,6 +89,10 @@ def load_scan(
     """
     options = {"allow_gantry_tilt": allow_gantry_tilt, "max_bytes": max_bytes}
     if isinstance(scan, Scan):
+        if len(scan.channels) > 1:
+            from medseg.io.channels import load_channels
+
+            return load_channels(scan.channels, max_bytes=max_bytes)
         if scan.kind == "dicom":
             return read_dicom_series(scan.path, scan.series, **options)
         return load_nifti(scan.path, max_bytes=max_bytes)
@@ -105,23 +118,27 @@ class ScanReader(ImageReader):
         return all(Path(f).is_dir() or is_nifti_path(Path(f)) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str] | str, **kwargs):
-        images = [
-            load_scan(Path(p), allow_gantry_tilt=self.allow_gantry_tilt, max_bytes=self.max_bytes)
-            for p in ensure_tuple(data)
-        ]
-        return images if len(images) > 1 else images[0]
+        """One scan, or several channel files (a list) stacked into one 4D image (X, Y, Z, channel)."""
+        paths = [Path(p) for p in ensure_tuple(data)]
+        if len(paths) > 1:
+            from medseg.io.channels import load_channels
+
+            return load_channels(paths, max_bytes=self.max_bytes)
+        return load_scan(paths[0], allow_gantry_tilt=self.allow_gantry_tilt, max_bytes=self.max_bytes)
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         if isinstance(img, list | tuple):
             raise NotImplementedError("ScanReader reads one scan per key")
         array = np.asanyarray(img.dataobj)
+        # A 4D image holds channels on its last axis (load_channels); EnsureChannelFirst reads this key.
+        channel_dim = -1 if array.ndim == 4 else float("nan")
         if array.dtype.kind not in "fiub":
             raise ScanError(img.get_filename() or "scan", f"unsupported voxel type {array.dtype}")
         meta = {
             MetaKeys.AFFINE: np.array(img.affine, copy=True),
             MetaKeys.ORIGINAL_AFFINE: np.array(img.affine, copy=True),
             MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape[:3]),
-            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            MetaKeys.ORIGINAL_CHANNEL_DIM: channel_dim,
             MetaKeys.SPACE: SpaceKeys.RAS,
         }
         return array, meta

@@ -110,6 +110,34 @@ class Provenance(_Spec):
     created: str = ""
 
 
+#: Mean foreground validation Dice below which a model is flagged ``weak_model`` (docs/qc.md).
+DEFAULT_MIN_VALIDATION_DICE = 0.5
+
+
+class QCThresholds(_Spec):
+    """Limits beyond which a prediction is flagged, set at training time (docs/qc.md gives each rule).
+
+    Input side (from the training cases): modality, spacing per RAS axis (mm), intensity percentiles of
+    the whole scan (its units: HU for CT), class volumes (mL). Output side (from the validation cases):
+    mean normalised entropy in the predicted foreground and the share of low-confidence voxels there.
+    ``None`` (or an empty map) leaves a check out.
+    """
+
+    modality: str | None = None
+    spacing_mm_low: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    spacing_mm_high: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    intensity_percentiles: list[float] = Field(default_factory=lambda: [0.5, 50.0, 99.5])
+    intensity_low: list[float] | None = None
+    intensity_high: list[float] | None = None
+    volume_ml_low: dict[int, float] = Field(default_factory=dict)
+    volume_ml_high: dict[int, float] = Field(default_factory=dict)
+    always_present: list[int] = Field(default_factory=list, description="classes in every training label")
+    max_foreground_entropy: float | None = None
+    max_low_confidence_share: float | None = None
+    min_validation_dice: float = DEFAULT_MIN_VALIDATION_DICE
+    calibration: dict[str, Any] = Field(default_factory=dict, description="cases and rules the limits came from")
+
+
 class BundleSpec(_Spec):
     """Everything of a bundle but the weights; plain data, validated when read."""
 
@@ -120,6 +148,7 @@ class BundleSpec(_Spec):
     preprocessing: PreprocessingConfig
     inference: InferenceSpec
     provenance: Provenance
+    qc: QCThresholds | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleSpec:

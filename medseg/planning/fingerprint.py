@@ -1,8 +1,8 @@
 """The data set fingerprint: what planning needs to know about the cases, read once from the scans.
 
 Per case the scan is reoriented to RAS (the orientation the planned config trains in), so shapes and
-spacings are per RAS axis. Intensity statistics are per channel (one channel, named by the manifest's
-modality); foreground statistics use up to ``FOREGROUND_SAMPLES_PER_CASE`` voxels per case under the
+spacings are per RAS axis. Intensity statistics are per input channel (named by the manifest's
+``channels``, or its modality for one channel); foreground statistics use up to ``FOREGROUND_SAMPLES_PER_CASE`` voxels per case under the
 label (any class > 0), drawn with a fixed seed, like nnU-Net's fingerprint. The result is a plain JSON
 file a person can read (``Fingerprint.to_json``).
 """
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from medseg.atomic import write_text_atomic
 from medseg.data.manifest import Manifest, read_json_file
 from medseg.errors import ManifestError, ScanError
+from medseg.io.channels import load_channels
 from medseg.io.scans import load_scan
 
 FOREGROUND_SAMPLES_PER_CASE = 10_000
@@ -82,6 +83,13 @@ class Fingerprint:
     object_sizes: dict[int, ObjectSizes]
     format: str = FINGERPRINT_FORMAT
     notes: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    """Input channel names, in order (the keys of the intensity maps); empty in older files: one channel."""
+
+    @property
+    def channel_names(self) -> list[str]:
+        """The input channels in order (older single-channel fingerprints: the modality)."""
+        return list(self.channels) or list(self.intensity_all) or [self.modality]
 
     @property
     def spacings(self) -> np.ndarray:
@@ -115,17 +123,21 @@ def _ras(img: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.as_closest_canonical(img)
 
 
-def _read_case(manifest: Manifest, index: int, rng: np.random.Generator) -> tuple[CaseFingerprint, np.ndarray, np.ndarray, dict[int, list[int]]]:
+def _read_case(manifest: Manifest, index: int, rng: np.random.Generator) -> tuple[CaseFingerprint, list[np.ndarray], list[np.ndarray], dict[int, list[int]]]:
+    """One case's geometry, and per channel an intensity sample over all voxels and one under the label."""
     case = manifest.cases[index]
     image_path, label_path = manifest.image_path(case), manifest.label_path(case)
-    image = _ras(load_scan(image_path))
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    paths = manifest.image_paths(case)
+    image = _ras(load_channels(paths) if len(paths) > 1 else load_scan(image_path))
+    stacked = np.asarray(image.dataobj, dtype=np.float32)
+    channels = [stacked[..., c] for c in range(stacked.shape[3])] if stacked.ndim == 4 else [stacked]
+    data = channels[0]
     if data.ndim != 3:
         raise ScanError(image_path, f"planning needs 3D scans, this one has shape {data.shape}")
     spacing = [float(z) for z in image.header.get_zooms()[:3]]
     counts: dict[int, int] = {}
     objects: dict[int, list[int]] = {}
-    fg_values = np.empty(0, dtype=np.float32)
+    fg_values = [np.empty(0, dtype=np.float32) for _ in channels]
     if label_path is not None:
         label = np.asarray(_ras(nib.load(label_path)).dataobj).astype(np.int64)
         if label.shape != data.shape:
@@ -134,10 +146,11 @@ def _read_case(manifest: Manifest, index: int, rng: np.random.Generator) -> tupl
         if unknown:
             raise ScanError(label_path, f"label values {unknown} are not in the manifest's labels {sorted(manifest.labels)}")
         counts = {int(k): int(v) for k, v in zip(*np.unique(label, return_counts=True), strict=True)}
-        fg = data[label > 0]
-        if fg.size > FOREGROUND_SAMPLES_PER_CASE:
-            fg = rng.choice(fg, FOREGROUND_SAMPLES_PER_CASE, replace=False)
-        fg_values = fg
+        # The same voxels sampled in every channel, so channels stay paired.
+        fg_index = np.flatnonzero(label > 0)
+        if fg_index.size > FOREGROUND_SAMPLES_PER_CASE:
+            fg_index = rng.choice(fg_index, FOREGROUND_SAMPLES_PER_CASE, replace=False)
+        fg_values = [ch.ravel()[fg_index] for ch in channels]
         for k in manifest.labels:
             if k == 0:
                 continue
@@ -145,9 +158,9 @@ def _read_case(manifest: Manifest, index: int, rng: np.random.Generator) -> tupl
             if n:
                 objects[k] = [int(v) for v in np.bincount(components.ravel())[1:]]
     # All-voxel statistics from a subsample too, so memory stays bounded on large CT volumes.
-    flat = data.ravel()
-    sample = flat if flat.size <= 100_000 else rng.choice(flat, 100_000, replace=False)
-    return CaseFingerprint(case.id, [int(s) for s in data.shape], spacing, counts), sample, fg_values, objects
+    index = np.arange(data.size) if data.size <= 100_000 else rng.choice(data.size, 100_000, replace=False)
+    samples = [ch.ravel()[index] for ch in channels]
+    return CaseFingerprint(case.id, [int(s) for s in data.shape], spacing, counts), samples, fg_values, objects
 
 
 def compute_fingerprint(manifest: Manifest, manifest_path: Path | str = "", progress: bool = True,
@@ -183,7 +196,7 @@ def compute_fingerprint(manifest: Manifest, manifest_path: Path | str = "", prog
         for k, v in c.class_voxels.items():
             totals[k] += v
     grand = sum(totals.values())
-    channel = manifest.modality
+    names = manifest.channel_names
     object_sizes = {
         k: ObjectSizes(len(v), len(v) / max(1, labelled), float(np.min(v)), float(np.median(v)), float(np.max(v)))
         for k, v in voxels_per_object.items() if v
@@ -198,11 +211,12 @@ def compute_fingerprint(manifest: Manifest, manifest_path: Path | str = "", prog
         median_spacing=[float(v) for v in median_spacing],
         spacing_percentile_10=[float(v) for v in np.percentile(spacings, 10, axis=0)],
         median_shape=[float(v) for v in np.median(resampled, axis=0)],
-        intensity_all={channel: _stats(np.concatenate(all_samples))},
-        intensity_foreground={channel: _stats(np.concatenate(fg_samples))},
+        intensity_all={name: _stats(np.concatenate([s[c] for s in all_samples])) for c, name in enumerate(names)},
+        intensity_foreground={name: _stats(np.concatenate([s[c] for s in fg_samples])) for c, name in enumerate(names)},
         class_frequency={k: (v / grand if grand else 0.0) for k, v in totals.items()},
         object_sizes=object_sizes,
         notes=notes,
+        channels=names,
     )
 
 
@@ -221,6 +235,7 @@ def _from_dict(raw: dict[str, Any]) -> Fingerprint:
         class_frequency={int(k): v for k, v in raw["class_frequency"].items()},
         object_sizes={int(k): ObjectSizes(**v) for k, v in raw["object_sizes"].items()},
         format=raw.get("format", FINGERPRINT_FORMAT), notes=list(raw.get("notes", [])),
+        channels=list(raw.get("channels", [])),
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,6 +196,45 @@ def _kernel(spacing: list[float]) -> list[int]:
     return [3 if s <= 2 * finest else 1 for s in spacing]
 
 
+def _channel_intensity(fp: Fingerprint, channel: str, is_ct: bool) -> tuple[dict[str, Any], str]:
+    """Normalisation of one input channel: CT clipped to its foreground 0.5/99.5 percentiles and z-scored
+    with its foreground mean/std; other channels (MR, PET...) z-scored per volume."""
+    if is_ct:
+        fg = fp.intensity_foreground.get(channel)
+        if fg is None or not np.isfinite(fg.mean):
+            raise ConfigError(f"{fp.manifest}: CT normalisation needs foreground intensities, but no case has a label")
+        intensity = {"kind": "ct_zscore", "a_min": round(fg.percentile_00_5, 2), "a_max": round(fg.percentile_99_5, 2),
+                     "mean": round(fg.mean, 4), "std": round(max(fg.std, 1e-3), 4)}
+        return intensity, "CT: clip to foreground 0.5/99.5 percentiles (HU), z-score with foreground mean/std"
+    return ({"kind": "zscore", "nonzero": False},
+            f"{channel}: intensities have no absolute scale, so each volume is z-scored on its own")
+
+
+def _is_ct_channel(name: str, modality: str) -> bool:
+    """A channel holds HU when its name says CT (``CT``, ``ct_venous``); a name saying MR or PET does not;
+    any other name (``arterial``, ``channel_0``) follows the manifest's modality."""
+    from medseg.data.importers import modality_of
+
+    tokens = set(re.split(r"[^A-Z0-9]+", name.upper()))
+    if "CT" in tokens:
+        return True
+    if modality_of([name]) == "MR" or "PET" in tokens:
+        return False
+    return modality == "CT"
+
+
+def _plan_intensity(fp: Fingerprint) -> tuple[dict[str, Any] | list[dict[str, Any]], str]:
+    """One normalisation for a single channel (or several channels all z-scored per volume, which
+    ``zscore`` does channel by channel); a list, one per channel, when a channel is CT among several."""
+    names = fp.channel_names
+    if len(names) == 1:
+        return _channel_intensity(fp, names[0], fp.modality == "CT")
+    planned = [_channel_intensity(fp, n, _is_ct_channel(n, fp.modality)) for n in names]
+    if all(p[0]["kind"] == "zscore" for p in planned):
+        return planned[0][0], f"{', '.join(names)}: each channel of each volume z-scored on its own"
+    return [p[0] for p in planned], "; ".join(f"channel {i} ({n}) {p[1]}" for i, (n, p) in enumerate(zip(names, planned, strict=True)))
+
+
 def _channels(levels: int, spatial_dims: int, base: int) -> list[int]:
     return [min(base * 2**i, MAX_FEATURES[spatial_dims]) for i in range(levels)]
 
@@ -277,17 +317,7 @@ def plan_experiment(fp: Fingerprint, manifest_ref: str, options: PlanOptions,
     estimate = estimate_memory_bytes(topo.patch, topo.strides, channels, batch, topo.kernels)
 
     name = options.name
-    modality = fp.modality
-    fg = fp.intensity_foreground.get(modality)
-    if modality == "CT":
-        if fg is None or not np.isfinite(fg.mean):
-            raise ConfigError(f"{fp.manifest}: CT normalisation needs foreground intensities, but no case has a label")
-        intensity = {"kind": "ct_zscore", "a_min": round(fg.percentile_00_5, 2), "a_max": round(fg.percentile_99_5, 2),
-                     "mean": round(fg.mean, 4), "std": round(max(fg.std, 1e-3), 4)}
-        intensity_note = "CT: clip to foreground 0.5/99.5 percentiles (HU), z-score with foreground mean/std"
-    else:
-        intensity = {"kind": "zscore", "nonzero": False}
-        intensity_note = f"{modality}: intensities have no absolute scale, so each volume is z-scored on its own"
+    intensity, intensity_note = _plan_intensity(fp)
 
     strides = _compact(topo.strides)
     kernels = _compact(topo.kernels)
@@ -367,11 +397,12 @@ def plan_experiment(fp: Fingerprint, manifest_ref: str, options: PlanOptions,
         "infer.mirror_axes": "[] here; `medseg predict --mirror` mirrors every axis at test time",
         "infer.keep_largest_component": "filled in by training (choose_postprocessing) in the run's config",
     })
+    channels_note = f" ({len(fp.channel_names)} channels: {', '.join(fp.channel_names)})" if len(fp.channel_names) > 1 else ""
     header = [
         f"{name}: planned by `medseg plan` from {fp.num_cases} cases of {Path(fp.manifest).name or 'the manifest'}"
         f" on {datetime.now(UTC).date().isoformat()}.",
         f"Fingerprint: {fingerprint_ref}" if fingerprint_ref else "",
-        f"Modality {modality}; median spacing {[round(v, 3) for v in fp.median_spacing]} mm; median shape "
+        f"Modality {fp.modality}{channels_note}; median spacing {[round(v, 3) for v in fp.median_spacing]} mm; median shape "
         f"{[round(v) for v in fp.median_shape]} voxels.",
         "Each planned value says where it came from; edit freely, it is an ordinary experiment config.",
     ]

@@ -37,6 +37,7 @@ from medseg.inference.predictor import Predictor, resolve_device
 from medseg.models import build_model
 from medseg.models.bundle import DataProvenance, ModelBundle, ValidationSummary, load_bundle
 from medseg.training.distributed import DistributedContext, init_distributed
+from medseg.training.qc_calibration import calibrate_bundle_file
 from medseg.training.sampling import DrawSeededDataset, epoch_draws, rank_keys, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,13 @@ def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[Ma
     return [c for c in manifest.split(split, fold) if c.label]
 
 
-def _case_dicts(manifest: Manifest, cases: list[ManifestCase]) -> list[dict[str, str]]:
-    return [{IMAGE: str(manifest.image_path(c)), LABEL: str(manifest.label_path(c))} for c in cases]
+def _case_dicts(manifest: Manifest, cases: list[ManifestCase]) -> list[dict[str, str | list[str]]]:
+    # Several channel files load as one stacked image (ScanReader): a list for multi-channel cases.
+    def image(c: ManifestCase) -> str | list[str]:
+        paths = [str(p) for p in manifest.image_paths(c)]
+        return paths if len(paths) > 1 else paths[0]
+
+    return [{IMAGE: image(c), LABEL: str(manifest.label_path(c))} for c in cases]
 
 
 def _schedule_factor(config: ExperimentConfig, progress: float) -> float:
@@ -281,7 +287,7 @@ class Trainer:
         if not self.dist.is_main:
             self.callbacks = []  # one writer: rank 0 logs, tracks and checkpoints
         self.num_classes = self.manifest.num_classes
-        self.in_channels = 1
+        self.in_channels = self.manifest.num_channels
         self.label_names = dict(self.manifest.labels)
         self.foreground_names = [self.label_names[k] for k in range(1, self.num_classes)]
         self.use_amp = self.device.type == "cuda" and config.train.amp
@@ -494,6 +500,10 @@ class Trainer:
             if self.config.train.choose_postprocessing and self.val_loader is not None \
                     and (self.run_dir / "best.pt").is_file():
                 chosen = self.choose_postprocessing()
+            if self.dist.is_main and (self.run_dir / "best.pt").is_file():
+                # QC limits (docs/qc.md) go into the final best bundle, after the postprocessing choice.
+                calibrate_bundle_file(self.run_dir / "best.pt", self.manifest, self.train_split, self.val_split,
+                                      str(self.device), progress=not self._quiet)
             result = TrainResult(self.run_dir, self.run_dir / "best.pt", s.best_dice, s.best_epoch, s.epoch + 1,
                                  s.history, chosen)
         finally:

@@ -57,4 +57,4 @@ def test_hippocampus_manifest_evaluation_counts_the_emptied_class(shared_data: P
     assert posterior.dice.min == 0.0  # one side empty: Dice 0, by policy, and counted
     assert result.per_class["anterior"].dice.min > 0.75
     doc = json.loads((tmp_path / "out" / "evaluation.json").read_text())
-    assert doc["schema_version"] == "1.0" and doc["label_names"]["2"] == "posterior"
+    assert doc["schema_version"] == "1.1" and doc["label_names"]["2"] == "posterior"

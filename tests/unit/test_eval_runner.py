@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from medseg.cli import main
-from medseg.errors import CheckpointError, GeometryError, ScanError
+from medseg.errors import CheckpointError, MedsegError
 from medseg.evaluation.runner import evaluate_folders, lesion_inventory, load_label_names
 
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])
@@ -59,7 +60,7 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     rows = list(csv.DictReader((folders["out"] / "metrics_per_case.csv").open()))
     assert len(rows) == 4 and rows[0]["case_id"] == "a" and float(rows[0]["dice"]) == 1.0
     doc = json.loads((folders["out"] / "evaluation.json").read_text())
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] == "1.1"
     assert doc["missing_predictions"] == ["c"]
     assert doc["summary"]["class_1"]["metrics"]["dice"]["n"] == 2
     lesion = doc["lesion_summary"]["class_2"]["detection"]["all"]
@@ -69,7 +70,9 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     assert len(fp) == 1 and fp[0]["case_id"] == "b" and float(fp[0]["prediction_mean_intensity"]) == 7.0
     assert float(fp[0]["prediction_volume_ml"]) == pytest.approx(1.5 * 1.5 * 3 / 1000)
     report = (folders["out"] / "report.html").read_text()
-    assert report.count("data:image/png;base64,") >= 4  # box plots, lesion plot, worst and best overlays
+    # box plots, lesion plot, worst and best overlays, and one picture of the false positive
+    assert report.count("data:image/png;base64,") >= 5
+    assert "id='lesion-1'" in report and "href='#lesion-1'" in report
     assert "1 reference case(s) have no prediction (not scored): c</p>" in report
     assert "1 prediction(s) without reference (ignored): zzz</p>" in report
     assert "class_1" in result.describe() and "WARNING" in result.describe()
@@ -100,21 +103,37 @@ def test_class_absent_everywhere_is_reported_as_both_empty(tmp_path: Path) -> No
     assert doc["summary"]["vessel"]["metrics"]["dice"]["mean"] is None
 
 
-def test_shape_or_affine_mismatch_names_both_files(folders: dict[str, Path]) -> None:
+def test_a_case_on_the_wrong_grid_is_listed_as_failed_and_the_others_are_written(folders: dict[str, Path]) -> None:
     save(folders["pred"] / "a.nii.gz", label_map()[:, :, :10])
-    with pytest.raises(GeometryError, match=r"a\.nii\.gz.*shape \(24, 24, 10\).*reference .*ref/a\.nii\.gz"):
-        evaluate_folders(folders["pred"], folders["ref"], folders["out"], progress=False)
+    result = evaluate_folders(folders["pred"], folders["ref"], folders["out"], lesion_classes=[2], progress=False)
+    assert [c.case_id for c in result.cases] == ["b"]
+    assert [f.case_id for f in result.failures] == ["a"]
+    assert re.search(r"a\.nii\.gz.*shape \(24, 24, 10\).*reference .*ref/a\.nii\.gz", result.failures[0].reason)
+    doc = json.loads((folders["out"] / "evaluation.json").read_text())
+    assert [f["case_id"] for f in doc["failures"]] == ["a"] and [c["case_id"] for c in doc["cases"]] == ["b"]
+    assert [r["case_id"] for r in csv.DictReader((folders["out"] / "evaluation_failures.csv").open())] == ["a"]
+    assert [r["case_id"] for r in csv.DictReader((folders["out"] / "metrics_per_case.csv").open())] == ["b", "b"]
+    report = (folders["out"] / "report.html").read_text()
+    assert "Failed cases" in report and "shape (24, 24, 10)" in report
+    assert "1 case(s) failed" in result.describe()
+    # The CLI writes everything and says so with exit code 1 (some cases failed), not 2 (nothing evaluated).
+    assert main(["evaluate", "--pred", str(folders["pred"]), "--labels", str(folders["ref"]),
+                 "--output", str(folders["out"] / "cli"), "--no-html"]) == 1
+
+
+def test_affine_mismatch_fails_the_case_and_no_evaluable_case_is_an_error(folders: dict[str, Path]) -> None:
     moved = AFFINE.copy()
     moved[0, 3] = 5.0
-    save(folders["pred"] / "a.nii.gz", label_map(), affine=moved)
-    with pytest.raises(GeometryError, match="affine differs"):
+    for case in ("a", "b"):
+        save(folders["pred"] / f"{case}.nii.gz", label_map(), affine=moved)
+    with pytest.raises(MedsegError, match=r"no case could be evaluated \(2 failed\).*affine differs"):
         evaluate_folders(folders["pred"], folders["ref"], folders["out"], progress=False)
 
 
 def test_probability_maps_are_refused(folders: dict[str, Path]) -> None:
     save(folders["pred"] / "a.nii.gz", label_map() * 0.4, dtype=np.float32)
-    with pytest.raises(ScanError, match="non-integer"):
-        evaluate_folders(folders["pred"], folders["ref"], folders["out"], progress=False)
+    result = evaluate_folders(folders["pred"], folders["ref"], folders["out"], html_report=False, progress=False)
+    assert [f.case_id for f in result.failures] == ["a"] and "non-integer" in result.failures[0].reason
 
 
 def test_label_names_come_from_a_model_bundle_or_run_folder(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -147,7 +166,7 @@ def test_lesion_inventory_lists_predicted_lesions(folders: dict[str, Path]) -> N
     big = inventory.lesions["a"][2].lesions[0]
     assert big.volume_ml == pytest.approx(4 * 4 * 3 * 1.5 * 1.5 * 3 / 1000)
     assert big.axial_diameter_mm == pytest.approx(np.hypot(4 * 1.5 - 1.5, 4 * 1.5) , abs=0.01)
-    assert json.loads((folders["out"] / "lesion_inventory.json").read_text())["schema_version"] == "1.0"
+    assert json.loads((folders["out"] / "lesion_inventory.json").read_text())["schema_version"] == "1.1"
 
 
 def test_cli_evaluate_passes_flags_and_reports_errors(folders: dict[str, Path], capsys: pytest.CaptureFixture) -> None:

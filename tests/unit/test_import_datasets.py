@@ -148,15 +148,19 @@ def test_a_missing_channel_file_and_a_wrong_case_count_are_named(tmp_path):
         import_dataset("nnunet", data, tmp_path / "m.json")
 
 
-def test_multi_channel_data_sets_are_refused_naming_the_channels(tmp_path):
+def test_multi_channel_nnunet_cases_list_their_channel_files_and_decathlon_4d_is_refused(tmp_path):
     data = _nnunet(tmp_path / "ds", channels={"0": "T2", "1": "ADC"})
-    with pytest.raises(ManifestError, match=r"dataset has 2 channels \(T2, ADC\); medseg models take one channel so far"):
-        import_dataset("nnunet", data, tmp_path / "m.json")
+    manifest = import_dataset("nnunet", data, tmp_path / "two.json", folds=2)
+    assert manifest.channels == ["T2", "ADC"] and manifest.num_channels == 2
+    case = next(c for c in manifest.cases if c.id == "case_b")
+    assert [p.name for p in manifest.image_paths(case)] == ["case_b_0000.nii.gz", "case_b_0001.nii.gz"]
+    test_case = next(c for c in manifest.cases if c.id == "new_case")
+    assert [p.name for p in manifest.image_paths(test_case)] == ["new_case_0000.nii.gz", "new_case_0001.nii.gz"]
     data = _msd(tmp_path / "prostate", modality={"0": "T2", "1": "ADC"}, image_shape=(4, 4, 3, 2))
-    with pytest.raises(ManifestError, match=r"2 channels \(T2, ADC\)"):
+    with pytest.raises(ManifestError, match=r"keeps 2 channels \(T2, ADC\) in the 4th dimension.*medseg import nnunet"):
         import_dataset("msd", data, tmp_path / "m.json")
     data = _msd(tmp_path / "four_d", image_shape=(4, 4, 3, 3))  # one modality named, but a 4D image
-    with pytest.raises(ManifestError, match=r"dataset has 3 channels"):
+    with pytest.raises(ManifestError, match=r"keeps 3 channels"):
         import_dataset("msd", data, tmp_path / "m.json")
 
 

@@ -2,6 +2,7 @@
 killed runs' temporaries are cleaned, and runs sharing a folder split the work."""
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -157,7 +158,7 @@ def test_orphan_temporaries_are_removed_unless_a_live_run_holds_their_claim(pred
         predict_paths(None, [inp], out, predictor=predictor)
         assert live.exists(), "a live run's temporary file was deleted"
         assert not [p for p in orphans if p.exists()]
-    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [live.name, "a.nii.gz", "statistics.csv", "statistics.json"]
 
 
 # --- runs sharing a folder ---------------------------------------------------------------------------------
@@ -186,11 +187,13 @@ def test_a_mask_another_run_wrote_after_this_one_started_is_not_redone_even_with
     class OtherRunFinishesB:
         """Predicts a; meanwhile 'another run' writes b, which this run reaches next."""
 
-        def predict_image(self, image):
-            mask = predictor.predict_image(image)
+        bundle = predictor.bundle
+
+        def predict_image(self, image, with_uncertainty=False):
+            result = predictor.predict_image(image, with_uncertainty=with_uncertainty)
             if not (out / "b.nii.gz").exists():  # a comes first
-                nib.save(mask, out / "b.nii.gz")
-            return mask
+                nib.save(result[0] if with_uncertainty else result, out / "b.nii.gz")
+            return result
 
     summary = predict_paths(None, [inp], out, overwrite=True, predictor=OtherRunFinishesB())
     assert [p.name for p in summary.written] == ["a.nii.gz"] and summary.claimed == [out / "b.nii.gz"]
@@ -215,4 +218,7 @@ def test_two_concurrent_runs_on_one_folder_write_each_mask_once(trained_run, tmp
     assert [p.returncode for p in procs] == [0, 0], [r[1] for r in results]
     written = [int(re.search(r"(\d+) mask\(s\) written", stdout).group(1)) for stdout, _ in results]
     assert sum(written) == 6, results
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"case{i}.nii.gz" for i in range(6))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"case{i}.nii.gz" for i in range(6)]
+                                                           + ["statistics.csv", "statistics.json"])
+    # Both runs merged their scans into one statistics file: every case once.
+    assert sorted(json.loads((out / "statistics.json").read_text())["cases"]) == [f"case{i}" for i in range(6)]

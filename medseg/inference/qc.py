@@ -1,0 +1,150 @@
+"""Quality-control flags of a prediction: input unlike the training data, uncertain output, implausible
+volumes, empty masks and weak models (docs/qc.md names every flag and its threshold rule).
+
+The limits come from the model bundle's ``qc`` section (:class:`medseg.models.bundle.QCThresholds`),
+written at training time from the training and validation cases. A bundle without it (trained before QC
+existed; ``medseg calibrate-qc RUN`` adds it) gets only the checks that need no limits: empty
+prediction and weak model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.orientations import io_orientation
+
+from medseg.io.geometry import voxel_spacing
+from medseg.models.bundle import DEFAULT_MIN_VALIDATION_DICE, QCThresholds
+
+#: Whole-scan intensity percentiles compared with the training cases'.
+INTENSITY_PERCENTILES = (0.5, 50.0, 99.5)
+#: Voxels sampled (fixed seed) for the percentiles: bounded time and memory on large CTs.
+INTENSITY_SAMPLES = 200_000
+#: A foreground voxel whose winning class has less probability than this counts as low-confidence.
+LOW_CONFIDENCE_PROBABILITY = 0.75
+#: Threshold rules (docs/qc.md): spacing range widened by this factor, volume range by VOLUME_FACTOR,
+#: intensity percentile range by this share of the training intensity span, uncertainty at this
+#: percentile of the validation cases.
+SPACING_FACTOR = 1.25
+VOLUME_FACTOR = 2.0
+INTENSITY_MARGIN = 0.1
+UNCERTAINTY_PERCENTILE = 99.0
+
+
+@dataclass(frozen=True)
+class PredictionUncertainty:
+    """Uncertainty of one prediction, on the model's grid: mean normalised entropy (0-1) over the predicted
+    foreground voxels and the share of them whose winning probability is below LOW_CONFIDENCE_PROBABILITY;
+    both None when no foreground is predicted."""
+
+    foreground_voxels: int
+    foreground_entropy: float | None
+    low_confidence_share: float | None
+
+
+def prediction_uncertainty(probs: torch.Tensor) -> PredictionUncertainty:
+    """Summarise softmax probabilities (K, ...) of one scan; entropy is divided by log K, so 1 is uniform."""
+    top, winner = probs.max(dim=0)
+    foreground = winner > 0
+    n = int(foreground.sum())
+    if n == 0:
+        return PredictionUncertainty(0, None, None)
+    p = probs[:, foreground].double().clamp_min(1e-12)
+    entropy = -(p * p.log()).sum(dim=0) / np.log(probs.shape[0])
+    low = float((top[foreground] < LOW_CONFIDENCE_PROBABILITY).double().mean())
+    return PredictionUncertainty(n, float(entropy.mean()), low)
+
+
+def ras_spacing(affine: np.ndarray) -> list[float]:
+    """Voxel spacing (mm) per RAS axis (R-L, A-P, S-I), whatever the array order: what the fingerprint and
+    the QC limits use."""
+    spacing = np.asarray(voxel_spacing(affine))
+    order = io_orientation(np.asarray(affine))[:, 0].astype(int)  # array axis i -> RAS axis order[i]
+    ras = np.empty(3)
+    ras[order] = spacing
+    return [float(v) for v in ras]
+
+
+def intensity_percentiles(data: np.ndarray, percentiles: Sequence[float] = INTENSITY_PERCENTILES,
+                          seed: int = 0) -> list[float]:
+    """Percentiles of a scan's voxel values (its units), from a fixed-seed sample of INTENSITY_SAMPLES voxels."""
+    flat = np.ravel(np.asarray(data), order="K")  # a view for C- and Fortran-ordered scans alike
+    if flat.size > INTENSITY_SAMPLES:
+        flat = flat[np.random.default_rng(seed).integers(0, flat.size, INTENSITY_SAMPLES)]
+    return [float(v) for v in np.percentile(flat.astype(np.float64), list(percentiles))]
+
+
+def guess_modality(percentiles: Sequence[float]) -> str | None:
+    """CT, MR or None (cannot tell) from the (0.5, 50, 99.5) percentiles of a scan.
+
+    CT holds air at about -1000 HU, so a clearly negative 0.5th percentile; MR magnitude images are
+    non-negative. A scan with neither (a CT crop without air, a normalised image) is not guessed.
+    """
+    low = percentiles[0]
+    if low <= -500:
+        return "CT"
+    if low >= 0:
+        return "MR"
+    return None
+
+
+def input_flags(qc: QCThresholds | None, spacing_ras: Sequence[float], percentiles: Sequence[float],
+                modality: str | None = None) -> list[str]:
+    """Flags of a scan unlike the training data: ``modality_mismatch``, ``spacing_outside_training``,
+    ``intensity_unlike_training``. ``modality`` is the scan's own (e.g. a DICOM tag), else guessed."""
+    if qc is None:
+        return []
+    flags = []
+    seen = modality or guess_modality(percentiles)
+    if qc.modality in ("CT", "MR") and seen in ("CT", "MR") and seen != qc.modality:
+        flags.append("modality_mismatch")
+    if qc.spacing_mm_low is not None and qc.spacing_mm_high is not None and any(
+            not lo <= s <= hi for s, lo, hi in zip(spacing_ras, qc.spacing_mm_low, qc.spacing_mm_high, strict=True)):
+        flags.append("spacing_outside_training")
+    if qc.intensity_low is not None and qc.intensity_high is not None and any(
+            not lo <= v <= hi for v, lo, hi in zip(percentiles, qc.intensity_low, qc.intensity_high, strict=True)):
+        flags.append("intensity_unlike_training")
+    return flags
+
+
+def uncertainty_flags(qc: QCThresholds | None, uncertainty: PredictionUncertainty | None) -> list[str]:
+    """``uncertain_foreground`` (entropy) and ``low_confidence`` (share of low-confidence voxels)."""
+    if qc is None or uncertainty is None or uncertainty.foreground_entropy is None:
+        return []
+    flags = []
+    if qc.max_foreground_entropy is not None and uncertainty.foreground_entropy > qc.max_foreground_entropy:
+        flags.append("uncertain_foreground")
+    if (qc.max_low_confidence_share is not None and uncertainty.low_confidence_share is not None
+            and uncertainty.low_confidence_share > qc.max_low_confidence_share):
+        flags.append("low_confidence")
+    return flags
+
+
+def class_flags(qc: QCThresholds | None, class_value: int, class_name: str, volume_ml: float) -> list[str]:
+    """``volume_implausible:<name>`` outside the training volume range, ``empty:<name>`` for a class that
+    every training label holds but the prediction lacks."""
+    if qc is None:
+        return []
+    if volume_ml == 0:
+        return [f"empty:{class_name}"] if class_value in qc.always_present else []
+    low, high = qc.volume_ml_low.get(class_value), qc.volume_ml_high.get(class_value)
+    if (low is not None and volume_ml < low) or (high is not None and volume_ml > high):
+        return [f"volume_implausible:{class_name}"]
+    return []
+
+
+def model_flags(qc: QCThresholds | None, validation_dice: float | None) -> list[str]:
+    """``weak_model`` when the bundle's mean foreground validation Dice is below the floor (0.5 unless the
+    bundle's QC section says otherwise); a model without a validation score is not judged."""
+    floor = qc.min_validation_dice if qc is not None else DEFAULT_MIN_VALIDATION_DICE
+    return ["weak_model"] if validation_dice is not None and validation_dice < floor else []
+
+
+def scan_spacing_and_percentiles(image: nib.Nifti1Image, data: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """RAS spacing (mm) and intensity percentiles of a scan (``data``: its voxels, if already read)."""
+    values = np.asanyarray(image.dataobj) if data is None else data
+    return ras_spacing(image.affine), intensity_percentiles(values)

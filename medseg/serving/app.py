@@ -1,0 +1,292 @@
+"""The ASGI app (FastAPI): submit a scan, poll its job, fetch the mask and the report; health and metrics.
+
+An upload is checked completely before it becomes a job (size while streaming, content sniffed, zip
+extracted safely, the scan read through medseg's scan checks), so a bad request is answered at once with
+its status and leaves nothing behind; a job only fails for reasons found while predicting. Jobs belong to
+the token that submitted them: another token gets 404 for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+
+from medseg.errors import MedsegError
+from medseg.io.scans import load_scan
+from medseg.serving.audit import AuditLog
+from medseg.serving.auth import RateLimiter, TokenSet
+from medseg.serving.jobs import ACTIVE, JobStatus, JobStore, QueueFull, new_job_id
+from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from medseg.serving.uploads import UploadError, ZipLimits, extract_zip, receive_scan, sniff
+from medseg.serving.worker import INPUT, MASK, REPORT, WorkerPool, job_dir
+
+log = logging.getLogger("medseg.serving")
+
+MiB = 1024 * 1024
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+LOCAL_TOKEN_ID = "insecure-local"
+
+
+@dataclass
+class ServeSettings:
+    """Everything the service is configured with (the CLI fills it from ``medseg serve`` options)."""
+
+    model: Path
+    data_dir: Path
+    tokens: TokenSet = field(default_factory=lambda: TokenSet([]))
+    insecure_local: bool = False
+    max_queue: int = 64
+    max_upload_bytes: int = 512 * MiB
+    #: Cap on a scan once decompressed (zip contents, and the voxel array read to check it), bytes.
+    max_scan_bytes: int = 4096 * MiB
+    workers: int = 1
+    device: str | None = "auto"
+    rate_per_minute: float = 120.0
+    request_timeout_s: float = 300.0
+    cors_origins: list[str] = field(default_factory=list)
+    lease_s: float = 30.0
+    poll_s: float = 0.5
+    #: Uploads read through the scan checks at once (each holds one scan in memory).
+    max_concurrent_checks: int = 2
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class _ObserveMiddleware:
+    """Pure ASGI: request metrics and one JSON log line per request, and a deadline on the handler."""
+
+    def __init__(self, app: Callable, metrics: ServiceMetrics, timeout_s: float):
+        self.app = app
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def observed_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["sent"] = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.app(scope, receive, observed_send)
+        except TimeoutError:
+            if not status["sent"]:
+                await _error(504, f"request not answered within {self.timeout_s:g} s")(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            duration = time.perf_counter() - started
+            self.metrics.requests.labels(route, scope["method"], str(status["code"])).inc()
+            self.metrics.latency.labels(route).observe(duration)
+            state = scope.get("state") or {}
+            log.info("request", extra={"event": "request", "method": scope["method"], "route": route,
+                                       "status": status["code"], "duration_ms": round(duration * 1000, 2),
+                                       "token_id": state.get("token_id"), "job_id": state.get("job_id")})
+
+
+def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> None:
+    """Remove what a killed server left half-received: staged uploads, and job folders whose row was never
+    written. Only entries older than ``older_than_s``: a live replica may be receiving younger ones."""
+    now = time.time()
+    incoming = data_dir / "incoming"
+    stale = list(incoming.iterdir()) if incoming.is_dir() else []
+    jobs = data_dir / "jobs"
+    stale += [d for d in (jobs.iterdir() if jobs.is_dir() else []) if store.get(d.name) is None]
+    for entry in stale:
+        try:
+            if now - entry.stat().st_mtime > older_than_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
+def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
+    """The service's app. ``start_workers`` False serves the API only (another process runs the jobs)."""
+    data_dir = Path(settings.data_dir)
+    # It will hold patient scans: a new data folder is the service user's alone.
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s)
+    audit = AuditLog(data_dir / "audit.log")
+    metrics = ServiceMetrics(store.counts)
+    limiter = RateLimiter(settings.rate_per_minute)
+    pool = WorkerPool(store, data_dir, settings.model, settings.device, settings.workers, metrics, audit,
+                      poll_s=settings.poll_s) if settings.workers > 0 and start_workers else None
+    checks = anyio.Semaphore(settings.max_concurrent_checks)
+    zip_limits = ZipLimits(max_bytes=settings.max_scan_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _clean_incoming(data_dir, store, older_than_s=2 * settings.request_timeout_s)
+        taken_back = store.recover()
+        if taken_back:
+            log.warning("jobs of dead workers taken back", extra={"event": "jobs_recovered", "count": len(taken_back)})
+        if pool is not None:
+            pool.start()
+        yield
+        if pool is not None:
+            pool.stop()
+
+    app = FastAPI(title="medseg", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.settings, app.state.store, app.state.pool, app.state.audit, app.state.metrics = (
+        settings, store, pool, audit, metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    def authenticate(request: Request) -> str | JSONResponse:
+        """The caller's token id, or the 401/429 response to send."""
+        if len(settings.tokens) == 0 and settings.insecure_local:
+            tid = LOCAL_TOKEN_ID
+        else:
+            tid = settings.tokens.identify(request.headers.get("authorization"))
+            if tid is None:
+                return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": 'Bearer realm="medseg"'})
+        request.state.token_id = tid
+        allowed, wait_s = limiter.allow(tid)
+        if not allowed:
+            return _error(429, "rate limit exceeded", {"Retry-After": str(max(1, round(wait_s)))})
+        return tid
+
+    def own_job(request: Request, job_id: str, tid: str):
+        request.state.job_id = job_id if _JOB_ID.match(job_id) else None
+        job = store.get(job_id) if _JOB_ID.match(job_id) else None
+        return job if job is not None and job.token_id == tid else None
+
+    @app.post("/v1/segmentations", status_code=202)
+    async def submit(request: Request) -> Response:
+        tid = authenticate(request)
+        if isinstance(tid, Response):
+            return tid
+        counts = await run_in_threadpool(store.counts)
+        if sum(counts[s] for s in ACTIVE) >= settings.max_queue:
+            metrics.rejected.labels("429").inc()
+            return _error(429, f"queue full ({settings.max_queue} jobs); retry later", {"Retry-After": "30"})
+        job_id = new_job_id()
+        staging = data_dir / "incoming" / job_id
+        staging.mkdir(parents=True)
+        try:
+            raw = staging / f"upload-{uuid.uuid4().hex}"
+            size, sha = await receive_scan(request.stream(), request.headers.get("content-type"),
+                                           request.headers.get("content-length"), raw, settings.max_upload_bytes,
+                                           settings.request_timeout_s)
+            kind = await run_in_threadpool(sniff, raw)
+            inputs = staging / INPUT
+            inputs.mkdir()
+            if kind == "zip":
+                await run_in_threadpool(extract_zip, raw, inputs / "dicom", zip_limits)
+                raw.unlink()
+                source, kind = inputs / "dicom", "dicom"
+            else:
+                source = inputs / ("scan.nii.gz" if kind == "nifti-gz" else "scan.nii")
+                raw.rename(source)
+            async with checks:
+                try:
+                    await run_in_threadpool(lambda: load_scan(source, max_bytes=settings.max_scan_bytes))
+                except MedsegError as exc:
+                    raise UploadError(400, f"not a usable scan: {str(exc).replace(str(source), 'scan')}") from None
+            target = job_dir(data_dir, job_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(staging, target)
+            try:
+                await run_in_threadpool(store.submit, job_id, tid, kind, sha, settings.max_queue)
+            except QueueFull:
+                shutil.rmtree(target, ignore_errors=True)
+                raise UploadError(429, f"queue full ({settings.max_queue} jobs); retry later") from None
+        except UploadError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            metrics.rejected.labels(str(exc.status)).inc()
+            audit.record("submit", tid, None, f"rejected_{exc.status}")
+            headers = {"Retry-After": "30"} if exc.status == 429 else None
+            return _error(exc.status, exc.message, headers)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        request.state.job_id = job_id
+        audit.record("submit", tid, job_id, "queued", input_sha256=sha)
+        log.info("job queued", extra={"event": "job_queued", "job_id": job_id, "token_id": tid, "bytes": size,
+                                      "input_kind": kind})
+        if pool is not None:
+            pool.wake()
+        return JSONResponse({"job_id": job_id, "status": "queued", "links": {
+            "self": f"/v1/jobs/{job_id}", "mask": f"/v1/jobs/{job_id}/mask", "report": f"/v1/jobs/{job_id}/report"}},
+            status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(request: Request, job_id: str) -> Response:
+        tid = authenticate(request)
+        if isinstance(tid, Response):
+            return tid
+        job = await run_in_threadpool(own_job, request, job_id, tid)
+        if job is None:
+            return _error(404, "no such job")
+        return JSONResponse(job.public())
+
+    async def _result(request: Request, job_id: str, name: str, respond: Callable[[Path], Response]) -> Response:
+        tid = authenticate(request)
+        if isinstance(tid, Response):
+            return tid
+        job = await run_in_threadpool(own_job, request, job_id, tid)
+        if job is None:
+            return _error(404, "no such job")
+        if job.status != JobStatus.DONE:
+            return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
+        audit.record(f"fetch_{name}", tid, job_id, "ok", result_sha256=job.mask_sha256)
+        return await run_in_threadpool(respond, job_dir(data_dir, job_id) / name)
+
+    @app.get("/v1/jobs/{job_id}/mask")
+    async def job_mask(request: Request, job_id: str) -> Response:
+        return await _result(request, job_id, MASK, lambda p: FileResponse(
+            p, media_type="application/gzip", filename=f"{job_id}.nii.gz"))
+
+    @app.get("/v1/jobs/{job_id}/report")
+    async def job_report(request: Request, job_id: str) -> Response:
+        def respond(path: Path) -> Response:
+            return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
+
+        return await _result(request, job_id, REPORT, respond)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        try:
+            await run_in_threadpool(store.counts)
+        except Exception as exc:
+            return _error(503, f"job store unavailable ({type(exc).__name__})")
+        if pool is not None and not pool.ready.is_set():
+            reason = "model failed to load" if pool.load_error else "model loading"
+            return _error(503, reason)
+        return JSONResponse({"status": "ready", "workers": settings.workers if pool is not None else 0})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, timeout_s=settings.request_timeout_s + 30)
+    return app

@@ -1,0 +1,97 @@
+"""Bearer tokens and a per-token rate limit.
+
+Tokens come from ``$MEDSEG_API_TOKENS`` (comma-separated) and/or a token file (one per line, ``#``
+comments). A token is never logged or stored: logs, the audit trail and the job table name it by its
+*token id*, the first 12 hex digits of its SHA-256. Every presented token is compared with every known
+one by ``hmac.compare_digest`` on SHA-256 digests (equal lengths, no early exit), so timing reveals
+neither a token nor which one nearly matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+TOKENS_ENV = "MEDSEG_API_TOKENS"
+MIN_TOKEN_LENGTH = 16
+
+
+def token_id(token: str) -> str:
+    """The name of a token in logs and records: 12 hex digits of its SHA-256 (not reversible)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+class TokenSet:
+    """The accepted tokens, kept as SHA-256 digests."""
+
+    def __init__(self, tokens: Iterable[str]):
+        self._digests: list[tuple[bytes, str]] = []
+        for token in tokens:
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise MedsegError(f"API token {token_id(token)} is shorter than {MIN_TOKEN_LENGTH} characters; "
+                                  "use a long random one, e.g. `python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
+            self._digests.append((hashlib.sha256(token.encode()).digest(), token_id(token)))
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    @classmethod
+    def from_sources(cls, env: str | None = None, token_file: Path | None = None) -> TokenSet:
+        """Tokens of ``$MEDSEG_API_TOKENS`` (or ``env`` when given) and of ``token_file``."""
+        raw = os.environ.get(TOKENS_ENV, "") if env is None else env
+        tokens = [t.strip() for t in raw.split(",") if t.strip()]
+        if token_file is not None:
+            try:
+                text = Path(token_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise MedsegError(f"{token_file}: cannot read the token file ({exc.strerror or exc})") from None
+            tokens += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return cls(dict.fromkeys(tokens))
+
+    def identify(self, authorization: str | None) -> str | None:
+        """The token id of a valid ``Authorization: Bearer <token>`` header, else None."""
+        if not authorization:
+            return None
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            return None
+        digest = hashlib.sha256(presented.strip().encode()).digest()
+        found = None
+        for known, tid in self._digests:  # no early exit: the loop takes as long whichever token matches
+            if hmac.compare_digest(digest, known):
+                found = tid
+        return found
+
+
+class RateLimiter:
+    """A token bucket per token id: ``per_minute`` requests a minute, bursts up to ``burst``.
+
+    Per process: with N replicas a client gets up to N times the rate (docs/serving.md).
+    """
+
+    def __init__(self, per_minute: float, burst: int | None = None):
+        self.rate = per_minute / 60.0
+        self.burst = float(burst if burst is not None else max(1, int(per_minute)))
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: str) -> tuple[bool, float]:
+        """Take one request from ``key``'s bucket: (allowed, seconds until the next one would be)."""
+        if self.rate <= 0:
+            return True, 0.0
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._buckets.get(key, (self.burst, now))
+            level = min(self.burst, level + (now - last) * self.rate)
+            if level >= 1.0:
+                self._buckets[key] = (level - 1.0, now)
+                return True, 0.0
+            self._buckets[key] = (level, now)
+            return False, (1.0 - level) / self.rate

@@ -1,0 +1,503 @@
+"""The inference service: auth, upload checks, queue bound, persistence, dead workers, metrics, and masks
+identical to ``medseg predict``'s."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+pytest.importorskip("python_multipart", reason="the serve extra (python-multipart) is not installed")
+pytest.importorskip("prometheus_client", reason="the serve extra (prometheus-client) is not installed")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from medseg.data.phantom import make_phantom  # noqa: E402
+from medseg.errors import MedsegError  # noqa: E402
+from medseg.inference.runner import predict_paths  # noqa: E402
+from medseg.models.bundle import load_bundle  # noqa: E402
+from medseg.serving import auth as auth_module  # noqa: E402
+from medseg.serving.app import ServeSettings, create_app  # noqa: E402
+from medseg.serving.auth import TokenSet, token_id  # noqa: E402
+from medseg.serving.jobs import MAX_ATTEMPTS, JobStatus, JobStore, QueueFull, new_job_id  # noqa: E402
+from medseg.serving.server import check_security  # noqa: E402
+from medseg.serving.uploads import UploadError, receive_scan  # noqa: E402
+from tests.conftest import REPO_ROOT, TINY_SPEC, tiny_config  # noqa: E402
+from tests.unit.dicom_synth import write_series  # noqa: E402
+
+TOKEN = "token-for-tests-0123456789"
+OTHER = "another-token-abcdefghijk"
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory) -> Path:
+    """An untrained tiny 3D U-Net saved as a model bundle (deterministic, which is all equality needs)."""
+    import torch
+
+    from medseg.models import build_model
+    from medseg.models.bundle import ModelBundle
+
+    run = tmp_path_factory.mktemp("serve_model") / "run"
+    config = tiny_config(run.parent / "unused.json", run)
+    torch.manual_seed(0)
+    names = {0: "background", 1: "lung", 2: "nodule"}
+    ModelBundle.from_config(config, names, in_channels=1).with_weights(
+        build_model(config.model, 1, 3).state_dict()).save(run / "best.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def scan_file(tmp_path_factory) -> Path:
+    """A phantom CT on an LPS grid (qform and sform set), so a geometry slip would show."""
+    image, _, affine, _ = make_phantom(np.random.default_rng(4), TINY_SPEC)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    img = nib.Nifti1Image(image.astype(np.float32), lps)
+    img.set_qform(lps, code=1)
+    img.set_sform(lps, code=1)
+    path = tmp_path_factory.mktemp("serve_scan") / "phantom.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def _settings(model_run: Path, data_dir: Path, **overrides) -> ServeSettings:
+    values = {"model": model_run, "data_dir": data_dir, "tokens": TokenSet([TOKEN, OTHER]), "device": "cpu",
+              "poll_s": 0.05, "max_upload_bytes": 4 * 1024 * 1024, "rate_per_minute": 0, **overrides}
+    return ServeSettings(**values)
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _post(client: TestClient, content: bytes, token: str | None = TOKEN, name: str = "upload.bin"):
+    return client.post("/v1/segmentations", files={"scan": (name, content)}, headers=_auth(token) if token else {})
+
+
+def _wait(client: TestClient, job_id: str, token: str = TOKEN, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = client.get(f"/v1/jobs/{job_id}", headers=_auth(token)).json()
+        if state["status"] in ("done", "failed"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not finished within {timeout} s: {state}")
+
+
+def _nothing_stored(data_dir: Path) -> None:
+    """No job row, no job folder, no staged upload left."""
+    assert JobStore(data_dir / "jobs.sqlite").all() == []
+    for sub in ("jobs", "incoming"):
+        folder = data_dir / sub
+        assert not folder.exists() or not any(folder.iterdir()), f"{sub}/ holds {list(folder.iterdir())}"
+
+
+def _zip(members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return buf.getvalue()
+
+
+def test_requests_without_a_valid_token_get_401_and_store_nothing(model_run, scan_file, tmp_path):
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        for token in (None, "wrong-token-0123456789", TOKEN[:-1]):
+            r = _post(client, data, token=token)
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+        r = client.post("/v1/segmentations", files={"scan": ("a", data)}, headers={"Authorization": f"Basic {TOKEN}"})
+        assert r.status_code == 401
+        assert client.get(f"/v1/jobs/{new_job_id()}").status_code == 401
+    _nothing_stored(tmp_path)
+
+
+def test_every_known_token_is_compared_in_constant_time(monkeypatch):
+    tokens = TokenSet([TOKEN, OTHER, "third-token-0123456789"])
+    calls = []
+    real = auth_module.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
+    assert tokens.identify(f"Bearer {TOKEN}") == token_id(TOKEN)
+    # No early exit on the first (matching) token, and digests of equal length whatever was sent.
+    assert calls == [(32, 32)] * 3
+    calls.clear()
+    assert tokens.identify("Bearer x") is None and calls == [(32, 32)] * 3
+
+
+def test_tokens_come_from_env_and_file_and_short_ones_are_refused(tmp_path, monkeypatch):
+    file = tmp_path / "tokens"
+    file.write_text(f"# ops team\n{OTHER}\n\n")
+    monkeypatch.setenv("MEDSEG_API_TOKENS", f" {TOKEN} ,")
+    tokens = TokenSet.from_sources(token_file=file)
+    assert len(tokens) == 2 and tokens.identify(f"Bearer {OTHER}") == token_id(OTHER)
+    with pytest.raises(MedsegError, match="shorter than 16"):
+        TokenSet(["short"])
+    with pytest.raises(MedsegError, match="cannot read the token file"):
+        TokenSet.from_sources(env="", token_file=tmp_path / "missing")
+
+
+def test_server_refuses_to_start_without_a_token_unless_insecure_local_on_loopback(model_run, tmp_path):
+    none = _settings(model_run, tmp_path, tokens=TokenSet([]))
+    with pytest.raises(MedsegError, match="no API token"):
+        check_security(none, "127.0.0.1")
+    local = _settings(model_run, tmp_path, tokens=TokenSet([]), insecure_local=True)
+    check_security(local, "127.0.0.1")
+    check_security(local, "localhost")
+    with pytest.raises(MedsegError, match="loopback"):
+        check_security(local, "0.0.0.0")
+
+
+def test_tokens_and_patient_file_names_never_reach_logs_audit_or_store(model_run, scan_file, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:
+        job = _post(client, scan_file.read_bytes(), name="DOE_JOHN_1970.nii.gz").json()["job_id"]
+        assert _wait(client, job)["status"] == "done"
+        _post(client, b"x", token="wrong-token-0123456789")
+    text = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".log", ".sqlite", ".json", ".sqlite-wal")]
+    stored = b"".join(p.read_bytes() for p in files)
+    for secret in (TOKEN, "wrong-token-0123456789", "DOE_JOHN"):
+        assert secret not in text and secret.encode() not in stored
+    audit = [e for e in (tmp_path / "audit.log").read_text().splitlines() if '"job_finished"' in e]
+    assert token_id(TOKEN) in audit[0] and '"result_sha256"' in audit[0]
+
+
+def test_an_oversized_upload_is_refused_while_it_is_read(model_run, tmp_path):
+    async def body(consumed: list[int]):
+        for _ in range(100):
+            consumed.append(1)
+            yield b"--b\r\nContent-Disposition: form-data; name=\"scan\"\r\n\r\n" if len(consumed) == 1 else b"\0" * 1000
+
+    import asyncio
+
+    consumed: list[int] = []
+    with pytest.raises(UploadError) as err:
+        asyncio.run(receive_scan(body(consumed), "multipart/form-data; boundary=b", None, tmp_path / "up",
+                                 max_bytes=2500, timeout_s=10))
+    assert err.value.status == 413 and len(consumed) <= 5  # stopped at the cap, not after 100 kB
+    with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0, max_upload_bytes=1000))) as client:
+        r = _post(client, b"\0" * 200_000)
+        assert r.status_code == 413
+        assert "limit" in r.json()["error"]
+    _nothing_stored(tmp_path / "d")
+
+
+def _nifti_bytes(scan_file: Path, gz: bool) -> bytes:
+    raw = nib.load(scan_file)
+    buf = io.BytesIO()
+    file_map = nib.Nifti1Image.make_file_map({"image": buf, "header": buf})
+    nib.Nifti1Image(np.asarray(raw.dataobj), raw.affine).to_file_map(file_map)
+    data = buf.getvalue()
+    return __import__("gzip").compress(data) if gz else data
+
+
+@pytest.mark.parametrize("case,status,says", [
+    ("garbage", 415, "not a NIfTI"), ("text_named_nii", 415, "not a NIfTI"), ("gzip_not_nifti", 415, "gzip content"),
+    ("truncated_gzip", 400, "truncated"), ("truncated_nifti", 400, "not a usable scan"), ("empty_zip", 400, "empty"),
+    ("zip_slip", 400, "leaves the archive"), ("zip_absolute", 400, "leaves the archive"),
+    ("zip_symlink", 400, "symbolic link"), ("zip_bomb", 413, "expands"), ("zip_not_dicom", 400, "not a usable scan"),
+    ("not_multipart", 415, "multipart/form-data"), ("missing_field", 400, "missing"), ("empty_field", 400, "empty"),
+])
+def test_bad_uploads_get_the_right_status_and_leave_nothing(model_run, scan_file, tmp_path, case, status, says):
+    import gzip
+
+    nii = _nifti_bytes(scan_file, gz=False)
+    payloads = {
+        "garbage": b"\x00\x01garbage" * 100,
+        "text_named_nii": b"hello, I am not a scan",
+        "gzip_not_nifti": gzip.compress(b"plain text " * 100),
+        "truncated_gzip": _nifti_bytes(scan_file, gz=True)[:200],
+        "truncated_nifti": nii[: len(nii) // 2],
+        "empty_zip": _zip({}),
+        "zip_slip": _zip({"../../evil.dcm": b"x"}),
+        "zip_absolute": _zip({"/etc/evil.dcm": b"x"}),
+        "zip_symlink": _zip({"a.dcm": b"x"}, symlinks={"link.dcm": "/etc/passwd"}),
+        "zip_bomb": _zip({"bomb.dcm": b"\0" * (20 * 1024 * 1024)}),
+        "zip_not_dicom": _zip({"notes.txt": b"not dicom"}),
+    }
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        if case == "not_multipart":
+            r = client.post("/v1/segmentations", content=nii, headers={**_auth(), "Content-Type": "application/octet-stream"})
+        elif case == "missing_field":
+            r = client.post("/v1/segmentations", files={"image": ("a.nii", nii)}, headers=_auth())
+        elif case == "empty_field":
+            r = _post(client, b"")
+        else:
+            r = _post(client, payloads[case], name="scan.nii.gz")
+        assert r.status_code == status, r.text
+        assert says in r.json()["error"]
+        metrics = client.get("/metrics").text
+        assert f'medseg_uploads_rejected_total{{status="{status}"}} 1.0' in metrics
+    _nothing_stored(tmp_path)
+
+
+def test_a_full_queue_answers_429_and_stores_nothing_for_it(model_run, scan_file, tmp_path):
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, max_queue=2))) as client:
+        assert [_post(client, data).status_code for _ in range(2)] == [202, 202]
+        r = _post(client, data)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+        metrics = client.get("/metrics").text
+        assert 'medseg_jobs{status="queued"} 2.0' in metrics
+    assert len(JobStore(tmp_path / "jobs.sqlite").all()) == 2
+    assert len(list((tmp_path / "jobs").iterdir())) == 2
+
+
+def test_per_token_rate_limit(model_run, tmp_path):
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, rate_per_minute=2))) as client:
+        codes = [client.get(f"/v1/jobs/{new_job_id()}", headers=_auth()).status_code for _ in range(3)]
+        assert codes == [404, 404, 429]
+        assert client.get(f"/v1/jobs/{new_job_id()}", headers=_auth(OTHER)).status_code == 404  # its own bucket
+
+
+def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, tmp_path):
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:  # API only: jobs wait
+        ids = [_post(client, data).json()["job_id"] for _ in range(2)]
+        assert {client.get(f"/v1/jobs/{i}", headers=_auth()).json()["status"] for i in ids} == {"queued"}
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:  # a new server with a worker
+        assert [_wait(client, i)["status"] for i in ids] == ["done", "done"]
+        assert client.get(f"/v1/jobs/{ids[0]}", headers=_auth(OTHER)).status_code == 404
+        assert client.get(f"/v1/jobs/{ids[0]}/mask", headers=_auth(OTHER)).status_code == 404
+        assert client.get("/v1/jobs/..%2F..%2Fjobs.sqlite", headers=_auth()).status_code == 404
+
+
+def test_a_dead_workers_job_is_retried_once_then_failed(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite", lease_s=0.2)
+    job_id = new_job_id()
+    store.submit(job_id, "tid", "nifti", "0" * 64, max_queue=10)
+    first = store.claim("elsewhere:1:a")
+    assert first is not None and first.attempts == 1
+    assert store.claim("elsewhere:2:b") is None  # the lease is live: nobody else takes it
+    time.sleep(0.3)  # the first worker stops renewing (it died)
+    second = store.claim("elsewhere:2:b")
+    assert second is not None and second.id == job_id and second.attempts == 2
+    assert not store.complete(job_id, "elsewhere:1:a", "f" * 64)  # the dead worker's late result is refused
+    time.sleep(0.3)
+    assert store.claim("elsewhere:3:c") is None
+    failed = store.get(job_id)
+    assert failed.status == JobStatus.FAILED and failed.error_class == "WorkerLost" and failed.attempts == MAX_ATTEMPTS
+    again = new_job_id()
+    store.submit(again, "tid", "nifti", "0" * 64, max_queue=10)
+    assert store.claim("here:1:a").attempts == 1
+    assert store.release(again, "here:1:a")  # a graceful shutdown gives it back, attempt unspent
+    assert store.get(again).status == JobStatus.QUEUED and store.claim("here:2:b").attempts == 1
+    with pytest.raises(QueueFull):
+        for _ in range(10):
+            store.submit(new_job_id(), "tid", "nifti", "0" * 64, max_queue=10)
+
+
+def test_a_job_left_running_by_a_killed_server_is_finished_by_the_next(model_run, scan_file, tmp_path):
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        job_id = _post(client, data).json()["job_id"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store = JobStore(tmp_path / "jobs.sqlite", lease_s=3600)  # a long lease: only the dead pid can free it
+    assert store.claim(f"{socket.gethostname()}:{dead.pid}:x").id == job_id
+    with TestClient(create_app(_settings(model_run, tmp_path, lease_s=3600))) as client:
+        state = _wait(client, job_id)
+    assert state["status"] == "done" and state["attempts"] == 2
+
+
+def test_health_readiness_and_metrics(model_run, scan_file, tmp_path):
+    with TestClient(create_app(_settings(model_run, tmp_path / "bad", model=tmp_path / "no_model"))) as client:
+        time.sleep(0.2)
+        assert client.get("/healthz").status_code == 200
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]
+    with TestClient(create_app(_settings(model_run, tmp_path / "ok"))) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        _wait(client, job)
+        _post(client, b"x", token=None)
+        assert client.get("/readyz").status_code == 200
+        text = client.get("/metrics").text
+    for expected in ('medseg_http_requests_total{method="POST",route="/v1/segmentations",status="202"} 1.0',
+                     'medseg_http_requests_total{method="POST",route="/v1/segmentations",status="401"} 1.0',
+                     'medseg_http_request_duration_seconds_bucket{le="+Inf",route="/v1/jobs/{job_id}"}',
+                     'medseg_jobs{status="done"} 1.0', "medseg_job_duration_seconds_count 1.0",
+                     'medseg_jobs_finished_total{result="done"} 1.0', 'medseg_model_info{device="cpu"',
+                     "medseg_model_loaded 1.0"):
+        assert expected in text, expected
+
+
+def test_cors_is_off_by_default(model_run, tmp_path):
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        r = client.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, cors_origins=["https://ok.example"]))) as client:
+        r = client.get("/healthz", headers={"Origin": "https://ok.example"})
+        assert r.headers["access-control-allow-origin"] == "https://ok.example"
+
+
+def _same_mask(service_mask: bytes, reference: Path, tmp_path: Path) -> None:
+    path = tmp_path / "service_mask.nii.gz"
+    path.write_bytes(service_mask)
+    got, want = nib.load(path), nib.load(reference)
+    assert got.shape == want.shape and got.get_data_dtype() == want.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+    assert np.array_equal(got.affine, want.affine)
+    assert np.array_equal(got.get_qform(), want.get_qform()) and np.array_equal(got.get_sform(), want.get_sform())
+    assert int(got.header["qform_code"]) == int(want.header["qform_code"])
+    assert int(got.header["sform_code"]) == int(want.header["sform_code"])
+
+
+def test_the_service_mask_equals_medseg_predicts_for_nifti_and_dicom(model_run, scan_file, tmp_path):
+    series = tmp_path / "series"
+    write_series(series, count=8, step=(0.0, 0.0, 3.0))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f"PATIENT_NAME_FOLDER/{f.name}")
+    summary = predict_paths(model_run, [scan_file, series], tmp_path / "predicted", device="cpu")
+    assert not summary.failed and len(summary.written) == 2
+    with TestClient(create_app(_settings(model_run, tmp_path / "data"))) as client:
+        for upload, reference in ((scan_file.read_bytes(), tmp_path / "predicted" / "phantom.nii.gz"),
+                                  (archive.getvalue(), tmp_path / "predicted" / "series.nii.gz")):
+            r = _post(client, upload, name="whatever.bin")
+            assert r.status_code == 202, r.text
+            job = r.json()["job_id"]
+            assert _wait(client, job)["status"] == "done"
+            mask = client.get(f"/v1/jobs/{job}/mask", headers=_auth())
+            assert mask.status_code == 200
+            _same_mask(mask.content, reference, tmp_path)
+        report = client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()
+    assert report["model"]["weights_sha256"] == load_bundle(model_run).spec.provenance.weights_sha256
+    voxels = nib.load(tmp_path / "predicted" / "series.nii.gz")
+    labels = np.asarray(voxels.dataobj)
+    for name, k in (("lung", 1), ("nodule", 2)):
+        assert report["classes"][name]["voxels"] == int((labels == k).sum())
+        assert report["classes"][name]["volume_ml"] == pytest.approx(
+            (labels == k).sum() * abs(np.linalg.det(voxels.affine[:3, :3])) / 1000)
+        listed = report["lesion_inventory"]["classes"][name]
+        assert sum(x["voxels"] for x in listed["lesions"] + listed["dropped"]) == int((labels == k).sum())
+
+
+def test_prometheus_alert_rules_pass_promtool(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    rules = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
+    check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", str(REPO_ROOT / "deploy" / "prometheus" / "alerts_test.yml")],
+                          capture_output=True, text=True, cwd=REPO_ROOT / "deploy" / "prometheus")
+    assert test.returncode == 0, test.stdout + test.stderr
+
+
+
+def test_a_stalled_upload_times_out_with_408(tmp_path):
+    import asyncio
+
+    async def stalled():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"scan\"\r\n\r\n"
+        await asyncio.sleep(5)
+        yield b"never"
+
+    with pytest.raises(UploadError) as err:
+        asyncio.run(receive_scan(stalled(), "multipart/form-data; boundary=b", None, tmp_path / "up",
+                                 max_bytes=10_000, timeout_s=0.2))
+    assert err.value.status == 408
+
+
+def test_a_zip_of_two_dicom_series_is_refused(model_run, tmp_path):
+    write_series(tmp_path / "s" / "a", count=3)
+    write_series(tmp_path / "s" / "b", count=3)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted((tmp_path / "s").rglob("*.dcm")):
+            zf.write(f, str(f.relative_to(tmp_path / "s")))
+    with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0))) as client:
+        r = _post(client, archive.getvalue())
+        assert r.status_code == 400 and "series" in r.json()["error"]
+    _nothing_stored(tmp_path / "d")
+
+
+def test_leftovers_of_a_killed_upload_are_removed_at_start(model_run, tmp_path):
+    staged = tmp_path / "incoming" / new_job_id()
+    orphan = tmp_path / "jobs" / new_job_id()  # renamed into place, killed before its row was written
+    young = tmp_path / "incoming" / new_job_id()  # maybe another replica's upload in progress
+    for folder in (staged, orphan, young):
+        (folder / "input").mkdir(parents=True)
+    old = time.time() - 3600
+    for folder in (staged, orphan):
+        os.utime(folder, (old, old))
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, request_timeout_s=60))):
+        pass
+    assert not staged.exists() and not orphan.exists() and young.exists()
+
+
+def test_workers_sharing_one_store_claim_each_job_exactly_once(tmp_path):
+    import threading
+
+    path = tmp_path / "jobs.sqlite"
+    ids = [new_job_id() for _ in range(30)]
+    for job_id in ids:
+        JobStore(path).submit(job_id, "tid", "nifti", "0" * 64, max_queue=100)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        store = JobStore(path)  # its own connections, as another server process would have
+        while (job := store.claim(f"elsewhere:{n}:x")) is not None:
+            assert store.complete(job.id, f"elsewhere:{n}:x", "f" * 64)
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    assert JobStore(path).counts()["done"] == 30
+
+
+def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monkeypatch):
+    import medseg.serving.server as server_module
+    from medseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda settings, **kw: seen.update(settings=settings, **kw))
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    monkeypatch.delenv("MEDSEG_API_TOKENS", raising=False)
+    assert main(["serve", str(model_run), "--token-file", str(tokens), "--port", "9123", "--max-upload-mb", "2",
+                 "--max-queue", "5", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]) == 0
+    settings = seen["settings"]
+    assert settings.tokens.identify(f"Bearer {TOKEN}") == token_id(TOKEN)
+    assert (settings.max_upload_bytes, settings.max_queue, seen["port"]) == (2 * 1024 * 1024, 5, 9123)
+    assert seen["ssl_certfile"] == Path("c.pem") and settings.cors_origins == []
+
+
+def test_logs_are_one_json_object_per_line_with_the_extra_fields():
+    import json
+
+    from medseg.serving.logs import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "medseg.serving", "levelname": "INFO", "msg": "job finished",
+                                    "job_id": "abc", "duration_s": 1.5, "color_message": "\x1b[36mjob\x1b[0m"})
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["msg"] == "job finished" and entry["job_id"] == "abc" and entry["duration_s"] == 1.5
+    assert entry["level"] == "info" and "color_message" not in entry
