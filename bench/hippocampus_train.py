@@ -94,7 +94,7 @@ def test_dice(run_dir: Path, manifest_path: Path, mirror: bool | None) -> dict:
     names = [manifest.labels[k] for k in range(1, num_classes)]
     return {
         "cases": len(per_case), "seconds_per_case": round(seconds, 3),
-        "keep_largest_component": predictor.config.infer.keep_largest_component,
+        "keep_largest_component": predictor.settings.keep_largest_component,
         "mirror_axes": predictor.mirror_axes,
         "dice_mean": {n: round(float(np.nanmean(arr[:, i])), 4) for i, n in enumerate(names)},
         "dice_sd": {n: round(float(np.nanstd(arr[:, i])), 4) for i, n in enumerate(names)},

@@ -49,6 +49,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume, device=args.device)
     if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if getattr(result, "already_finished", False):  # a TrainResult; tests stand in simpler results
+        print(f"{result.run_dir}: already finished ({result.epochs_run} epochs), nothing to do")
     print(f"best checkpoint: {result.best_checkpoint}  (mean foreground Dice {result.best_dice:.4f} at epoch {result.best_epoch})")
     return 0
 

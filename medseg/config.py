@@ -224,6 +224,23 @@ class TrainConfig(_Section):
     compile: bool = Field(default=False, description="torch.compile the training network (on CPU it needs a C++ compiler; without one training runs eagerly)")
     choose_postprocessing: bool = Field(
         default=True, description="after training, enable infer.keep_largest_component for classes where it helps on val")
+    init_from: Path | None = Field(
+        default=None, strict=False,
+        description="fine-tuning: a run folder or model bundle whose matching weights start this run (output layer "
+                    "re-initialised when the classes differ)")
+    freeze_encoder_epochs: int = Field(
+        default=0, ge=0, description="with init_from: keep the encoder's weights fixed for this many first epochs")
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers fed every epoch (plain logs always)")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow store; default sqlite:///<output_dir>/mlflow.db (offline, inside the run)")
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"trackers must not repeat, got {v}")
+        return v
 
 
 class InferConfig(_Section):
@@ -336,6 +353,9 @@ class ExperimentConfig(_Section):
                                                   f"(model.spatial_dims {dims}: axes 0..{dims - 1})"))
         if self.train.schedule_over == "time" and self.train.max_minutes is None:
             problems.append(("train.schedule_over", "'time' needs train.max_minutes"))
+        if self.train.freeze_encoder_epochs and self.train.init_from is None:
+            problems.append(("train.freeze_encoder_epochs", "freezes a pretrained encoder: it needs train.init_from "
+                                                            "(a randomly initialised encoder would stay random)"))
         if problems:
             raise _Problems(problems)
         return self
@@ -487,7 +507,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     ``overrides`` maps dotted keys to values (``{"train.epochs": 3}``, from ``--set``); they replace the
     file's values before validation, so they pass the same checks. The manifest path is relative to the
     config file (to the current folder when set by an override); ``train.output_dir`` is relative to the
-    current folder (where the user runs medseg), so shipped configs write their runs beside the user.
+    current folder (where the user runs medseg), so shipped configs write their runs beside the user;
+    so is ``train.init_from``.
     When the manifest exists, the classes named in ``evaluate`` and ``infer`` must be among its labels.
     """
     path = resolve_config_path(path)
@@ -503,6 +524,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         base = Path.cwd() if _from_set("data.manifest", overrides) else path.resolve().parent
         config.data.manifest = (base / config.data.manifest).resolve()
     config.train.output_dir = config.train.output_dir.expanduser().resolve()
+    if config.train.init_from is not None:
+        config.train.init_from = config.train.init_from.expanduser().resolve()
     _check_classes_are_labels(config, path, overrides)
     return config
 

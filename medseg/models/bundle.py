@@ -99,6 +99,16 @@ class ValidationSummary(_Spec):
     per_class_dice: dict[str, float] = Field(default_factory=dict)
 
 
+class InitFromRecord(_Spec):
+    """A fine-tuned model's starting point (``train.init_from``): the source bundle and what was taken."""
+
+    source: str = Field(description="file name of the source bundle")
+    source_weights_sha256: str = ""
+    loaded: int = Field(ge=0, description="tensors copied from the source")
+    reinitialised: list[str] = Field(default_factory=list, description="tensors left freshly initialised")
+    unused: list[str] = Field(default_factory=list, description="source tensors this network has no place for")
+
+
 class Provenance(_Spec):
     """Where the weights came from: config, data, validation, versions and their checksum."""
 
@@ -108,6 +118,7 @@ class Provenance(_Spec):
     versions: dict[str, str] = Field(default_factory=dict)
     weights_sha256: str = ""
     created: str = ""
+    init_from: InitFromRecord | None = None
 
 
 #: Mean foreground validation Dice below which a model is flagged ``weak_model`` (docs/qc.md).

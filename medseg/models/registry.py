@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -79,6 +80,24 @@ MODEL_REGISTRY: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
     "segresnet": _segresnet,
     "deeplab": _deeplab,
 }
+
+
+# The encoder of each network, by parameter name (``train.freeze_encoder_epochs`` fixes these): the
+# contracting path down to and including the deepest level; the decoder, skips' up-convolutions and
+# output heads are not encoder. MONAI's UNet nests each level as Sequential(down, SkipConnection(next
+# level), up), so its encoder is every ``...0.`` (down) and the innermost SkipConnection's bottom layer.
+ENCODER_PATTERNS: dict[str, str] = {
+    "unet": r"model\.(?:1\.submodule\.)*(?:0\.|1\.submodule\.(?!\d))",
+    "dynunet": r"(?:input_block|downsamples|bottleneck)\.",
+    "segresnet": r"(?:convInit|down_layers)\.",
+    "deeplab": r"(?:encoder|aspp)\.",
+}
+
+
+def encoder_parameters(model: nn.Module, name: str) -> list[tuple[str, nn.Parameter]]:
+    """The encoder's parameters of a network built by :func:`build_model` for the registry ``name``."""
+    pattern = re.compile(ENCODER_PATTERNS[name])
+    return [(key, p) for key, p in model.named_parameters() if pattern.match(key)]
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:

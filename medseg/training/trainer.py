@@ -35,8 +35,10 @@ from medseg.data.transforms import IMAGE, LABEL, training_transforms, validation
 from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor, resolve_device
 from medseg.models import build_model
-from medseg.models.bundle import DataProvenance, ModelBundle, ValidationSummary, load_bundle
+from medseg.models.bundle import DataProvenance, InitFromRecord, ModelBundle, ValidationSummary, load_bundle
+from medseg.models.registry import encoder_parameters
 from medseg.training.distributed import DistributedContext, init_distributed
+from medseg.training.init_from import load_matching_weights
 from medseg.training.qc_calibration import calibrate_bundle_file
 from medseg.training.sampling import DrawSeededDataset, epoch_draws, rank_keys, steps_per_epoch
 
@@ -55,6 +57,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     keep_largest_component: list[int] | None = None
     """Classes whose keep-largest-component postprocessing helped on validation (None: not evaluated)."""
+    already_finished: bool = False
+    """``--resume`` found the run finished and trained nothing."""
 
 
 def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCase]:
@@ -212,6 +216,9 @@ class TrainerCallback:
     def on_fit_start(self, trainer: Trainer) -> None:
         """Model, data and run folder are ready; ``trainer.state`` holds a resumed run's state."""
 
+    def on_step_end(self, trainer: Trainer, epoch: int, step: int, steps: int) -> None:
+        """Training step ``step`` (1-based) of ``steps`` in epoch ``epoch`` (0-based) finished."""
+
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         """An epoch finished (and validated, when ``"val_dice"`` is in ``record``); checkpoints are written."""
 
@@ -248,7 +255,7 @@ class LogCallback(TrainerCallback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.state.epoch >= 0:
-            log.info("resuming %s at epoch %d", trainer.run_dir, trainer.state.epoch + 2)
+            log.info("resuming %s at epoch %d of %d", trainer.run_dir, trainer.state.epoch + 2, trainer.config.train.epochs)
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         if "val_dice" in record:
@@ -270,7 +277,7 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, device: str | None = None,
                  callbacks: list[TrainerCallback] | None = None):
         self.config = config
-        self.callbacks = [LogCallback(), TensorBoardCallback()] if callbacks is None else list(callbacks)
+        self.callbacks = default_callbacks(config) if callbacks is None else list(callbacks)
         self.manifest = load_manifest(config.data.manifest)
         fold = config.data.fold
         self.train_split = _labelled_cases(self.manifest, "train", fold)
@@ -293,6 +300,8 @@ class Trainer:
         self.use_amp = self.device.type == "cuda" and config.train.amp
         self.state = LoopState()
         self.run_dir = config.train.output_dir
+        self.frozen: list[torch.nn.Parameter] = []
+        """Parameters whose gradients are dropped before each optimizer step (``train.freeze_encoder_epochs``)."""
 
     # --- set-up ------------------------------------------------------------------------------------
     def _check_cases(self) -> None:
@@ -316,7 +325,10 @@ class Trainer:
         self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance())
 
         set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
-        self.model = build_model(config.model, self.in_channels, self.num_classes).to(dev)
+        self.model = build_model(config.model, self.in_channels, self.num_classes)
+        if config.train.init_from is not None and not resume:
+            self._init_from(config.train.init_from)
+        self.model = self.model.to(dev)
         self.memory_format = step_memory_format(config, dev)
         if self.memory_format is not None:
             self.model = self.model.to(memory_format=self.memory_format)
@@ -350,8 +362,21 @@ class Trainer:
             self.val_loader = DataLoader(val_ds, batch_size=1, num_workers=config.data.num_workers)
         self.predictor = Predictor(self.model, self.bundle, dev)
 
+    def _init_from(self, source: Path) -> None:
+        """Fine-tuning: the matching weights of ``source``, recorded in the bundle's provenance."""
+        report = load_matching_weights(self.model, self.config.model, self.in_channels, self.label_names, source)
+        if self.dist.is_main:
+            log.info("%s", report.describe())
+        self._set_init_from_record(report.record())
+
+    def _set_init_from_record(self, record: InitFromRecord) -> None:
+        provenance = self.bundle.spec.provenance.model_copy(update={"init_from": record})
+        self.bundle = ModelBundle(self.bundle.spec.model_copy(update={"provenance": provenance}), self.bundle.weights)
+
     def _restore(self, last: ModelBundle) -> None:
         state = last.training_state
+        if last.spec.provenance.init_from is not None:  # a resumed fine-tuning run keeps its origin
+            self._set_init_from_record(last.spec.provenance.init_from)
         self.model.load_state_dict(last.weights)
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
@@ -374,6 +399,8 @@ class Trainer:
             loss = self.loss_fn(out, y)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
+        for p in self.frozen:
+            p.grad = None  # optimizers skip a parameter without gradient: no step, decay or momentum
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 12.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -410,16 +437,31 @@ class Trainer:
         keys = rank_keys(draws, num_cases, global_batch, self.dist.rank, self.dist.world_size)
         loader = DataLoader(self.train_dataset, batch_size=self.rank_batch, sampler=keys,
                             num_workers=config.data.num_workers, collate_fn=list_data_collate)
+        self._freeze_encoder(epoch)
         self.model.train()
         bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{config.train.epochs}", unit="batch", leave=False,
                    disable=self._quiet)
         losses = []
-        for batch in bar:
+        for step, batch in enumerate(bar, start=1):
             losses.append(self.train_step(batch))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            for cb in self.callbacks:
+                cb.on_step_end(self, epoch, step, steps)
         if config.train.schedule_over == "epochs" or epoch + 1 < config.optim.warmup_epochs:
             self.scheduler.step()
         return self.dist.mean(float(np.mean(losses)))
+
+    def _freeze_encoder(self, epoch: int) -> None:
+        """The encoder is frozen for the first ``train.freeze_encoder_epochs`` epochs (see
+        ``medseg.models.registry.ENCODER_PATTERNS``); gradients are dropped, not switched off, because
+        DistributedDataParallel and ``torch.compile`` fix ``requires_grad`` when they wrap the model."""
+        frozen = epoch < self.config.train.freeze_encoder_epochs
+        if frozen == bool(self.frozen):
+            return
+        self.frozen = [p for _, p in encoder_parameters(self.model, self.config.model.name)] if frozen else []
+        if self.dist.is_main:
+            log.info("epoch %d: encoder %s", epoch + 1, f"frozen ({len(self.frozen)} tensors) until epoch "
+                     f"{self.config.train.freeze_encoder_epochs}" if frozen else "unfrozen")
 
     def validate_epoch(self) -> list[float]:
         """Per foreground class mean validation Dice (NaN for a class absent from every case)."""
@@ -461,7 +503,14 @@ class Trainer:
 
     # --- the whole run -------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train to the configured end (epochs, early stopping or time budget); returns the best checkpoint."""
+        """Train to the configured end (epochs, early stopping or time budget); returns the best checkpoint.
+
+        Resuming a run that already reached its end trains nothing and returns its result.
+        """
+        if resume:
+            done = self._finished_run()
+            if done is not None:
+                return done
         self.setup(resume)
         s = self.state
         for cb in self.callbacks:
@@ -514,6 +563,27 @@ class Trainer:
             self.dist.shutdown()
         return result
 
+    def _finished_run(self) -> TrainResult | None:
+        """The result of the run folder's run when it already reached its end under this config, else None."""
+        from medseg.training.progress import finished_reason
+
+        prepare_run_dir(self.config, resume=True)  # the same errors as a resume that trains
+        last = load_bundle(self.run_dir / "last.pt")
+        state = LoopState.from_checkpoint(last.training_state)
+        reason = finished_reason(self.config, state)
+        if reason is None:
+            return None
+        self.dist.shutdown()
+        if self.dist.is_main:
+            log.info("%s: already finished (%d epochs, %s), nothing to do; to train on, raise train.epochs, "
+                     "train.max_minutes or train.early_stopping_patience (--set)", self.run_dir, state.epoch + 1, reason)
+        best = self.run_dir / "best.pt"
+        chosen = None
+        if (self.run_dir / "postprocessing.json").is_file():
+            chosen = json.loads((self.run_dir / "postprocessing.json").read_text()).get("keep_largest_component")
+        return TrainResult(self.run_dir, best if best.is_file() else self.run_dir / "last.pt", state.best_dice,
+                           state.best_epoch, state.epoch + 1, state.history, chosen, already_finished=True)
+
     def choose_postprocessing(self) -> list[int]:
         """Enable keep-largest-component for the classes where it raised validation Dice (strictly), in the
         best bundle's inference settings and the run's ``config.yaml``; the numbers go to ``postprocessing.json``."""
@@ -547,6 +617,21 @@ class Trainer:
             "keep_largest_component": chosen,
         }
         write_text_atomic(self.run_dir / "postprocessing.json", json.dumps(record, indent=1))
+
+
+def default_callbacks(config: ExperimentConfig) -> list[TrainerCallback]:
+    """Plain logs, honest progress, and the trackers of ``train.trackers``."""
+    from medseg.training.progress import ProgressCallback
+
+    callbacks: list[TrainerCallback] = [LogCallback(), ProgressCallback()]
+    if "tensorboard" in config.train.trackers:
+        callbacks.append(TensorBoardCallback())
+    if "mlflow" in config.train.trackers:
+        # An optional dependency: imported only when asked for.
+        from medseg.training.tracking import MLflowCallback
+
+        callbacks.append(MLflowCallback())
+    return callbacks
 
 
 def train(config: ExperimentConfig, resume: bool = False, device: str | None = None) -> TrainResult:
