@@ -103,7 +103,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
               "preview": args.preview, "output_format": args.output_format, "backend": args.backend,
-              "model_file": args.model_file, "precision": args.precision}
+              "model_file": args.model_file, "precision": args.precision, "max_memory_gib": args.max_memory_gib}
     if args.ray is not None:
         from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nifti: <case>.nii.gz with ITK-SNAP/Slicer label sidecars; dicom-seg: <case>.seg.dcm (DICOM "
                         "inputs); both; auto: both for DICOM series, nifti for NIfTI scans (docs/dicom.md)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="memory cap for this run (GiB, default $MEDSEG_MAX_MEMORY_GIB, else the container limit or "
+                        "available memory): scans needing more are refused before they are read and the batch goes on")
     p.add_argument("--no-statistics", action="store_true",
                    help="skip statistics.csv/json (per-class volume, intensities, box, components) and the QC flags")
     p.add_argument("--preview", action="store_true",

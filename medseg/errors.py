@@ -51,3 +51,7 @@ class ExportError(MedsegError):
 
 class PacsError(MedsegError):
     """A PACS (DICOMweb server) is unreachable, refuses the credentials, times out or refuses a request."""
+
+
+class ScanTooLargeError(ScanError):
+    """Predicting a scan would need more memory than this process may use (refused before loading it)."""

@@ -37,8 +37,9 @@ class PerChannelIntensityd(mt.MapTransform):
         return d
 
 
-def _intensity_steps(cfg: IntensityConfig | list[IntensityConfig]) -> list[mt.Transform]:
-    """One config for every channel, or a list: one config per channel, in channel order."""
+def intensity_transforms(cfg: IntensityConfig | list[IntensityConfig]) -> list[mt.Transform]:
+    """The intensity steps of the preprocessing (on ``IMAGE``, after resampling): one config for every
+    channel, or a list: one config per channel, in channel order."""
     if isinstance(cfg, list):
         return [PerChannelIntensityd(cfg)]
     return _intensity(cfg)
@@ -74,7 +75,7 @@ def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABE
     if pre.spacing is not None:
         modes = tuple("bilinear" if k == IMAGE else "nearest" for k in keys)
         steps.append(mt.Spacingd(keys, pixdim=pre.spacing, mode=modes))
-    steps += _intensity_steps(pre.intensity)
+    steps += intensity_transforms(pre.intensity)
     return mt.Compose(steps)
 
 

@@ -285,7 +285,8 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
                       device: str | None = "auto", mirror: bool | None = None, address: str = "auto",
                       actors: int | None = None, cpus_per_actor: int = 1, statistics: bool = True,
                       preview: bool = False, output_format: str = "auto", backend: str = "torch",
-                      model_file: Path | None = None, precision: str = "float32") -> PredictSummary:
+                      model_file: Path | None = None, precision: str = "float32",
+                      max_memory_gib: float | None = None) -> PredictSummary:
     """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors.
 
     Same masks (bit for bit), ``failures.csv``, resume and claims as serial predict. ``address``: ``auto``
@@ -295,7 +296,8 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
     from medseg.models.bundle import load_bundle
 
     import_ray()  # before reading anything: without Ray, say how to install it
-    options = {"statistics": statistics, "preview": preview, "output_format": output_format}
+    options = {"statistics": statistics, "preview": preview, "output_format": output_format,
+               "max_memory_gib": max_memory_gib}  # memory: each actor's own budget, checked per scan
     batch = prepare_batch(inputs, output_dir, overwrite, **options)  # outputs refused before the model is read
     first = model if isinstance(model, str | Path) else next(iter(model))
     channels = load_bundle(Path(first), verify=False).network.in_channels

@@ -11,6 +11,8 @@ import io
 import logging
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,7 @@ from tqdm import tqdm
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
+from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import (
     STATISTICS_CSV,
@@ -249,6 +252,9 @@ class PredictBatch:
     preview: bool = False
     #: ``--output-format``: auto, nifti, dicom-seg or both (:mod:`medseg.io.mask_writers`).
     output_format: str = "auto"
+    #: Memory cap for the process in GiB (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
+    max_memory_gib: float | None = None
+    _budget: MemoryBudget | None = field(default=None, repr=False)
 
     def target(self, scan: Scan) -> Path:
         return output_path(self.output_dir, scan, self.output_format)
@@ -267,6 +273,16 @@ class PredictBatch:
         """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
         return self.at_start[scan.case_id] is not None and not self.overwrite
 
+    def todo(self, scan: Scan) -> bool:
+        """Whether ``scan`` is to be predicted (not :meth:`done`)."""
+        return not self.done(scan)
+
+    def memory(self) -> MemoryBudget:
+        """The memory one scan may use, measured once (after the model is loaded, at the first scan)."""
+        if self._budget is None:
+            self._budget = MemoryBudget.measure(self.max_memory_gib)
+        return self._budget
+
 
 def model_info(predictor: Predictor) -> ModelInfo | None:
     """The model as outputs describe it: bundle name and label table, each label with its coded concept;
@@ -279,7 +295,8 @@ def model_info(predictor: Predictor) -> ModelInfo | None:
 
 
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
-                  statistics: bool = True, preview: bool = False, output_format: str = "auto") -> PredictBatch:
+                  statistics: bool = True, preview: bool = False, output_format: str = "auto",
+                  max_memory_gib: float | None = None) -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
     outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`."""
     output_dir = Path(output_dir)
@@ -298,7 +315,7 @@ def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = Fa
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
     at_start = {scan.case_id: _identity(output_path(output_dir, scan, output_format)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, output_format)
+    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, output_format, max_memory_gib)
 
 
 def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path,
@@ -323,18 +340,62 @@ def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image,
                   lesion_classes, stats.all_flags)
 
 
+def _grid_of(predictor: Predictor) -> tuple[str, tuple[float, ...] | None, int] | None:
+    """Orientation, model spacing and class count of the predictor's model (None for a stand-in without a bundle)."""
+    bundle = getattr(predictor, "bundle", None)
+    if bundle is None:
+        return None
+    pre = bundle.spec.preprocessing
+    return pre.orientation, pre.spacing, bundle.network.num_classes
+
+
+def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
+    """What predicting ``scan`` needs, from its header alone (NIfTI); None when unknown before loading (DICOM)."""
+    grid = _grid_of(predictor)
+    return None if scan.kind != "nifti" or grid is None else nifti_header_size(scan.path, *grid)
+
+
+def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
+    """Read a scan, refusing first (:class:`~medseg.errors.ScanTooLargeError`) one whose prediction would not
+    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting."""
+    size = header_size(predictor, scan)
+    if size is not None:
+        batch.memory().check(scan.path, size)
+    image = load_scan(scan)
+    grid = _grid_of(predictor)
+    if size is None and grid is not None:
+        batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine, *grid))
+    return image
+
+
+def _failed(scan: Scan, target: Path, exc: Exception) -> ScanOutcome:
+    if not isinstance(exc, MedsegError):  # one broken scan must not stop a batch of hundreds
+        log.debug("unexpected error on %s", scan.path, exc_info=exc)
+    return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+
+
 def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
     """Predict one scan of ``batch`` and write its outputs, unless its mask exists or another run holds it.
 
     Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
     """
+    outcome = _predict(predictor, scan, batch)
+    assert isinstance(outcome, ScanOutcome)
+    return outcome
+
+
+def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Future[nib.Nifti1Image] | None = None,
+             writer: ThreadPoolExecutor | None = None) -> ScanOutcome | Future[ScanOutcome]:
+    """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
+    ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
     target = batch.target(scan)
     if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
     held = claim(target)
     if held is None:
         return ScanOutcome(scan.path, target, "claimed")
-    with held:
+    with ExitStack() as stack:
+        stack.enter_context(held)
         if _identity(target) != batch.at_start[scan.case_id]:
             return ScanOutcome(scan.path, target, "claimed")
         try:
@@ -342,25 +403,41 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
             for path in [target, *(w.path(target.parent, scan.case_id) for w in writers)]:
                 for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
                     tmp.unlink(missing_ok=True)
-            image = load_scan(scan)
+            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
+            stats: ScanStatistics | None = None
             if not (batch.statistics or batch.preview):
-                write_outputs(scan, image, predictor.predict_image(image), target, writers)
-                return ScanOutcome(scan.path, target, "written")
-            mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
-            stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
-            if batch.statistics:
-                # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its row,
-                # so every mask present has its statistics.
-                merge_statistics(batch.output_dir, [stats])
-            write_outputs(scan, image, mask, target, writers)
-            if batch.preview:
-                write_scan_preview(predictor, scan, image, mask, stats, batch)
-            return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
-        except MedsegError as exc:
-            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
-        except Exception as exc:  # one broken scan must not stop a batch of hundreds
-            log.debug("unexpected error on %s", scan.path, exc_info=True)
-            return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
+                mask = predictor.predict_image(image)
+            else:
+                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
+                stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
+        except Exception as exc:
+            return _failed(scan, target, exc)
+
+        def write() -> ScanOutcome:
+            try:
+                if stats is None:
+                    write_outputs(scan, image, mask, target, writers)
+                    return ScanOutcome(scan.path, target, "written")
+                if batch.statistics:
+                    # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its
+                    # row, so every mask present has its statistics.
+                    merge_statistics(batch.output_dir, [stats])
+                write_outputs(scan, image, mask, target, writers)
+                if batch.preview:
+                    write_scan_preview(predictor, scan, image, mask, stats, batch)
+                return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
+            except Exception as exc:
+                return _failed(scan, target, exc)
+
+        if writer is None:
+            return write()
+        owned = stack.pop_all()
+
+    def write_and_release() -> ScanOutcome:
+        with owned:
+            return write()
+
+    return writer.submit(write_and_release)
 
 
 def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> PredictSummary:
@@ -372,11 +449,15 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
     return summary
 
 
+def _next_todo(batch: PredictBatch, index: int) -> Scan | None:
+    return next((s for s in batch.scans[index + 1:] if batch.todo(s)), None)
+
+
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
                   output_format: str = "auto", backend: str = "torch", model_file: Path | None = None,
-                  precision: str = "float32") -> PredictSummary:
+                  precision: str = "float32", max_memory_gib: float | None = None) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -384,23 +465,55 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     ``backend`` (torch, torchscript, onnxruntime, openvino) runs the model's checked export instead of its
     weights (``model_file``, else the run's ``exports/``); ``precision`` bfloat16 for torch and openvino.
 
-    One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on.
-    Existing masks are skipped unless ``overwrite``; masks are written atomically, so a killed run resumes
-    where it stopped. Each scan is claimed first: scans another run on the folder is doing are left to it.
+    One failing scan is recorded (``failures.csv``, merged with earlier runs' records) and the rest go on;
+    a scan whose prediction would not fit in memory (``max_memory_gib``, see :mod:`medseg.inference.memory`)
+    is refused before it is read. Existing masks are skipped unless ``overwrite``; masks are written
+    atomically, so a killed run resumes where it stopped. Each scan is claimed first: scans another run on
+    the folder is doing are left to it.
     ``output_format`` (auto, nifti, dicom-seg, both) chooses the files (:mod:`medseg.io.mask_writers`).
 
     ``statistics`` writes per-class statistics and QC flags (``statistics.csv`` / ``.json``, docs/qc.md);
     ``preview`` a ``<case_id>.preview.png`` per scan.
+
+    While the network runs on one scan, the next is read and the previous one's outputs are written, in one
+    background thread each (when the memory budget holds all three).
     """
     batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview,
-                          output_format=output_format)  # outputs refused before the model loads
+                          output_format=output_format, max_memory_gib=max_memory_gib)  # before the model
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
                                                        model_file=model_file, precision=precision)
     bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
     channels = bundle.network.in_channels if bundle is not None else 1
     if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
         batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
-                              preview=preview, output_format=output_format)
-    outcomes = [predict_one(predictor, scan, batch) for scan in tqdm(batch.scans, desc="predict", unit="scan",
-                                                                      disable=None)]
+                              preview=preview, output_format=output_format, max_memory_gib=max_memory_gib)
+    results: list[ScanOutcome | Future[ScanOutcome]] = []
+    with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
+        ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None
+        writing: tuple[Future[ScanOutcome], int] | None = None  # the last write job and the bytes it holds
+        for index, scan in enumerate(tqdm(batch.scans, desc="predict", unit="scan", disable=None)):
+            loaded = ahead[1] if ahead is not None and ahead[0] is scan else None
+            ahead = None
+            budget = batch.memory().bytes
+            size = header_size(predictor, scan) if batch.todo(scan) else None
+            need = size.peak_bytes if size is not None else None
+            held = writing[1] if writing is not None else 0
+            if writing is not None and budget is not None and (need is None or need + held > budget):
+                writing[0].result()  # the previous scan's outputs and this scan do not fit together
+                held = 0
+            following = _next_todo(batch, index)
+            if following is not None:
+                upcoming = header_size(predictor, following)
+                fits = budget is None or (need is not None and upcoming is not None
+                                          and need + held + 2 * upcoming.scan_bytes <= budget)
+                if fits:  # read while this one is predicted (a gzip read briefly holds the file twice)
+                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch))
+            result = _predict(predictor, scan, batch, loaded, writer)
+            if writing is not None:
+                writing[0].result()  # at most one write pending: its memory stays bounded
+                writing = None
+            if isinstance(result, Future):
+                writing = (result, size.scan_bytes + size.voxels if size is not None else 0)
+            results.append(result)
+    outcomes = [r.result() if isinstance(r, Future) else r for r in results]
     return finish_batch(batch, outcomes)

@@ -1,0 +1,155 @@
+"""How much memory predicting one scan takes, and how much there is: refuse a scan before loading it.
+
+A scan far larger than the machine would otherwise be killed by the kernel mid-batch with no message,
+taking the rest of the batch with it. The estimate comes from the header alone (shape, voxel type,
+affine -> model grid), so a refused scan is never read. Figures behind the constants: docs/benchmarks.md
+("Predict speed and memory").
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.errors import ScanError, ScanTooLargeError
+from medseg.inference.resampling import GridPlan
+
+MAX_MEMORY_ENV = "MEDSEG_MAX_MEMORY_GIB"
+GIB = 2**30
+
+#: Working bytes per scan voxel beyond the scan itself: the uint8 label map, the keep-largest-component
+#: mask and component map, the reoriented copy and the mask held by the background writer.
+SCAN_VOXEL_BYTES = 6
+#: Bytes per model-grid voxel: the float32 input (and its intensity-scaled copy), MONAI's count map and
+#: the resampling buffer, plus ``MODEL_CLASS_BYTES`` per class (float32 sliding-window sum, softmax,
+#: float16 copy).
+MODEL_VOXEL_BYTES = 16
+MODEL_CLASS_BYTES = 10
+
+
+@dataclass(frozen=True)
+class ScanSize:
+    """What a scan will need, from its header: voxel counts on the scan and model grids, bytes in memory."""
+
+    shape: tuple[int, ...]
+    voxels: int
+    itemsize: int
+    model_voxels: int
+    classes: int
+
+    @property
+    def scan_bytes(self) -> int:
+        """The scan as loaded (stored voxel type; float32 when the header scales the values)."""
+        return self.voxels * self.itemsize
+
+    @property
+    def peak_bytes(self) -> int:
+        """Estimated extra memory at the peak of predicting this scan (the loaded model not included)."""
+        return (self.scan_bytes + SCAN_VOXEL_BYTES * self.voxels
+                + (MODEL_VOXEL_BYTES + MODEL_CLASS_BYTES * self.classes) * self.model_voxels)
+
+
+def scan_size(shape: tuple[int, ...], itemsize: int, affine: np.ndarray, orientation: str,
+              spacing: tuple[float, ...] | None, classes: int) -> ScanSize:
+    """The :class:`ScanSize` of a scan of ``shape`` and ``affine`` for a model with this preprocessing."""
+    shape = tuple(int(s) for s in shape[:3])
+    plan = GridPlan.for_scan(affine, shape, orientation, spacing)
+    if plan is not None:
+        model_voxels = int(np.prod(plan.model_shape, dtype=np.int64))
+    else:  # a voxel map MONAI resamples densely: estimate the model grid from the spacings
+        zooms = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+        ratio = float(np.prod(zooms) / np.prod(spacing)) if spacing is not None else 1.0
+        model_voxels = int(np.prod(shape, dtype=np.int64) * ratio)
+    return ScanSize(shape, int(np.prod(shape, dtype=np.int64)), itemsize, model_voxels, classes)
+
+
+def nifti_header_size(path: Path, orientation: str, spacing: tuple[float, ...] | None, classes: int) -> ScanSize | None:
+    """The size of a NIfTI scan from its header only (no voxel is read); None when the header is unreadable
+    (loading will then report the problem)."""
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        slope, inter = img.header.get_slope_inter()
+        scaled = (slope not in (None, 1.0) and not np.isnan(slope)) or (inter not in (None, 0.0) and not np.isnan(inter))
+        itemsize = 4 if scaled else img.header.get_data_dtype().itemsize
+        return scan_size(shape, itemsize, img.affine, orientation, spacing, classes)
+    except Exception:  # a broken header is the loader's to report, with its own message
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        raw = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(raw) if raw.isdigit() else None  # cgroup v2 writes "max" when there is no limit
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes); falls back to its peak where /proc is absent."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes this process may still use for one scan, and where that limit comes from (for messages)."""
+
+    bytes: int | None
+    source: str
+
+    @classmethod
+    def measure(cls, max_memory_gib: float | None = None) -> MemoryBudget:
+        """The tightest of: ``max_memory_gib`` (else ``$MEDSEG_MAX_MEMORY_GIB``) less what this process uses
+        now, the cgroup's limit less its usage, and the kernel's MemAvailable. None: nothing is known."""
+        if max_memory_gib is None and os.environ.get(MAX_MEMORY_ENV):
+            raw = os.environ[MAX_MEMORY_ENV]
+            try:
+                max_memory_gib = float(raw)
+            except ValueError:
+                raise ScanError(Path(MAX_MEMORY_ENV), f"environment variable must be a number of GiB, got {raw!r}") from None
+        options: list[tuple[int, str]] = []
+        if max_memory_gib is not None:
+            options.append((int(max_memory_gib * GIB) - _rss(),
+                            f"the memory limit of {max_memory_gib:g} GiB (--max-memory-gib / ${MAX_MEMORY_ENV}) "
+                            "less what the loaded model uses"))
+        limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        usage = _read_int("/sys/fs/cgroup/memory.current") or _read_int("/sys/fs/cgroup/memory/memory.usage_in_bytes")
+        if limit is not None and usage is not None and limit < 2**60:
+            options.append((limit - usage, "the container's (cgroup) memory limit less its usage"))
+        available = _mem_available()
+        if available is not None:
+            options.append((available, "the memory available on this machine (MemAvailable)"))
+        if not options:
+            return cls(None, "unknown")
+        free, source = min(options)
+        return cls(max(free, 0), source)
+
+    def check(self, path: Path, size: ScanSize) -> None:
+        """Raise :class:`ScanTooLargeError` when predicting a scan of ``size`` would not fit."""
+        if self.bytes is None or size.peak_bytes <= self.bytes:
+            return
+        raise ScanTooLargeError(
+            path,
+            f"scan of shape {size.shape} ({size.scan_bytes / GIB:.2f} GiB in memory) needs about "
+            f"{size.peak_bytes / GIB:.1f} GiB to predict, more than the {self.bytes / GIB:.1f} GiB left under "
+            f"{self.source}; predict it on a machine with more memory, or raise the limit",
+        )
