@@ -31,7 +31,7 @@ from medseg.errors import MedsegError
 from medseg.io.scans import load_scan
 from medseg.serving.audit import AuditLog
 from medseg.serving.auth import RateLimiter, TokenSet
-from medseg.serving.jobs import ACTIVE, JobStatus, JobStore, QueueFull, new_job_id
+from medseg.serving.jobs import ACTIVE, Job, JobStatus, JobStore, QueueFull, new_job_id
 from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from medseg.serving.uploads import UploadError, ZipLimits, extract_zip, receive_scan, sniff
 from medseg.serving.worker import INPUT, MASK, REPORT, WorkerPool, job_dir
@@ -235,23 +235,24 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
             "self": f"/v1/jobs/{job_id}", "mask": f"/v1/jobs/{job_id}/mask", "report": f"/v1/jobs/{job_id}/report"}},
             status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
+    async def authorised_job(request: Request, job_id: str) -> tuple[Job, str] | Response:
+        """The caller's job and token id, or the response refusing the request (401/429, or 404)."""
+        tid = authenticate(request)
+        if isinstance(tid, Response):
+            return tid
+        job = await run_in_threadpool(own_job, request, job_id, tid)
+        return _error(404, "no such job") if job is None else (job, tid)
+
     @app.get("/v1/jobs/{job_id}")
     async def job_status(request: Request, job_id: str) -> Response:
-        tid = authenticate(request)
-        if isinstance(tid, Response):
-            return tid
-        job = await run_in_threadpool(own_job, request, job_id, tid)
-        if job is None:
-            return _error(404, "no such job")
-        return JSONResponse(job.public())
+        found = await authorised_job(request, job_id)
+        return found if isinstance(found, Response) else JSONResponse(found[0].public())
 
     async def _result(request: Request, job_id: str, name: str, respond: Callable[[Path], Response]) -> Response:
-        tid = authenticate(request)
-        if isinstance(tid, Response):
-            return tid
-        job = await run_in_threadpool(own_job, request, job_id, tid)
-        if job is None:
-            return _error(404, "no such job")
+        found = await authorised_job(request, job_id)
+        if isinstance(found, Response):
+            return found
+        job, tid = found
         if job.status != JobStatus.DONE:
             return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
         audit.record(f"fetch_{name}", tid, job_id, "ok", result_sha256=job.mask_sha256)
