@@ -25,6 +25,7 @@ from medseg.evaluation.lesions import find_lesions
 from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
 from medseg.inference.predictor import Predictor
 from medseg.inference.runner import write_outputs
+from medseg.inference.statistics import ScanStatistics, assess_scan
 from medseg.io.scans import find_scans, load_scan
 from medseg.serving.audit import AuditLog
 from medseg.serving.jobs import Job, JobStore, worker_identity
@@ -78,8 +79,10 @@ class ReportOptions:
                    {"name": spec.name, "weights_sha256": spec.provenance.weights_sha256})
 
 
-def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions) -> dict[str, object]:
-    """Per-class volumes (mL) and the lesion inventory (volume mL, diameters mm, centroid RAS mm) of a mask."""
+def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions,
+                        statistics: ScanStatistics | None = None) -> dict[str, object]:
+    """Per-class volumes (mL) and the lesion inventory (volume mL, diameters mm, centroid RAS mm) of a mask;
+    with ``statistics`` also medseg predict's per-class statistics and the QC flags (docs/qc.md)."""
     labels = np.asarray(mask.dataobj)
     affine = np.asarray(mask.affine)
     voxel_ml = voxel_volume_ml(affine)
@@ -93,7 +96,10 @@ def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions) -> dict[s
         inventory[options.label_names.get(k, f"class_{k}")] = {
             "class_id": k, "lesions": [x.as_record() for x in found.lesions],
             "dropped": [x.as_record() for x in found.dropped]}
-    return {"kind": "medseg-segmentation-report", "schema_version": 1, "model": options.model,
+    quality = {} if statistics is None else {
+        "qc_flags": statistics.all_flags,
+        "statistics": {k: v for k, v in statistics.as_record().items() if k != "case_id"}}
+    return {"kind": "medseg-segmentation-report", "schema_version": 2, "model": options.model, **quality,
             "shape": [int(s) for s in labels.shape],
             "spacing_mm": [round(s, 6) for s in voxel_spacing(affine)], "classes": classes,
             "lesion_inventory": {"connectivity": options.connectivity, "min_lesion_volume_ml": options.min_lesion_volume_ml,
@@ -205,9 +211,10 @@ class WorkerPool:
             # write_outputs), so the service writes what a predict run would for this scan.
             scan = find_scans([source])[0]
             image = load_scan(scan)
-            mask = self.predictor.predict_image(image)
+            mask, uncertainty = self.predictor.predict_image(image, with_uncertainty=True)
+            statistics = assess_scan("scan", image, mask, self.predictor.bundle, uncertainty)
             write_outputs(scan, image, mask, folder / MASK)
-            report = segmentation_report(mask, self.report_options)
+            report = segmentation_report(mask, self.report_options, statistics)
             write_text_atomic(folder / REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")
             digest = file_sha256(folder / MASK)
             ok = self.store.complete(job.id, owner, digest)

@@ -4,6 +4,7 @@ identical to ``medseg predict``'s."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -384,6 +385,10 @@ def test_the_service_mask_equals_medseg_predicts_for_nifti_and_dicom(model_run, 
             _same_mask(mask.content, reference, tmp_path)
         report = client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()
     assert report["model"]["weights_sha256"] == load_bundle(model_run).spec.provenance.weights_sha256
+    # The QC flags and statistics are medseg predict's, computed on the same scan.
+    predicted = json.loads((tmp_path / "predicted" / "statistics.json").read_text())["cases"]["series"]
+    assert report["statistics"]["qc_flags"] == predicted["qc_flags"]
+    assert report["statistics"]["classes"] == predicted["classes"]
     voxels = nib.load(tmp_path / "predicted" / "series.nii.gz")
     labels = np.asarray(voxels.dataobj)
     for name, k in (("lung", 1), ("nodule", 2)):
