@@ -149,6 +149,7 @@ def result_document(result: EvaluationResult, pred_dir: Path, labels: Path, imag
         "missing_predictions": result.missing_predictions,
         "unmatched_predictions": result.unmatched_predictions,
         "failures": [{"case_id": f.case_id, "reason": f.reason} for f in result.failures],
+        "qc_flags": result.qc_flags,
         "summary": {name: {"class_id": s.class_id, "nsd_tolerance_mm": s.nsd_tolerance_mm, "status_counts": s.status_counts,
                            "metrics": {m: st.as_record() for m, st in s.stats.items()}}
                     for name, s in result.per_class.items()},
@@ -265,6 +266,15 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
         parts.append(_table(["case", "reason"], ([html.escape(f.case_id), f"<span class='reason'>{html.escape(f.reason)}</span>"]
                                                  for f in result.failures), left=2))
 
+    flagged = {case: flags for case, flags in result.qc_flags.items() if flags}
+    if flagged:
+        parts.append(f"<h2 id='qc-flags'>QC flags at predict time</h2><p class='warn'>{len(flagged)} of "
+                     f"{len(result.qc_flags)} case(s) were flagged by medseg predict (statistics.json of the "
+                     "predictions): the input was unlike the training data, the prediction uncertain, a volume "
+                     "implausible or empty, or the model weak. Read their results with care.</p>")
+        parts.append(_table(["case", "flags"], ([html.escape(case), html.escape(", ".join(flags))]
+                                                for case, flags in sorted(flagged.items())), left=2))
+
     parts.append("<h2>Per-class summary</h2>")
     rows = []
     for name, s in result.per_class.items():
@@ -315,8 +325,11 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
     parts.append("<h2>All cases</h2><details><summary>per-case Dice</summary>")
     classes = list(result.per_class.values())
     rows = [[html.escape(c.case_id), _num(c.mean_dice)] + [_num(c.metrics[s.class_id].dice) if s.class_id in c.metrics else "–"
-                                                          for s in classes] for c in result.cases]
-    parts.append(_table(["case", "mean"] + [s.name for s in classes], rows) + "</details>")
+                                                          for s in classes]
+            + ([html.escape(", ".join(result.qc_flags.get(c.case_id, [])) or "–")] if result.qc_flags else [])
+            for c in result.cases]
+    parts.append(_table(["case", "mean"] + [s.name for s in classes] + (["QC flags"] if result.qc_flags else []), rows)
+                 + "</details>")
     parts.append(_footer(result))
     parts.append("</body></html>\n")
     return "\n".join(parts)

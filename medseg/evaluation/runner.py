@@ -143,6 +143,8 @@ class EvaluationResult:
     unmatched_predictions: list[str]
     files: dict[str, Path] = field(default_factory=dict)
     failures: list[CaseFailure] = field(default_factory=list)
+    #: QC flags medseg predict gave each case (its ``statistics.json`` in the prediction folder), if any.
+    qc_flags: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def mean_foreground_dice(self) -> float:
@@ -412,6 +414,7 @@ def evaluate_folders(
     outputs, and the others are evaluated; when no case can be, a :class:`MedsegError` says why.
     """
     from medseg.evaluation.reports import write_reports
+    from medseg.inference.statistics import qc_flags_by_case
 
     cfg = _options(config, options)
     pred_dir, output_dir = Path(pred_dir), Path(output_dir)
@@ -460,6 +463,7 @@ def evaluate_folders(
         missing_predictions=missing,
         unmatched_predictions=unmatched,
         failures=failures,
+        qc_flags={case: flags for case, flags in qc_flags_by_case(pred_dir).items() if case in set(to_score)},
     )
     result.files = write_reports(result, pred_dir=pred_dir, labels=Path(labels), images_dir=images_dir)
     return result

@@ -252,6 +252,18 @@ def _read_existing(output_dir: Path) -> dict[str, dict]:
     return raw["cases"]
 
 
+def qc_flags_by_case(output_dir: Path) -> dict[str, list[str]]:
+    """Each case's QC flags (scan and classes, no repeats) from a predict folder's ``statistics.json``;
+    empty when the folder has none (predicted with ``--no-statistics`` or by another tool)."""
+    flags: dict[str, list[str]] = {}
+    for case_id, record in _read_existing(Path(output_dir)).items():
+        found = list(record.get("qc_flags", []))
+        for c in record.get("classes", []):
+            found += [f for f in c.get("qc_flags", []) if f not in found]
+        flags[case_id] = found
+    return flags
+
+
 def _csv_rows(record: dict) -> list[dict[str, object]]:
     classes = [ClassStatistics(**c) for c in record["classes"]]
     scan = ScanStatistics(record["case_id"], record["shape"], record["spacing_mm"], record["intensity_units"], classes,

@@ -180,3 +180,21 @@ def test_cli_evaluate_passes_flags_and_reports_errors(folders: dict[str, Path], 
     code = main(["evaluate", "--pred", str(folders["img"]), "--labels", str(folders["ref"]), "--output", str(folders["out"])])
     assert code == 2
     assert "no prediction matches" in capsys.readouterr().err
+
+
+def test_qc_flags_from_predict_are_shown_with_the_results(folders: dict[str, Path]) -> None:
+    from medseg.inference.statistics import ClassStatistics, ScanStatistics, merge_statistics
+
+    def scan(case: str, scan_flags: list[str], class_flags: list[str]) -> ScanStatistics:
+        lesion = ClassStatistics(2, "class_2", 1, 0.007, None, None, None, None, None, 1, class_flags)
+        return ScanStatistics(case, [24, 24, 12], [1.5, 1.5, 3.0], "HU", [lesion], qc_flags=scan_flags)
+
+    merge_statistics(folders["pred"], [scan("a", [], []), scan("b", ["modality_mismatch"], ["volume_implausible:class_2"]),
+                                       scan("zzz", ["empty_prediction"], [])])
+    result = evaluate_folders(folders["pred"], folders["ref"], folders["out"], progress=False)
+    assert result.qc_flags == {"a": [], "b": ["modality_mismatch", "volume_implausible:class_2"]}  # zzz: no reference
+    doc = json.loads((folders["out"] / "evaluation.json").read_text())
+    assert doc["qc_flags"]["b"] == ["modality_mismatch", "volume_implausible:class_2"]
+    report = (folders["out"] / "report.html").read_text()
+    assert "1 of 2 case(s) were flagged by medseg predict" in report
+    assert "<td>modality_mismatch, volume_implausible:class_2</td>" in report
