@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +58,12 @@ def accepted_modalities(predictor: Predictor) -> tuple[str, ...]:
 
 
 def seg_uids(source_series_uid: str, weights_sha256: str) -> tuple[str, str]:
-    """The SEG's (series, instance) UIDs: new UIDs (2.25 form), but the same for one model and one series."""
-    from pydicom.uid import generate_uid
-
-    sources = [source_series_uid, weights_sha256, "medseg-seg"]
-    return (generate_uid(prefix=None, entropy_srcs=[*sources, "series"]),
-            generate_uid(prefix=None, entropy_srcs=[*sources, "instance"]))
+    """The SEG's (series, instance) UIDs: new UIDs in the ``2.25.<UUID>`` form (name-based UUIDs, version 5),
+    the same for one model and one source series, so a rerun finds what it stored."""
+    # pydicom's generate_uid ignores its entropy sources when prefix is None (a random UUID), hence uuid5.
+    name = f"medseg-seg/{source_series_uid}/{weights_sha256}"
+    return (f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/series').int}",
+            f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/instance').int}")
 
 
 def _assign_uids(seg_path: Path, series_uid: str, instance_uid: str) -> object:

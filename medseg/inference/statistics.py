@@ -224,6 +224,8 @@ def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bun
     trained_on = training_modality(bundle)
     stats = scan_statistics(case_id, image, mask, bundle.label_names, trained_on)
     data = np.asanyarray(image.dataobj)
+    if data.ndim == 4:  # channels last: the input checks use the first channel, as the limits were set
+        data = data[..., 0]
     stats.intensity_percentiles = intensity_percentiles(data)
     stats.uncertainty = uncertainty
     flags = model_flags(qc, bundle.spec.provenance.validation.mean_dice)

@@ -45,6 +45,14 @@ from medseg.models.bundle import ModelBundle, QCThresholds, load_bundle, resolve
 log = logging.getLogger(__name__)
 
 
+def case_image(manifest: Manifest, case: ManifestCase) -> nib.Nifti1Image:
+    """A case's image as the model takes it: one scan, or its channel files stacked (X, Y, Z, C)."""
+    from medseg.io.channels import load_channels
+
+    paths = manifest.image_paths(case)
+    return load_channels(paths) if len(paths) > 1 else load_scan(paths[0])
+
+
 def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bool = True) -> QCThresholds:
     """The input-side limits (modality, spacing, intensities, class volumes) from the training cases."""
     if not cases:
@@ -53,7 +61,7 @@ def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bo
     volumes: dict[int, list[float]] = {k: [] for k in manifest.labels if k}
     labelled = 0
     for case in tqdm(cases, desc="QC limits: training cases", unit="case", leave=False, disable=None if progress else True):
-        image = load_scan(manifest.image_path(case))
+        image = load_scan(manifest.image_path(case))  # input checks use the first channel (docs/qc.md)
         spacings.append(ras_spacing(image.affine))
         percentiles.append(intensity_percentiles(np.asanyarray(image.dataobj)))
         label_path = manifest.label_path(case)
@@ -90,7 +98,7 @@ def uncertainty_limits(predictor: Predictor, manifest: Manifest, cases: Sequence
     (None without validation cases or foreground), and each case's values."""
     values = []
     for case in tqdm(cases, desc="QC limits: validation cases", unit="case", leave=False, disable=None if progress else True):
-        _, u = predictor.predict_image(load_scan(manifest.image_path(case)), with_uncertainty=True)
+        _, u = predictor.predict_image(case_image(manifest, case), with_uncertainty=True)
         values.append({"foreground_entropy": u.foreground_entropy, "low_confidence_share": u.low_confidence_share})
 
     def limit(key: str) -> float | None:

@@ -246,10 +246,11 @@ def test_output_format_chooses_the_files_and_the_last_one_marks_the_scan_done(tm
     write_series(tmp_path / "a", 4)
     out = tmp_path / "out"
     summary = predict_paths(None, [tmp_path / "a"], out, predictor=_FixedPredictor(tmp_path),
-                            output_format=output_format)
+                            output_format=output_format, statistics=False)
     assert sorted(p.name for p in out.iterdir()) == expected
     assert summary.written == [out / ("a.seg.dcm" if output_format == "dicom-seg" else "a.nii.gz")]
-    again = predict_paths(None, [tmp_path / "a"], out, predictor=_FixedPredictor(tmp_path), output_format=output_format)
+    again = predict_paths(None, [tmp_path / "a"], out, predictor=_FixedPredictor(tmp_path), output_format=output_format,
+                          statistics=False)
     assert again.skipped == summary.written and not again.written
 
 

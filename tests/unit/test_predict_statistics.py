@@ -232,4 +232,6 @@ def test_predict_writes_statistics_flags_and_previews(trained_run, tmp_path):
 
     plain = tmp_path / "plain"
     predict_paths(None, [inp], plain, predictor=predictor, statistics=False)
-    assert sorted(p.name for p in plain.iterdir()) == ["ct.nii.gz", "mr.nii.gz"]
+    # --no-statistics: the masks and their viewer label tables, no statistics files
+    assert sorted(p.name for p in plain.iterdir()) == sorted(f"{case}{suffix}" for case in ("ct", "mr")
+                                                             for suffix in (".nii.gz", ".ctbl", ".itksnap.txt"))
