@@ -125,7 +125,8 @@ def run_medseg(model: Path, scans: list[Path], out: Path) -> dict:
     predictor.models, predictor.model = timed, timed[0]
     baseline = _rss()
     start = time.perf_counter()
-    summary = predict_paths(model, scans, out, overwrite=True, predictor=predictor)
+    # Like for like: the plain pipeline writes only masks, so medseg's statistics.csv/json are off here.
+    summary = predict_paths(model, scans, out, overwrite=True, predictor=predictor, statistics=False)
     total = time.perf_counter() - start
     if summary.failed:
         raise SystemExit(summary.describe())
