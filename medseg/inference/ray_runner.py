@@ -12,6 +12,7 @@ relative paths mean the same everywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import deque
@@ -208,7 +209,13 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
     inflight: dict[Any, tuple[int, int]] = {}  # object ref -> (slot, scan index), in submission order
     load = dict.fromkeys(actors, 0)
 
+    resent: set[int] = set()  # scans sent again after their actor died
+
     def record(index: int, outcome: ScanOutcome) -> None:
+        if index in resent and outcome.status == "claimed" and outcome.target.is_file():
+            # The dead actor held this scan's claim until it died: a mask that appeared since the start is the
+            # one it wrote just before dying (complete: writes are atomic), not another run's.
+            outcome = dataclasses.replace(outcome, status="written")
         outcomes[index] = outcome
         bar.update(1)
 
@@ -241,6 +248,7 @@ def run_on_actors(batch: PredictBatch, model: Path | Sequence[Path], plan: RayPl
                                           "of memory or a lost node?); see the Ray logs of its node"))
                     continue
             retry.append(index)
+        resent.update(retry)
         todo.extendleft(reversed(retry))
 
     bar = tqdm(total=len(batch.scans), initial=len(outcomes), desc="predict (ray)", unit="scan", disable=None)
