@@ -43,6 +43,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
 from scipy import ndimage
 from torch import nn
 
@@ -317,16 +318,6 @@ def section(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(text_section: str, docs: Path) -> None:
-    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + text_section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + text_section
-    write_text_atomic(docs, text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["ct", "hippocampus", "all"], default="all")
@@ -372,7 +363,7 @@ def main() -> int:
         save(res, complete=True)
         print(json.dumps({k: v for k, v in res.items() if k != "exports"}, indent=2))
     if args.docs or args.docs_only:
-        update_docs(section(results), REPO / "docs" / "benchmarks.md")
+        replace_section(REPO / "docs" / "benchmarks.md", section(results), DOCS_BEGIN, DOCS_END)
     return 0
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
@@ -257,18 +258,6 @@ def docs_section(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs(results: dict, path: Path) -> None:
-    """Replace (or append) the section between the markers in docs/benchmarks.md."""
-    text = path.read_text(encoding="utf-8")
-    section = docs_section(results)
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text_atomic(path, text)
-
-
 def configs_for(args: argparse.Namespace, manifests: dict[str, Path]) -> dict[str, ExperimentConfig]:
     base, it = load_config(args.config), args.iterations
     if args.recipe == "fast":
@@ -338,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.docs_only:
         results = json.loads((args.output / "finetune.json").read_text())
         plot(results, args.output / "finetune_curves.png")
-        write_docs(results, REPO / "docs" / "benchmarks.md")
+        replace_section(REPO / "docs" / "benchmarks.md", docs_section(results), DOCS_BEGIN, DOCS_END)
         return 0
     args.runs.mkdir(parents=True, exist_ok=True)
     subset_from = "val" if args.source_run else "train"
@@ -370,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(args.output / "finetune.json", json.dumps(results, indent=1))
     plot(results, args.output / "finetune_curves.png")
     if args.docs:
-        write_docs(results, REPO / "docs" / "benchmarks.md")
+        replace_section(REPO / "docs" / "benchmarks.md", docs_section(results), DOCS_BEGIN, DOCS_END)
     runs = {r["label"]: r for r in results["runs"]}
     log.info("test Dice (mean of classes): source %.4f, scratch %.4f, finetune %.4f",
              *(runs[k]["test"]["dice_mean_of_classes"] for k in ("source", "scratch", "finetune")))

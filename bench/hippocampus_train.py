@@ -31,6 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from training_step import time_steps  # bench/ is this script's folder, first on sys.path
@@ -208,17 +209,6 @@ def docs_section(results: dict, png: Path, json_path: Path) -> str:
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
-def update_docs(section: str, docs: Path) -> None:
-    """Replace (or append) the hippocampus section of docs/benchmarks.md."""
-    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text_atomic(docs, text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "mr_hippocampus.yaml")
@@ -276,7 +266,8 @@ def main() -> int:
     print(json.dumps({r["label"]: r["test"] for r in runs}, indent=1))
     if args.docs:
         docs = REPO / "docs" / "benchmarks.md"
-        update_docs(docs_section(results, png.relative_to(docs.parent), json_path.relative_to(docs.parent)), docs)
+        replace_section(docs, docs_section(results, png.relative_to(docs.parent), json_path.relative_to(docs.parent)),
+                        DOCS_BEGIN, DOCS_END)
     return 0
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 import nibabel as nib
 import numpy as np
+from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS_BEGIN, DOCS_END = "<!-- serve_load:begin -->", "<!-- serve_load:end -->"
@@ -219,18 +220,6 @@ All figures: [`benchmarks/serve_load.json`](benchmarks/serve_load.json).
 Data attribution: MSD Task04 Hippocampus, CC BY-SA 4.0. Antonelli et al., "The Medical Segmentation Decathlon", Nature Communications 13, 4128 (2022); Simpson et al., arXiv:1902.09063 (2019).
 {DOCS_END}
 """
-
-
-def update_docs(section: str, docs: Path) -> None:
-    from medseg.atomic import write_text_atomic
-
-    text = docs.read_text(encoding="utf-8")
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, rest = text.split(DOCS_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(DOCS_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text_atomic(docs, text)
 
 
 def main() -> int:
@@ -414,7 +403,7 @@ def main() -> int:
     for kind, v in by_kind.items():
         print(f"  {kind:20s} sent {v['count']:3d}  must get {v['expected']}  got {v['statuses']}")
     if args.docs:
-        update_docs(docs_section(report), REPO / "docs" / "benchmarks.md")
+        replace_section(REPO / "docs" / "benchmarks.md", docs_section(report), DOCS_BEGIN, DOCS_END)
     ok = lost == 0 and report["bad_right"] == report["bad_total"] and rows == len(accepted) == job_folders \
         and staged == 0 and masks_equal == compared
     print("OK" if ok else f"CHECKS FAILED (server log and data kept in {work})")
