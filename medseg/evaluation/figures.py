@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from medseg.evaluation.display import (
+from medseg.io.display import (
     MARKER_COLOR,
     PREDICTION_COLOR,
     PREDICTION_STYLE,

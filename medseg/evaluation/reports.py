@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from medseg import __version__
 from medseg.atomic import write_text_atomic
 from medseg.errors import MedsegError
-from medseg.evaluation.display import PREDICTION_COLOR, REFERENCE_COLOR
+from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 from medseg.evaluation.lesions import Lesion, LesionMatch, bucket_names, size_bucket
 
 if TYPE_CHECKING:

@@ -2,9 +2,10 @@
 
 One row per predicted structure: each foreground class, or for lesion classes (the config's
 ``evaluate.lesion_classes``) each of its largest lesions; three planes (axial, coronal, sagittal) through
-the structure's centre, cropped around it. Classes are filled in the colours of the model's label table
-(the colours viewers and sidecars use) and named in a legend; the grey-level window is named on the
-figure (HU for CT). Figures use ``matplotlib.figure.Figure`` (Agg canvas, no pyplot, no display).
+the structure's centre, cropped around it, each plane titled with the file slice a viewer opens and each
+row with the centre in LPS mm. Classes are filled in the colours of the model's label table (the colours
+viewers and sidecars use) and named in a legend; windows, coordinates and orientation follow the
+evaluation report (:mod:`medseg.io.display`), so the window is named on the figure (HU for CT). Figures use ``matplotlib.figure.Figure`` (Agg canvas, no pyplot, no display).
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ import nibabel as nib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from nibabel.orientations import apply_orientation, io_orientation
 from scipy import ndimage
 
 from medseg.atomic import write_atomic
 from medseg.data.labels import LabelInfo
-from medseg.io.geometry import voxel_spacing
+from medseg.io.display import DisplayGrid, choose_window, format_lps
 
 #: Lesions shown per lesion class (largest first) and structures per figure.
 LESIONS_PER_CLASS = 3
 MAX_ROWS = 8
 #: Context around a structure: its own extent again on each side, at least this many mm.
 MIN_MARGIN_MM = 30.0
-#: Named CT windows (width, level) in HU; the lung window for structures whose median is below -400 HU.
-CT_WINDOWS = {"soft tissue": (400.0, 40.0), "lung": (1500.0, -600.0)}
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,6 @@ class Structure:
     centre: tuple[int, int, int]
     box: tuple[slice, slice, slice]
     mask: np.ndarray  # the structure's voxels inside ``box``
-
-
-def _canonical(affine: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Arrays in the closest RAS orientation (views where possible) and their spacing (mm) in that order."""
-    ornt = io_orientation(np.asarray(affine))
-    spacing = np.empty(3)
-    spacing[ornt[:, 0].astype(int)] = voxel_spacing(affine)
-    return spacing, [apply_orientation(a, ornt) for a in arrays]
 
 
 def _structures(labels: np.ndarray, spacing: np.ndarray, names: dict[int, str], lesion_classes: Sequence[int]) -> list[Structure]:
@@ -78,25 +68,15 @@ def _structures(labels: np.ndarray, spacing: np.ndarray, names: dict[int, str], 
     return out[:MAX_ROWS]
 
 
-def _window(values: np.ndarray, context: np.ndarray, modality: str | None) -> tuple[float, float, str]:
-    """Display range and its name: a named CT window in HU chosen by the structure's ``values``, else the
-    1st-99th percentile of the ``context`` shown around it."""
-    if modality == "CT":
-        name = "lung" if values.size and float(np.median(values)) < -400 else "soft tissue"
-        width, level = CT_WINDOWS[name]
-        return level - width / 2, level + width / 2, f"CT {name} window W{width:.0f} L{level:.0f} HU"
-    lo, hi = (np.percentile(context, [1, 99]) if context.size else (0.0, 1.0))
-    hi = hi if hi > lo else lo + 1
-    return float(lo), float(hi), f"window p1-p99 of the scan: {lo:.4g} to {hi:.4g} (scan units)"
-
-
 def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequence[LabelInfo], case_id: str,
                    modality: str | None = None, lesion_classes: Sequence[int] = (),
                    flags: Sequence[str] = ()) -> Figure:
     """The preview figure of one scan and its predicted mask (same grid)."""
     data = np.asanyarray(image.dataobj)
     data = data[..., 0] if data.ndim == 4 else data
-    spacing, (img, lab) = _canonical(mask.affine, data, np.asanyarray(mask.dataobj).astype(np.uint8))
+    grid = DisplayGrid(np.asarray(mask.affine), mask.shape)
+    spacing = np.asarray(grid.spacing)
+    img, lab = grid.reorient(data), grid.reorient(np.asanyarray(mask.dataobj).astype(np.uint8))
     names = {label.value: label.name for label in labels}
     colors = {label.value: np.array(label.color) / 255.0 for label in labels}
     rows = _structures(lab, spacing, names, lesion_classes)
@@ -118,15 +98,14 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
     for row, structure in zip(axes, rows, strict=True):
         margin = [max(int(np.ceil(MIN_MARGIN_MM / s)), b.stop - b.start) for s, b in zip(spacing, structure.box, strict=True)]
         crop = tuple(slice(max(b.start - m, 0), min(b.stop + m, n)) for b, m, n in zip(structure.box, margin, lab.shape, strict=True))
-        lo, hi, window_name = _window(np.asarray(img[structure.box][structure.mask], dtype=np.float64),
-                                      np.asarray(img[crop], dtype=np.float64), modality)
+        window = choose_window(img[crop], modality == "CT")
         for ax, (view, axis, (a, b), flip, letters) in zip(row, views, strict=True):
             take: list[slice | int] = list(crop)
             take[axis] = structure.centre[axis]
             sl = tuple(take)
             grey, classes = np.asarray(img[sl], dtype=np.float32), lab[sl]
             extent = (0, grey.shape[0] * spacing[a], 0, grey.shape[1] * spacing[b])
-            ax.imshow(grey.T, cmap="gray", origin="lower", extent=extent, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.imshow(grey.T, cmap="gray", origin="lower", extent=extent, vmin=window.low, vmax=window.high, interpolation="nearest")
             ax.imshow(overlay_lut[classes.T], origin="lower", extent=extent, interpolation="nearest")
             xs = (np.arange(grey.shape[0]) + 0.5) * spacing[a]
             ys = (np.arange(grey.shape[1]) + 0.5) * spacing[b]
@@ -141,9 +120,10 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
             left, right, bottom, top = letters
             for text, xy in ((left, (0.03, 0.5)), (right, (0.97, 0.5)), (bottom, (0.5, 0.03)), (top, (0.5, 0.97))):
                 ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="center")
-            ax.set_title(f"{view}, slice {structure.centre[axis]}", fontsize=8)
+            ax.set_title(f"{view}, slice {grid.slice_label(axis, structure.centre[axis])}", fontsize=8)
         row[0].set_ylabel(structure.title, fontsize=9)
-        row[1].set_xlabel(window_name, fontsize=8)
+        row[0].set_xlabel(f"centre {format_lps(grid.lps(structure.centre))}", fontsize=7)
+        row[1].set_xlabel(window.describe(), fontsize=8)
     handles = [Patch(facecolor=colors[v], label=names[v]) for v in sorted(names) if v]
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8)
     fig.subplots_adjust(bottom=0.8 / fig.get_figheight(), top=1 - 0.6 / fig.get_figheight(), hspace=0.35, wspace=0.05)

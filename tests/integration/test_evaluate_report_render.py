@@ -11,7 +11,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from medseg.evaluation.display import PREDICTION_COLOR, REFERENCE_COLOR
+from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 from medseg.evaluation.runner import evaluate_folders
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_report_render.py"

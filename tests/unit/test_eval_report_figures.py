@@ -12,7 +12,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from medseg.evaluation.display import (
+from medseg.io.display import (
     PREDICTION_COLOR,
     REFERENCE_COLOR,
     DisplayGrid,

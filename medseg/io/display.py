@@ -1,6 +1,6 @@
 """How masks and scans are shown to a reader: colours, intensity windows and viewer coordinates.
 
-One small module so every picture (report.html, a prediction preview) draws the same way:
+One small module so every picture (report.html, the prediction preview) draws the same way:
 
 * **colours**: reference and prediction differ by hue *and* line style, from the Okabe-Ito palette, which
   stays distinct under the common colour-vision deficiencies: reference orange, solid; prediction sky
@@ -13,8 +13,9 @@ One small module so every picture (report.html, a prediction preview) draws the 
   the patient's left, y to the back, z up), from the file's affine. nibabel's affines are RAS, so
   LPS = (-x, -y, z).
 
-It depends on numpy and nibabel only, so it can move below ``inference`` in the pipeline when a picture
-drawn there (a prediction preview) needs the same colours and windows.
+It depends on numpy and nibabel only and sits in ``io`` (beside the geometry helpers) so that pictures drawn
+at predict time (:mod:`medseg.inference.preview`) and in evaluation reports use the same windows and
+coordinates.
 """
 
 from __future__ import annotations
