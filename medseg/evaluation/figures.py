@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from medseg.evaluation.lesions import Lesion, MatchStatus, bucket_names
 from medseg.io.display import (
     MARKER_COLOR,
     PREDICTION_COLOR,
@@ -31,7 +32,6 @@ from medseg.io.display import (
     format_voxel,
     looks_like_ct,
 )
-from medseg.evaluation.lesions import Lesion, MatchStatus, bucket_names
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

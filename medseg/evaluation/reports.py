@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from medseg import __version__
 from medseg.atomic import write_text_atomic
 from medseg.errors import MedsegError
-from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 from medseg.evaluation.lesions import Lesion, LesionMatch, bucket_names, size_bucket
+from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 
 if TYPE_CHECKING:
     from medseg.config import EvaluateConfig

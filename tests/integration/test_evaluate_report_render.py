@@ -11,8 +11,8 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 from medseg.evaluation.runner import evaluate_folders
+from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_report_render.py"
 _spec = importlib.util.spec_from_file_location("check_report_render", _SCRIPT)

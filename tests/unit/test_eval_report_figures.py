@@ -12,6 +12,9 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
+from medseg.evaluation.figures import CaseView, case_overlay, dice_axis_limits, lesion_overlay
+from medseg.evaluation.lesions import find_lesions, measure_diameters, short_axis_length
+from medseg.evaluation.runner import CaseResult
 from medseg.io.display import (
     PREDICTION_COLOR,
     REFERENCE_COLOR,
@@ -20,9 +23,6 @@ from medseg.io.display import (
     looks_like_ct,
     lps_mm,
 )
-from medseg.evaluation.figures import CaseView, case_overlay, dice_axis_limits, lesion_overlay
-from medseg.evaluation.lesions import find_lesions, measure_diameters, short_axis_length
-from medseg.evaluation.runner import CaseResult
 
 # An LPS-stored CT (like most DICOM conversions): i runs to the patient's left, j to the back, k up.
 LPS_AFFINE = np.array([[-0.5, 0, 0, 100.0], [0, -0.8, 0, 50.0], [0, 0, 2.0, -300.0], [0, 0, 0, 1]])
