@@ -29,6 +29,7 @@ from medseg.inference.runner import (
     PredictSummary,
     ScanOutcome,
     finish_batch,
+    model_channels,
     predict_one,
     prepare_batch,
 )
@@ -301,16 +302,11 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
     or a cluster address (:func:`connect`). ``actors`` None: one per GPU of the cluster, or one per
     ``cpus_per_actor`` CPUs (each actor's torch threads). ``output_format``: see :mod:`medseg.io.mask_writers`.
     """
-    from medseg.models.bundle import load_bundle
-
     import_ray()  # before reading anything: without Ray, say how to install it
     options = {"statistics": statistics, "preview": preview, "output_format": output_format,
                "max_memory_gib": max_memory_gib}  # memory: each actor's own budget, checked per scan
-    batch = prepare_batch(inputs, output_dir, overwrite, **options)  # outputs refused before the model is read
-    first = model if isinstance(model, str | Path) else next(iter(model))
-    channels = load_bundle(Path(first), verify=False).network.in_channels
-    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each, as in serial predict
-        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, **options)
+    # outputs refused before any actor reads the model; channels from the bundle spec (weights not read)
+    batch = prepare_batch(inputs, output_dir, overwrite, channels=model_channels(model), **options)
     pending = sum(not batch.done(scan) for scan in batch.scans)
     if pending == 0:  # a finished batch needs no cluster
         return finish_batch(batch, run_on_actors(batch, model, RayPlan(0, 0, 0, "cpu"), mirror))

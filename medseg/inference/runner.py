@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.data.labels import label_code
-from medseg.errors import MedsegError, OutputError
+from medseg.errors import CheckpointError, MedsegError, OutputError
 from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import (
@@ -44,6 +44,7 @@ from medseg.io.mask_writers import (
 )
 from medseg.io.nifti import NIFTI_SUFFIXES
 from medseg.io.scans import Scan, find_scans, load_scan
+from medseg.models.bundle import read_bundle_spec
 
 log = logging.getLogger(__name__)
 
@@ -453,6 +454,18 @@ def _next_todo(batch: PredictBatch, index: int) -> Scan | None:
     return next((s for s in batch.scans[index + 1:] if batch.todo(s)), None)
 
 
+def model_channels(model: Path | Sequence[Path]) -> int:
+    """Input channels of a model (the first of an ensemble), from its bundle spec alone."""
+    first = model if isinstance(model, str | Path) else next(iter(model))
+    return read_bundle_spec(Path(first)).network.in_channels
+
+
+def predictor_channels(predictor: Predictor) -> int:
+    """Input channels of a loaded predictor (a stand-in without a bundle, as tests and services use: 1)."""
+    bundle = getattr(predictor, "bundle", None)
+    return bundle.network.in_channels if bundle is not None else 1
+
+
 def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_dir: Path, overwrite: bool = False,
                   device: str | None = "auto", predictor: Predictor | None = None,
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
@@ -478,15 +491,17 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     While the network runs on one scan, the next is read and the previous one's outputs are written, in one
     background thread each (when the memory budget holds all three).
     """
-    batch = prepare_batch(inputs, output_dir, overwrite, statistics=statistics, preview=preview,
-                          output_format=output_format, max_memory_gib=max_memory_gib)  # before the model
+    # Channel files CASE_0000, CASE_0001... are one scan each: the model's input channels come from its spec
+    # (weights not read), so bad outputs are refused before the model is loaded. An unreadable model is
+    # reported by the loader, after the outputs are checked.
+    try:
+        channels = model_channels(model) if predictor is None else predictor_channels(predictor)
+    except CheckpointError:
+        channels = 1
+    batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics, preview=preview,
+                          output_format=output_format, max_memory_gib=max_memory_gib)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
                                                        model_file=model_file, precision=precision)
-    bundle = getattr(predictor, "bundle", None)  # a stand-in predictor (tests, services) may carry none: 1 channel
-    channels = bundle.network.in_channels if bundle is not None else 1
-    if channels > 1:  # channel files CASE_0000, CASE_0001... are one scan each
-        batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics,
-                              preview=preview, output_format=output_format, max_memory_gib=max_memory_gib)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
     with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
         ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None

@@ -299,31 +299,44 @@ def _legacy_spec(raw: dict[str, Any], path: Path) -> BundleSpec:
     return bundle.spec.model_copy(update={"provenance": provenance})
 
 
+def _read_bundle_file(path: Path, mmap: bool = False) -> tuple[dict[str, Any], BundleSpec]:
+    """The file's raw entries (``weights_only=True``) and its validated spec. ``mmap`` maps the tensors
+    instead of reading them (the spec alone is then read from disk)."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for foreign files
+        raise CheckpointError(f"{path}: not a readable medseg model ({type(exc).__name__}: {exc})") from None
+    fmt = raw.get("format") if isinstance(raw, dict) else None
+    if fmt not in (BUNDLE_FORMAT, LEGACY_CHECKPOINT_FORMAT):
+        raise CheckpointError(f"{path}: not a medseg model (expected format {BUNDLE_FORMAT}, found {fmt!r})")
+    if not isinstance(raw.get("model_state"), dict):
+        raise CheckpointError(f"{path}: holds no weights ('model_state')")
+    if fmt == LEGACY_CHECKPOINT_FORMAT:
+        return raw, _legacy_spec(raw, path)
+    try:
+        return raw, BundleSpec.model_validate(raw["bundle"])
+    except (ValidationError, KeyError) as exc:
+        detail = format_validation_errors(exc) if isinstance(exc, ValidationError) else "  no 'bundle' entry"
+        raise CheckpointError(f"{path}: invalid model bundle\n{detail}") from None
+
+
+def read_bundle_spec(model: Path) -> BundleSpec:
+    """A bundle's spec (labels, network, input channels, QC limits...) without reading its weights: the file
+    is memory-mapped, so this is cheap for a driver that only plans the work (predict, Ray)."""
+    return _read_bundle_file(resolve_bundle_path(model), mmap=True)[1]
+
+
 def load_bundle(model: Path, verify: bool = True) -> ModelBundle:
     """Read a bundle (a file, or a run folder's best one) with ``weights_only=True``.
 
     ``verify`` checks the weights against their recorded SHA-256 (a corrupted or edited file is refused).
     """
     path = resolve_bundle_path(model)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle, zip and runtime errors for foreign files
-        raise CheckpointError(f"{path}: not a readable medseg model ({type(exc).__name__}: {exc})") from None
-    fmt = raw.get("format") if isinstance(raw, dict) else None
-    if fmt not in (BUNDLE_FORMAT, LEGACY_CHECKPOINT_FORMAT):
-        raise CheckpointError(f"{path}: not a medseg model (expected format {BUNDLE_FORMAT}, found {fmt!r})")
-    weights = raw.get("model_state")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path}: holds no weights ('model_state')")
-    if fmt == LEGACY_CHECKPOINT_FORMAT:
-        spec = _legacy_spec(raw, path)
+    raw, spec = _read_bundle_file(path)
+    weights = raw["model_state"]
+    if raw["format"] == LEGACY_CHECKPOINT_FORMAT:
         state = {k: v for k, v in raw.items() if k not in ("format", "config", "label_names", "in_channels", "model_state")}
     else:
-        try:
-            spec = BundleSpec.model_validate(raw["bundle"])
-        except (ValidationError, KeyError) as exc:
-            detail = format_validation_errors(exc) if isinstance(exc, ValidationError) else "  no 'bundle' entry"
-            raise CheckpointError(f"{path}: invalid model bundle\n{detail}") from None
         state = {k: v for k, v in raw.items() if k not in ("format", "bundle", "model_state")}
         recorded = spec.provenance.weights_sha256
         if verify and recorded and weights_sha256(weights) != recorded:

@@ -112,8 +112,13 @@ def calibrate(predictor: Predictor, manifest: Manifest, train_cases: Sequence[Ma
               val_cases: Sequence[ManifestCase], progress: bool = True) -> QCThresholds:
     """All QC limits of ``predictor``'s model from its training and validation cases."""
     limits = input_limits(manifest, train_cases, progress)
-    entropy, low, _ = uncertainty_limits(predictor, manifest, val_cases, progress)
-    calibration = {**limits.calibration, "validation_cases": len(val_cases), "uncertainty_percentile": UNCERTAINTY_PERCENTILE}
+    entropy, low, values = uncertainty_limits(predictor, manifest, val_cases, progress)
+    # The validation cases' own values are kept, so a limit can be re-derived (or a rule compared) later
+    # without predicting them again.
+    observed = {f"validation_{key}": [None if v[key] is None else round(float(v[key]), 5) for v in values]
+                for key in ("foreground_entropy", "low_confidence_share")}
+    calibration = {**limits.calibration, "validation_cases": len(val_cases), "uncertainty_percentile": UNCERTAINTY_PERCENTILE,
+                   **observed}
     return limits.model_copy(update={"max_foreground_entropy": entropy, "max_low_confidence_share": low,
                                      "calibration": calibration})
 

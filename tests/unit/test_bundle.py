@@ -10,7 +10,13 @@ from medseg import __version__
 from medseg.data.manifest import load_manifest
 from medseg.errors import CheckpointError
 from medseg.inference.predictor import Predictor
-from medseg.models.bundle import LEGACY_CHECKPOINT_FORMAT, ModelBundle, load_bundle, weights_sha256
+from medseg.models.bundle import (
+    LEGACY_CHECKPOINT_FORMAT,
+    ModelBundle,
+    load_bundle,
+    read_bundle_spec,
+    weights_sha256,
+)
 
 
 def test_a_trained_run_holds_a_complete_bundle(trained_run, phantom_manifest):
@@ -69,6 +75,7 @@ def test_a_run_folder_from_before_the_bundle_still_predicts_the_same(trained_run
     old_run.mkdir()
     torch.save(legacy, old_run / "best.pt")
     old = load_bundle(old_run)
+    assert read_bundle_spec(old_run) == old.spec
     assert old.label_names == bundle.label_names and old.spec.network == bundle.spec.network
     assert old.spec.preprocessing == bundle.spec.preprocessing
     assert old.spec.provenance.validation.mean_dice == 0.5 and old.training_state["epoch"] == 3
@@ -92,6 +99,20 @@ def test_foreign_files_are_refused_with_a_message(tmp_path, content, message):
         torch.save(content, path)
     with pytest.raises(CheckpointError, match=message):
         load_bundle(path)
+    with pytest.raises(CheckpointError, match=message):
+        read_bundle_spec(path)
+
+
+def test_the_spec_alone_is_read_without_the_weights(trained_run, tmp_path):
+    """Planning (input channels, labels) reads the spec; the weights stay on disk (memory-mapped), so even a
+    bundle whose weights no longer match their checksum gives its spec, and loading it still refuses it."""
+    bundle = load_bundle(trained_run)
+    assert read_bundle_spec(trained_run) == bundle.spec
+    tampered = {k: v + 1 if v.is_floating_point() else v for k, v in bundle.weights.items()}
+    ModelBundle(bundle.spec, tampered).save(tmp_path / "tampered.pt")
+    assert read_bundle_spec(tmp_path / "tampered.pt").network.in_channels == bundle.spec.network.in_channels
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_bundle(tmp_path / "tampered.pt")
 
 
 def test_inference_never_reads_the_training_section(trained_run):
