@@ -21,43 +21,22 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from medseg.data.labels import label_code, label_table
 from medseg.io.mask_writers import DicomSegWriter, ModelInfo, NiftiMaskWriter
 from medseg.io.nifti import mask_like
 from medseg.io.scans import find_scans, load_scan
+from tests.unit.dicom_synth import write_slice  # the synthetic CT slices the DICOM tests use
 
 
 def write_ct_series(folder: Path, size: int, slices: int) -> None:
     """``slices`` axial CT slices of size x size pixels (0.7 mm pixels, 1 mm apart), constant pixels."""
-    folder.mkdir(parents=True)
-    series, study, frame = generate_uid(), generate_uid(), generate_uid()
-    pixels = np.zeros((size, size), np.int16).tobytes()
+    series, frame = generate_uid(), generate_uid()
+    pixels = np.zeros((size, size), np.int16)
     for k in range(slices):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality = "CT"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Bench^Phantom", "BENCH1", "", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "", "", "", "", ""
-        ds.InstanceNumber = k + 1
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.ImagePositionPatient = [-180.0, -180.0, float(k)]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.SliceThickness = 1.0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-        ds.PixelData = pixels
-        ds.save_as(str(folder / f"slice_{k:04d}.dcm"), enforce_file_format=True)
+        write_slice(folder / f"slice_{k:04d}.dcm", position=[-180.0, -180.0, float(k)], pixels=pixels,
+                    series_uid=series, pixel_spacing=(0.7, 0.7), instance=k + 1, FrameOfReferenceUID=frame)
 
 
 def spheres(shape: tuple[int, int, int]) -> np.ndarray:
