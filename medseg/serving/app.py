@@ -34,7 +34,7 @@ from medseg.serving.auth import RateLimiter, TokenSet
 from medseg.serving.jobs import ACTIVE, Job, JobStatus, JobStore, QueueFull, new_job_id
 from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from medseg.serving.uploads import UploadError, ZipLimits, extract_zip, receive_scan, sniff
-from medseg.serving.worker import INPUT, MASK, REPORT, WorkerPool, job_dir
+from medseg.serving.worker import INPUT, MASK, REPORT, SEG, WorkerPool, job_dir
 
 log = logging.getLogger("medseg.serving")
 
@@ -255,13 +255,25 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         job, tid = found
         if job.status != JobStatus.DONE:
             return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
-        audit.record(f"fetch_{name}", tid, job_id, "ok", result_sha256=job.mask_sha256)
-        return await run_in_threadpool(respond, job_dir(data_dir, job_id) / name)
+        response = await run_in_threadpool(respond, job_dir(data_dir, job_id) / name)
+        outcome = "ok" if response.status_code == 200 else f"rejected_{response.status_code}"
+        audit.record(f"fetch_{name}", tid, job_id, outcome, result_sha256=job.mask_sha256)
+        return response
 
     @app.get("/v1/jobs/{job_id}/mask")
     async def job_mask(request: Request, job_id: str) -> Response:
         return await _result(request, job_id, MASK, lambda p: FileResponse(
             p, media_type="application/gzip", filename=f"{job_id}.nii.gz"))
+
+    @app.get("/v1/jobs/{job_id}/seg")
+    async def job_seg(request: Request, job_id: str) -> Response:
+        def respond(path: Path) -> Response:
+            if not path.is_file():
+                return _error(404, "this job has no DICOM-SEG: its upload was not a DICOM series "
+                                   "(or the server lacks highdicom: pip install 'medseg[dicom]')")
+            return FileResponse(path, media_type="application/dicom", filename=f"{job_id}.seg.dcm")
+
+        return await _result(request, job_id, SEG, respond)
 
     @app.get("/v1/jobs/{job_id}/report")
     async def job_report(request: Request, job_id: str) -> Response:

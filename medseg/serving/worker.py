@@ -24,9 +24,10 @@ from medseg.atomic import write_text_atomic
 from medseg.evaluation.lesions import find_lesions
 from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
 from medseg.inference.predictor import Predictor
-from medseg.inference.runner import write_outputs
+from medseg.inference.runner import model_info, write_outputs
 from medseg.inference.statistics import ScanStatistics, assess_scan
-from medseg.io.scans import find_scans, load_scan
+from medseg.io.mask_writers import DicomSegWriter, MaskWriter, NiftiMaskWriter, seg_available
+from medseg.io.scans import Scan, find_scans, load_scan
 from medseg.serving.audit import AuditLog
 from medseg.serving.jobs import Job, JobStore, worker_identity
 from medseg.serving.metrics import ServiceMetrics
@@ -35,6 +36,8 @@ log = logging.getLogger("medseg.serving")
 
 MASK = "mask.nii.gz"
 REPORT = "report.json"
+#: The DICOM Segmentation of a DICOM upload (when highdicom is installed: ``medseg[dicom]``).
+SEG = "segmentation.dcm"
 INPUT = "input"
 
 
@@ -47,6 +50,22 @@ def input_path(data_dir: Path, job: Job) -> Path:
     """The stored scan of a job: a NIfTI file or the folder of an extracted DICOM series."""
     folder = job_dir(data_dir, job.id) / INPUT
     return folder / {"nifti": "scan.nii", "nifti-gz": "scan.nii.gz", "dicom": "dicom"}[job.input_kind]
+
+
+class _JobSegWriter(DicomSegWriter):
+    """The SEG under the job folder's fixed name (``segmentation.dcm``), whatever the scan's case id."""
+
+    def path(self, output_dir: Path, case_id: str) -> Path:
+        return Path(output_dir) / SEG
+
+
+def job_writers(scan: Scan, predictor: Predictor) -> list[MaskWriter]:
+    """A job's outputs: the NIfTI mask, and before it a DICOM-SEG for a DICOM upload (highdicom installed),
+    as ``medseg predict --output-format auto`` writes them."""
+    info = model_info(predictor)
+    if scan.kind == "dicom" and info is not None and seg_available():
+        return [_JobSegWriter(info), NiftiMaskWriter()]
+    return [NiftiMaskWriter()]
 
 
 def file_sha256(path: Path) -> str:
@@ -213,7 +232,7 @@ class WorkerPool:
             image = load_scan(scan)
             mask, uncertainty = self.predictor.predict_image(image, with_uncertainty=True)
             statistics = assess_scan("scan", image, mask, self.predictor.bundle, uncertainty)
-            write_outputs(scan, image, mask, folder / MASK)
+            write_outputs(scan, image, mask, folder / MASK, job_writers(scan, self.predictor))
             report = segmentation_report(mask, self.report_options, statistics)
             write_text_atomic(folder / REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")
             digest = file_sha256(folder / MASK)

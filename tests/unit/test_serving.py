@@ -39,6 +39,11 @@ from medseg.serving.uploads import UploadError, receive_scan  # noqa: E402
 from tests.conftest import REPO_ROOT, TINY_SPEC, tiny_config  # noqa: E402
 from tests.unit.dicom_synth import write_series  # noqa: E402
 
+try:  # the dicom extra: without it the service writes no DICOM-SEG
+    import highdicom as hd
+except ImportError:
+    hd = None
+
 TOKEN = "token-for-tests-0123456789"
 OTHER = "another-token-abcdefghijk"
 
@@ -383,6 +388,17 @@ def test_the_service_mask_equals_medseg_predicts_for_nifti_and_dicom(model_run, 
             mask = client.get(f"/v1/jobs/{job}/mask", headers=_auth())
             assert mask.status_code == 200
             _same_mask(mask.content, reference, tmp_path)
+            seg = client.get(f"/v1/jobs/{job}/seg", headers=_auth())
+            if reference.name == "phantom.nii.gz" or hd is None:  # a NIfTI upload (or no highdicom): no SEG
+                assert seg.status_code == 404 and "not a DICOM series" in seg.json()["error"]
+            else:  # the DICOM upload's SEG: the segments and frames medseg predict's SEG holds
+                assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+                got = hd.seg.segread(io.BytesIO(seg.content))
+                want = hd.seg.segread(tmp_path / "predicted" / "series.seg.dcm")
+                assert got.StudyInstanceUID == want.StudyInstanceUID  # in the source's study, as predict's
+                assert [s.SegmentLabel for s in got.SegmentSequence] == [s.SegmentLabel for s in want.SegmentSequence]
+                assert np.array_equal(got.pixel_array, want.pixel_array)
+                assert "PATIENT_NAME_FOLDER" not in seg.headers.get("content-disposition", "")
         report = client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()
     assert report["model"]["weights_sha256"] == load_bundle(model_run).spec.provenance.weights_sha256
     # The QC flags and statistics are medseg predict's, computed on the same scan.
