@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()[0]
     manifest = load_manifest(args.manifest)
     labelled = lambda split: [c for c in manifest.split(split) if c.label]  # noqa: E731
     train, val, test = labelled("train"), labelled("val"), manifest.split("test")
@@ -68,6 +69,18 @@ def main() -> None:
         predict_paths(None, [manifest.image_path(c) for c in test], out, predictor=predictor)
         predict_s = time.perf_counter() - t0
         flags = _flags(out)
+        cases = json.loads((out / "statistics.json").read_text())["cases"]
+        # Each test case's mean foreground Dice against its reference: a flag on a case the model got right is
+        # a false flag; on a case it got wrong, a useful one.
+        dice = {}
+        for case in test:
+            if case.label:
+                pred = np.asarray(nib.load(out / f"{case.id}.nii.gz").dataobj)
+                ref = np.asarray(nib.load(manifest.label_path(case)).dataobj)
+                scores = [2 * np.sum((pred == k) & (ref == k)) / max(1, np.sum(pred == k) + np.sum(ref == k))
+                          for k in range(1, len(manifest.labels))]
+                dice[case.id] = round(float(np.mean(scores)), 4)
+        test_uncertainty = {case: record.get("uncertainty") for case, record in sorted(cases.items())}
         # The input checks alone (an empty mask): predicting a 512x512x48 CT at 1 mm takes minutes on a CPU.
         ct = nib.load(ROOT.parent / "shared" / "data" / "lung_ct" / "lung1_ct.nii.gz")
         empty = nib.Nifti1Image(np.zeros(ct.shape, np.uint8), ct.affine)
@@ -82,11 +95,19 @@ def main() -> None:
         "cases": {"train": len(train), "val": len(val), "test": len(test)},
         "qc_limits": qc.model_dump(mode="json"),
         "calibration_s": round(calibration_s, 1), "predict_test_s": round(predict_s, 1),
+        "test_mean_dice": round(float(np.mean(list(dice.values()))), 4) if dice else None,
+        "test_dice_of_flagged_cases": {k: dice.get(k) for k in flagged},
+        "test_dice_per_case": dice,
         "test_cases_flagged": len(flagged), "false_flag_rate": round(len(flagged) / max(1, len(flags)), 3),
         "flag_counts_on_test": dict(counts), "flagged_test_cases": flagged,
         "lung_ct_given_to_this_mr_model": ct_flags,
+        # The distributions the uncertainty limits come from (validation) and are applied to (test).
+        "validation_uncertainty": {k: qc.calibration.get(f"validation_{k}") for k in
+                                   ("foreground_entropy", "low_confidence_share")},
+        "test_uncertainty": {k: [None if u is None else u[k] for u in test_uncertainty.values()]
+                             for k in ("foreground_entropy", "low_confidence_share")},
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"{os.cpu_count()} cores (shared with other agents' jobs)",
+                   f"{os.cpu_count()} cores, load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         "command": f"PYTHONPATH=$PWD python bench/qc_false_flags.py {args.run} --json docs/benchmarks/qc_hippocampus.json",
     }
     print(json.dumps(result, indent=1))
