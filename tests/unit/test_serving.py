@@ -415,6 +415,30 @@ def test_the_service_mask_equals_medseg_predicts_for_nifti_and_dicom(model_run, 
         assert sum(x["voxels"] for x in listed["lesions"] + listed["dropped"]) == int((labels == k).sum())
 
 
+def test_two_worker_threads_sharing_one_model_give_predicts_masks(model_run, tmp_path):
+    """``--workers 2``: two threads run jobs at once on one loaded model; every mask equals medseg predict's."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for seed in range(4):
+        image, _, affine, _ = make_phantom(np.random.default_rng(10 + seed), TINY_SPEC)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), scans / f"scan{seed}.nii.gz")
+    predict_paths(model_run, [scans], tmp_path / "predicted", device="cpu")
+    jobs = {}
+    with TestClient(create_app(_settings(model_run, tmp_path / "data"), start_workers=False)) as client:
+        for path in sorted(scans.iterdir()):  # queued while no worker runs, so both threads start on one
+            r = _post(client, path.read_bytes())
+            assert r.status_code == 202, r.text
+            jobs[r.json()["job_id"]] = tmp_path / "predicted" / path.name
+    with TestClient(create_app(_settings(model_run, tmp_path / "data", workers=2))) as client:
+        states = {job: _wait(client, job) for job in jobs}
+        assert all(state["status"] == "done" for state in states.values()), states
+        for job, reference in jobs.items():
+            _same_mask(client.get(f"/v1/jobs/{job}/mask", headers=_auth()).content, reference, tmp_path)
+    # The two threads overlapped: some job started before another had finished.
+    spans = sorted((state["started"], state["finished"]) for state in states.values())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+
+
 def test_prometheus_alert_rules_pass_promtool(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
