@@ -25,15 +25,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import ndimage
 
 from medseg.data.manifest import load_manifest
 from medseg.inference.predictor import Predictor
+from medseg.inference.qc import uncertainty_limit
 from medseg.inference.runner import predict_paths
 from medseg.inference.statistics import assess_scan
 from medseg.models.bundle import load_bundle, resolve_bundle_path
 from medseg.training.qc_calibration import calibrate_bundle_file
 
 ROOT = Path(__file__).resolve().parents[1]
+DEGRADATIONS = ("noise", "blur")
 
 
 def _flags(folder: Path) -> dict[str, set[str]]:
@@ -44,11 +47,45 @@ def _flags(folder: Path) -> dict[str, set[str]]:
     return out
 
 
+def _dice(pred_path: Path, ref_path: Path, classes: int) -> float:
+    """Mean foreground Dice of a predicted mask against its reference (a class absent from both counts 1)."""
+    pred, ref = np.asarray(nib.load(pred_path).dataobj), np.asarray(nib.load(ref_path).dataobj)
+    scores = []
+    for k in range(1, classes):
+        both = np.sum(pred == k) + np.sum(ref == k)
+        scores.append(2 * np.sum((pred == k) & (ref == k)) / both if both else 1.0)
+    return round(float(np.mean(scores)), 4)
+
+
+def _degraded(image: nib.Nifti1Image, kind: str, rng: np.random.Generator) -> nib.Nifti1Image:
+    """A scan made harder as acquisitions go wrong: ``noise`` (Gaussian, sigma = half the scan's SD) or
+    ``blur`` (Gaussian, sigma = 2 voxels: a low-resolution or moving scan)."""
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if kind == "noise":
+        data = data + rng.normal(0.0, 0.5 * float(data.std()), data.shape).astype(np.float32)
+    else:
+        data = ndimage.gaussian_filter(data, 2.0)
+    return nib.Nifti1Image(data, image.affine)
+
+
+def _uncertainty(folder: Path) -> dict[str, dict[str, float | None]]:
+    cases = json.loads((folder / "statistics.json").read_text())["cases"]
+    empty = {"foreground_entropy": None, "low_confidence_share": None}
+    return {case: record.get("uncertainty") or empty for case, record in sorted(cases.items())}
+
+
+def _rule_flags(values: dict[str, dict[str, float | None]], limits: dict[str, float | None]) -> list[str]:
+    """Cases whose entropy or low-confidence share is above the given limits."""
+    return sorted(case for case, v in values.items()
+                  if any(v[k] is not None and limits[k] is not None and v[k] > limits[k] for k in limits))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run folder or bundle of a hippocampus model")
     parser.add_argument("--manifest", type=Path, default=ROOT / "data_manifests" / "hippocampus.json")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--degraded-cases", type=int, default=20, help="test cases also predicted noisy and blurred")
     args = parser.parse_args()
 
     load_at_start = os.getloadavg()[0]
@@ -69,32 +106,54 @@ def main() -> None:
         predict_paths(None, [manifest.image_path(c) for c in test], out, predictor=predictor)
         predict_s = time.perf_counter() - t0
         flags = _flags(out)
-        cases = json.loads((out / "statistics.json").read_text())["cases"]
         # Each test case's mean foreground Dice against its reference: a flag on a case the model got right is
         # a false flag; on a case it got wrong, a useful one.
-        dice = {}
-        for case in test:
-            if case.label:
-                pred = np.asarray(nib.load(out / f"{case.id}.nii.gz").dataobj)
-                ref = np.asarray(nib.load(manifest.label_path(case)).dataobj)
-                scores = [2 * np.sum((pred == k) & (ref == k)) / max(1, np.sum(pred == k) + np.sum(ref == k))
-                          for k in range(1, len(manifest.labels))]
-                dice[case.id] = round(float(np.mean(scores)), 4)
-        test_uncertainty = {case: record.get("uncertainty") for case, record in sorted(cases.items())}
+        dice = {c.id: _dice(out / f"{c.id}.nii.gz", manifest.label_path(c), len(manifest.labels)) for c in test if c.label}
+        test_uncertainty = _uncertainty(out)
+        # The same test cases made harder: the uncertainty flags should fire where the masks got worse.
+        degraded: dict[str, dict[str, object]] = {}
+        rng = np.random.default_rng(0)
+        for kind in DEGRADATIONS:
+            folder = Path(tmp) / kind
+            folder.mkdir()
+            for c in test[:args.degraded_cases]:
+                nib.save(_degraded(nib.load(manifest.image_path(c)), kind, rng), folder / f"{c.id}.nii.gz")
+            predicted = Path(tmp) / f"{kind}_predicted"
+            predict_paths(None, [folder], predicted, predictor=predictor)
+            degraded[kind] = {"flags": _flags(predicted), "uncertainty": _uncertainty(predicted),
+                              "dice": {c.id: _dice(predicted / f"{c.id}.nii.gz", manifest.label_path(c),
+                                                   len(manifest.labels)) for c in test[:args.degraded_cases]}}
         # The input checks alone (an empty mask): predicting a 512x512x48 CT at 1 mm takes minutes on a CPU.
         ct = nib.load(ROOT.parent / "shared" / "data" / "lung_ct" / "lung1_ct.nii.gz")
         empty = nib.Nifti1Image(np.zeros(ct.shape, np.uint8), ct.affine)
         ct_flags = assess_scan("lung1_ct", ct, empty, load_bundle(model)).qc_flags
     flagged = {k: sorted(v) for k, v in flags.items() if v}
-    counts = Counter(f for v in flags.values() for f in v)
     qc = bundle.spec.qc
     assert qc is not None
+    # The shipped rule against the plain 99th percentile, from the validation values kept at calibration.
+    measures = ("foreground_entropy", "low_confidence_share")
+    validation = {k: [v for v in qc.calibration[f"validation_{k}"] if v is not None] for k in measures}
+    rule_limits = {"shipped (max of p99 and Q3 + 3 IQR)": {k: uncertainty_limit(validation[k]) for k in measures},
+                   "p99 only": {k: float(np.percentile(validation[k], 99)) if validation[k] else None for k in measures}}
+    rules = {name: {"limits": limits, "clean_test_flagged": len(_rule_flags(test_uncertainty, limits)),
+                    **{f"{kind}_flagged": len(_rule_flags(d["uncertainty"], limits)) for kind, d in degraded.items()}}
+             for name, limits in rule_limits.items()}
+    counts = Counter(f for v in flags.values() for f in v)
     result = {
         "model": str(args.run), "validation_mean_dice": bundle.spec.provenance.validation.mean_dice,
         "validation_epoch": bundle.spec.provenance.validation.epoch,
         "cases": {"train": len(train), "val": len(val), "test": len(test)},
         "qc_limits": qc.model_dump(mode="json"),
         "calibration_s": round(calibration_s, 1), "predict_test_s": round(predict_s, 1),
+        "rules_compared": rules,
+        "degraded_test_cases": {kind: {
+            "cases": len(d["dice"]), "mean_dice": round(float(np.mean(list(d["dice"].values()))), 4),
+            "flagged_uncertain": sum(bool({"uncertain_foreground", "low_confidence"} & f) for f in d["flags"].values()),
+            "flag_counts": dict(Counter(x for f in d["flags"].values() for x in f)),
+            "dice_flagged": [d["dice"][k] for k, f in d["flags"].items() if {"uncertain_foreground", "low_confidence"} & f],
+            "dice_not_flagged": [d["dice"][k] for k, f in d["flags"].items()
+                                 if not {"uncertain_foreground", "low_confidence"} & f],
+        } for kind, d in degraded.items()},
         "test_mean_dice": round(float(np.mean(list(dice.values()))), 4) if dice else None,
         "test_dice_of_flagged_cases": {k: dice.get(k) for k in flagged},
         "test_dice_per_case": dice,
@@ -104,8 +163,7 @@ def main() -> None:
         # The distributions the uncertainty limits come from (validation) and are applied to (test).
         "validation_uncertainty": {k: qc.calibration.get(f"validation_{k}") for k in
                                    ("foreground_entropy", "low_confidence_share")},
-        "test_uncertainty": {k: [None if u is None else u[k] for u in test_uncertainty.values()]
-                             for k in ("foreground_entropy", "low_confidence_share")},
+        "test_uncertainty": {k: [u[k] for u in test_uncertainty.values()] for k in measures},
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                    f"{os.cpu_count()} cores, load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         "command": f"PYTHONPATH=$PWD python bench/qc_false_flags.py {args.run} --json docs/benchmarks/qc_hippocampus.json",

@@ -27,12 +27,27 @@ INTENSITY_SAMPLES = 200_000
 #: A foreground voxel whose winning class has less probability than this counts as low-confidence.
 LOW_CONFIDENCE_PROBABILITY = 0.75
 #: Threshold rules (docs/qc.md): spacing range widened by this factor, volume range by VOLUME_FACTOR,
-#: intensity percentile range by this share of the training intensity span, uncertainty at this
-#: percentile of the validation cases.
+#: intensity percentile range by this share of the training intensity span, uncertainty above both this
+#: percentile of the validation cases and their far-out fence (Q3 + UNCERTAINTY_FENCE_IQR x IQR).
 SPACING_FACTOR = 1.25
 VOLUME_FACTOR = 2.0
 INTENSITY_MARGIN = 0.1
 UNCERTAINTY_PERCENTILE = 99.0
+UNCERTAINTY_FENCE_IQR = 3.0
+
+
+def uncertainty_limit(values: Sequence[float]) -> float | None:
+    """The limit of an uncertainty measure from the validation cases' values: the higher of their
+    UNCERTAINTY_PERCENTILE-th percentile and Tukey's far-out fence (Q3 + 3 IQR); None without values.
+
+    Why the fence: with a few dozen validation cases the 99th percentile is about their maximum, so a new
+    case of the same kind lands above it with probability about 1/(n+1) (3 % for 34 cases) — per measure.
+    The fence depends on the spread, not on n, and flags only values far outside it (docs/qc.md).
+    """
+    if not values:
+        return None
+    q1, q3, top = np.percentile(np.asarray(values, dtype=np.float64), [25.0, 75.0, UNCERTAINTY_PERCENTILE])
+    return float(max(top, q3 + UNCERTAINTY_FENCE_IQR * (q3 - q1)))
 
 
 @dataclass(frozen=True)

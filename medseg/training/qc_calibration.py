@@ -8,8 +8,9 @@ Rules (docs/qc.md), each from :mod:`medseg.inference.qc`:
   ``INTENSITY_MARGIN`` x the training span (highest 99.5th minus lowest 0.5th percentile);
 - class volume (mL): the range over training labels that hold the class, widened by ``VOLUME_FACTOR``;
   classes every training label holds are expected in every prediction;
-- uncertainty: the ``UNCERTAINTY_PERCENTILE``th percentile over the validation cases (predicted with the
-  model itself) of the mean foreground entropy and of the low-confidence share;
+- uncertainty: :func:`~medseg.inference.qc.uncertainty_limit` of the validation cases' values (predicted
+  with the model itself) of the mean foreground entropy and of the low-confidence share: the higher of
+  their 99th percentile and their far-out fence Q3 + 3 IQR;
 - weak model: mean validation Dice below ``DEFAULT_MIN_VALIDATION_DICE``.
 
 ``calibrate_run`` adds the section to a run folder's ``best.pt`` (``medseg calibrate-qc RUN``), so models
@@ -33,10 +34,12 @@ from medseg.inference.qc import (
     INTENSITY_MARGIN,
     INTENSITY_PERCENTILES,
     SPACING_FACTOR,
+    UNCERTAINTY_FENCE_IQR,
     UNCERTAINTY_PERCENTILE,
     VOLUME_FACTOR,
     intensity_percentiles,
     ras_spacing,
+    uncertainty_limit,
 )
 from medseg.io.geometry import voxel_volume_ml
 from medseg.io.scans import load_scan
@@ -94,8 +97,8 @@ def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bo
 
 def uncertainty_limits(predictor: Predictor, manifest: Manifest, cases: Sequence[ManifestCase],
                        progress: bool = True) -> tuple[float | None, float | None, list[dict[str, float | None]]]:
-    """Entropy and low-confidence limits: the UNCERTAINTY_PERCENTILE over the validation cases' predictions
-    (None without validation cases or foreground), and each case's values."""
+    """Entropy and low-confidence limits (:func:`~medseg.inference.qc.uncertainty_limit`) over the validation
+    cases' predictions (None without validation cases or foreground), and each case's values."""
     values = []
     for case in tqdm(cases, desc="QC limits: validation cases", unit="case", leave=False, disable=None if progress else True):
         _, u = predictor.predict_image(case_image(manifest, case), with_uncertainty=True)
@@ -103,7 +106,7 @@ def uncertainty_limits(predictor: Predictor, manifest: Manifest, cases: Sequence
 
     def limit(key: str) -> float | None:
         seen = [v[key] for v in values if v[key] is not None]
-        return float(np.percentile(seen, UNCERTAINTY_PERCENTILE)) if seen else None
+        return uncertainty_limit(seen)
 
     return limit("foreground_entropy"), limit("low_confidence_share"), values
 
@@ -118,6 +121,7 @@ def calibrate(predictor: Predictor, manifest: Manifest, train_cases: Sequence[Ma
     observed = {f"validation_{key}": [None if v[key] is None else round(float(v[key]), 5) for v in values]
                 for key in ("foreground_entropy", "low_confidence_share")}
     calibration = {**limits.calibration, "validation_cases": len(val_cases), "uncertainty_percentile": UNCERTAINTY_PERCENTILE,
+                   "uncertainty_fence_iqr": UNCERTAINTY_FENCE_IQR,
                    **observed}
     return limits.model_copy(update={"max_foreground_entropy": entropy, "max_low_confidence_share": low,
                                      "calibration": calibration})

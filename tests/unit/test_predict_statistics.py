@@ -16,7 +16,7 @@ from scipy import ndimage
 from medseg.data.manifest import load_manifest
 from medseg.data.phantom import make_phantom
 from medseg.inference.predictor import Predictor
-from medseg.inference.qc import guess_modality, prediction_uncertainty, ras_spacing
+from medseg.inference.qc import guess_modality, prediction_uncertainty, ras_spacing, uncertainty_limit
 from medseg.inference.runner import predict_paths
 from medseg.inference.statistics import (
     assess_scan,
@@ -155,6 +155,10 @@ def test_training_sets_qc_limits_that_hold_its_own_cases(ct_bundle, phantom_mani
     qc = ct_bundle.spec.qc
     assert qc is not None and qc.modality == "CT"
     assert qc.max_foreground_entropy is not None and 0 < qc.max_foreground_entropy < 1
+    # The validation cases' own values are kept, and the limits follow from them by the documented rule.
+    entropies = qc.calibration["validation_foreground_entropy"]
+    assert len(entropies) == qc.calibration["validation_cases"] > 0
+    assert qc.max_foreground_entropy == pytest.approx(uncertainty_limit([v for v in entropies if v is not None]), abs=1e-4)
     manifest = load_manifest(phantom_manifest)
     assert input_limits(manifest, manifest.split("train"), progress=False).intensity_low == qc.intensity_low
     for case in manifest.cases:  # training, validation and test phantoms are all of the training kind
@@ -192,6 +196,24 @@ def test_implausible_volume_missing_class_and_weak_model_are_flagged(ct_bundle):
     old = type(ct_bundle)(weak.model_copy(update={"qc": None}), ct_bundle.weights)
     flags = assess_scan("o", _mr_like(), nib.Nifti1Image(np.zeros((35, 50, 36), np.uint8), np.eye(4)), old).qc_flags
     assert flags == ["weak_model", "empty_prediction"]
+
+
+def test_uncertainty_limit_rarely_flags_cases_like_the_validation_ones_but_flags_outliers():
+    """34 validation cases (as the hippocampus split has), skewed like entropies are: new cases of the same
+    kind exceed the limit well under 1 % of the time, where the plain 99th percentile (about the maximum
+    of 34) flags about 1/35 of them; a case far outside the spread is flagged."""
+    rng = np.random.default_rng(0)
+    rates_limit, rates_p99 = [], []
+    for _ in range(50):
+        validation = rng.lognormal(-2.0, 0.3, 34)
+        fresh = rng.lognormal(-2.0, 0.3, 2000)
+        rates_limit.append(np.mean(fresh > uncertainty_limit(list(validation))))
+        rates_p99.append(np.mean(fresh > np.percentile(validation, 99)))
+    assert np.mean(rates_limit) < 0.01 < np.mean(rates_p99)
+    validation = list(rng.lognormal(-2.0, 0.3, 34))
+    q1, q3 = np.percentile(validation, [25, 75])
+    assert q3 + 4 * (q3 - q1) > uncertainty_limit(validation) >= max(np.percentile(validation, 99), q3 + 3 * (q3 - q1))
+    assert uncertainty_limit([]) is None
 
 
 def test_uncertainty_flags_use_the_validation_limits(ct_bundle):
