@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,14 @@ import pytest
 from medseg.config import ExperimentConfig
 from medseg.errors import ConfigError
 from medseg.models.bundle import load_bundle
-from medseg.training.tracking import RUN_ID_FILE, WANDB_RUN_ID_FILE, default_tracking_uri, flatten, wandb_mode
+from medseg.training.tracking import (
+    RUN_ID_FILE,
+    WANDB_RUN_ID_FILE,
+    WandbCallback,
+    default_tracking_uri,
+    flatten,
+    wandb_mode,
+)
 from medseg.training.trainer import train
 from tests.conftest import tiny_config
 
@@ -148,3 +156,19 @@ def test_wandb_mode_honours_the_environment(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "cloud")
     with pytest.raises(ConfigError, match="WANDB_MODE"):
         wandb_mode()
+
+
+def test_wandb_listed_but_not_installed_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(ConfigError, match=r"medseg\[wandb\]"):
+        WandbCallback().on_fit_start(None)  # the import is checked before the trainer is looked at
+
+
+def test_wandb_disabled_by_the_environment_writes_nothing(phantom_manifest, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="W&B is the optional extra medseg[wandb]")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = tmp_path / "run"
+    train(tiny_config(phantom_manifest, run_dir, epochs=1, iterations_per_epoch=1, choose_postprocessing=False,
+                      trackers=["wandb"]), device="cpu")
+    assert (run_dir / "best.pt").is_file()
+    assert not (run_dir / "wandb").exists() and not (run_dir / WANDB_RUN_ID_FILE).exists()
