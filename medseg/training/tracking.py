@@ -167,12 +167,16 @@ class WandbCallback(TrainerCallback):
             x_disable_machine_info=True,
             disable_git=True, save_code=False, disable_job_creation=True,
         )
-        self.run = wandb.init(
-            project=config.train.wandb_project or config.name, name=run_dir.name, id=run_id,
-            resume="allow" if resuming else None, dir=str(run_dir), mode=mode,
-            config=config.model_dump(mode="json"), settings=settings,
-            tags=[f"medseg-{__version__}"], notes=f"init_from: {config.train.init_from}" if config.train.init_from else None,
-        )
+        try:
+            self.run = wandb.init(
+                project=config.train.wandb_project or config.name, name=run_dir.name, id=run_id,
+                resume="allow" if resuming else None, dir=str(run_dir), mode=mode,
+                config=config.model_dump(mode="json"), settings=settings,
+                tags=[f"medseg-{__version__}"],
+                notes=f"init_from: {config.train.init_from}" if config.train.init_from else None,
+            )
+        except wandb.Error as e:  # online without credentials, a project name W&B refuses, ...
+            raise ConfigError(f"W&B ({mode}) could not start a run for {run_dir}: {e}") from None
         if mode != "disabled" and not resuming:
             write_text_atomic(id_file, run_id + "\n")
         log.info("W&B: run %s (%s) in %s", run_id, mode, self.run.dir if mode == "offline" else self.run.url)
