@@ -230,10 +230,12 @@ class TrainConfig(_Section):
                     "re-initialised when the classes differ)")
     freeze_encoder_epochs: int = Field(
         default=0, ge=0, description="with init_from: keep the encoder's weights fixed for this many first epochs")
-    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="experiment trackers fed every epoch (plain logs always)")
     mlflow_tracking_uri: str | None = Field(
         default=None, description="MLflow store; default sqlite:///<output_dir>/mlflow.db (offline, inside the run)")
+    wandb_project: str | None = Field(
+        default=None, description="W&B project of the run; default the config's name (offline unless WANDB_MODE says)")
 
     @field_validator("trackers")
     @classmethod

@@ -632,6 +632,10 @@ def default_callbacks(config: ExperimentConfig) -> list[TrainerCallback]:
         from medseg.training.tracking import MLflowCallback
 
         callbacks.append(MLflowCallback())
+    if "wandb" in config.train.trackers:
+        from medseg.training.tracking import WandbCallback
+
+        callbacks.append(WandbCallback())
     return callbacks
 
 
