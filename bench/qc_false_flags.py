@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -166,7 +167,7 @@ def main() -> None:
         "test_uncertainty": {k: [u[k] for u in test_uncertainty.values()] for k in measures},
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                    f"{os.cpu_count()} cores, load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
-        "command": f"PYTHONPATH=$PWD python bench/qc_false_flags.py {args.run} --json docs/benchmarks/qc_hippocampus.json",
+        "command": "PYTHONPATH=$PWD python " + " ".join(sys.argv),
     }
     print(json.dumps(result, indent=1))
     if args.json:
