@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -78,8 +79,8 @@ def main() -> None:
         **{k: round(v, 3) for k, v in timings.items()},
         "ratio_scipy_over_cc3d": round(timings["components_low_density_scipy_s"] / timings["components_low_density_cc3d_s"], 2),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"{os.cpu_count()} cores (shared with other agents' jobs)",
-        "command": "PYTHONPATH=$PWD python bench/predict_statistics.py --json docs/benchmarks/predict_statistics.json",
+                   f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end",
+        "command": "PYTHONPATH=$PWD python " + " ".join(sys.argv),
     }
     print(json.dumps(result, indent=1))
     if args.json:

@@ -24,6 +24,9 @@ from medseg.models.bundle import DEFAULT_MIN_VALIDATION_DICE, QCThresholds
 INTENSITY_PERCENTILES = (0.5, 50.0, 99.5)
 #: Voxels sampled (fixed seed) for the percentiles: bounded time and memory on large CTs.
 INTENSITY_SAMPLES = 200_000
+#: The highest median (HU) a scan guessed to be a CT may have: even a bone crop's median is below it, an
+#: MR stored in large units (hippocampus cases reach 600,000) is far above it.
+CT_MAX_MEDIAN_HU = 1000.0
 #: A foreground voxel whose winning class has less probability than this counts as low-confidence.
 LOW_CONFIDENCE_PROBABILITY = 0.75
 #: Threshold rules (docs/qc.md): spacing range widened by this factor, volume range by VOLUME_FACTOR,
@@ -96,11 +99,13 @@ def intensity_percentiles(data: np.ndarray, percentiles: Sequence[float] = INTEN
 def guess_modality(percentiles: Sequence[float]) -> str | None:
     """CT, MR or None (cannot tell) from the (0.5, 50, 99.5) percentiles of a scan.
 
-    CT holds air at about -1000 HU, so a clearly negative 0.5th percentile; MR magnitude images are
-    non-negative. A scan with neither (a CT crop without air, a normalised image) is not guessed.
+    CT holds air at about -1000 HU, so a clearly negative 0.5th percentile, and its median is air, lung,
+    fat or soft tissue (below CT_MAX_MEDIAN_HU); MR magnitude images are non-negative. A scan with neither
+    (a CT crop without air, a normalised image, an MR in large float units with noise below zero) is not
+    guessed, so it is not flagged.
     """
-    low = percentiles[0]
-    if low <= -500:
+    low, median = percentiles[0], percentiles[1]
+    if low <= -500 and median <= CT_MAX_MEDIAN_HU:
         return "CT"
     if low >= 0:
         return "MR"

@@ -138,6 +138,8 @@ def test_ras_spacing_follows_the_axes_not_the_array_order():
     assert ras_spacing(affine) == [3.0, 2.0, 0.5]
     assert guess_modality([-1024, 30, 1200]) == "CT" and guess_modality([0, 250, 900]) == "MR"
     assert guess_modality([-3.0, 0.1, 3.0]) is None
+    # An MR stored in large float units, with noise below zero: not air, its median is no CT's.
+    assert guess_modality([-37250.0, 208077.0, 405831.0]) is None
 
 
 @pytest.fixture(scope="module")
