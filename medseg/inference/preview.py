@@ -122,7 +122,7 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
                 ax.text(*xy, text, transform=ax.transAxes, color="yellow", fontsize=9, ha="center", va="center")
             ax.set_title(f"{view}, slice {grid.slice_label(axis, structure.centre[axis])}", fontsize=8)
         row[0].set_ylabel(structure.title, fontsize=9)
-        row[0].set_xlabel(f"centre {format_lps(grid.lps(structure.centre))}", fontsize=7)
+        row[2].set_xlabel(f"centre {format_lps(grid.lps(structure.centre))}", fontsize=7)
         row[1].set_xlabel(window.describe(), fontsize=8)
     handles = [Patch(facecolor=colors[v], label=names[v]) for v in sorted(names) if v]
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8)
