@@ -29,6 +29,7 @@ import torch
 from scipy import ndimage
 
 from medseg.data.manifest import load_manifest
+from medseg.deploy.export import mask_agreement
 from medseg.inference.predictor import Predictor
 from medseg.inference.qc import uncertainty_limit
 from medseg.inference.runner import predict_paths
@@ -48,14 +49,11 @@ def _flags(folder: Path) -> dict[str, set[str]]:
     return out
 
 
-def _dice(pred_path: Path, ref_path: Path, classes: int) -> float:
-    """Mean foreground Dice of a predicted mask against its reference (a class absent from both counts 1)."""
+def _dice(pred_path: Path, ref_path: Path, label_names: dict[int, str]) -> float:
+    """Mean foreground Dice of a predicted mask against its reference (export's per-class agreement: a class
+    absent from both counts 1)."""
     pred, ref = np.asarray(nib.load(pred_path).dataobj), np.asarray(nib.load(ref_path).dataobj)
-    scores = []
-    for k in range(1, classes):
-        both = np.sum(pred == k) + np.sum(ref == k)
-        scores.append(2 * np.sum((pred == k) & (ref == k)) / both if both else 1.0)
-    return round(float(np.mean(scores)), 4)
+    return round(float(np.mean(list(mask_agreement(pred, ref, label_names).values()))), 4)
 
 
 def _degraded(image: nib.Nifti1Image, kind: str, rng: np.random.Generator) -> nib.Nifti1Image:
@@ -109,7 +107,7 @@ def main() -> None:
         flags = _flags(out)
         # Each test case's mean foreground Dice against its reference: a flag on a case the model got right is
         # a false flag; on a case it got wrong, a useful one.
-        dice = {c.id: _dice(out / f"{c.id}.nii.gz", manifest.label_path(c), len(manifest.labels)) for c in test if c.label}
+        dice = {c.id: _dice(out / f"{c.id}.nii.gz", manifest.label_path(c), manifest.labels) for c in test if c.label}
         test_uncertainty = _uncertainty(out)
         # The same test cases made harder: the uncertainty flags should fire where the masks got worse.
         degraded: dict[str, dict[str, object]] = {}
@@ -123,7 +121,7 @@ def main() -> None:
             predict_paths(None, [folder], predicted, predictor=predictor)
             degraded[kind] = {"flags": _flags(predicted), "uncertainty": _uncertainty(predicted),
                               "dice": {c.id: _dice(predicted / f"{c.id}.nii.gz", manifest.label_path(c),
-                                                   len(manifest.labels)) for c in test[:args.degraded_cases]}}
+                                                   manifest.labels) for c in test[:args.degraded_cases]}}
         # The input checks alone (an empty mask): predicting a 512x512x48 CT at 1 mm takes minutes on a CPU.
         ct = nib.load(ROOT.parent / "shared" / "data" / "lung_ct" / "lung1_ct.nii.gz")
         empty = nib.Nifti1Image(np.zeros(ct.shape, np.uint8), ct.affine)
