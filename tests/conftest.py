@@ -20,6 +20,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def link_file(link: Path, target: Path) -> None:
+    """A symbolic link ``link`` -> ``target`` (folders made): real scans laid out as another tool's data set
+    without copying them."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target.resolve())
+
+
+def load_render_check():
+    """``scripts/check_report_render.py`` as a module: the headless-Chromium checks the render tests share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_report_render", REPO_ROOT / "scripts" / "check_report_render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # --- tiny phantoms and a tiny trained model, shared by the pipeline tests -------------------------
 
 from medseg.config import ExperimentConfig, config_from_dict  # noqa: E402

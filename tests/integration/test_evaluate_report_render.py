@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -13,12 +12,9 @@ from matplotlib.image import imread
 
 from medseg.evaluation.runner import evaluate_folders
 from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
+from tests.conftest import load_render_check
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_report_render.py"
-_spec = importlib.util.spec_from_file_location("check_report_render", _SCRIPT)
-assert _spec is not None and _spec.loader is not None
-render_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_check)
+render_check = load_render_check()
 
 
 def test_report_renders_lesion_overlays_failures_and_no_external_references(tmp_path: Path) -> None:

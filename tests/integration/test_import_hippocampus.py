@@ -10,6 +10,7 @@ import pytest
 
 from medseg.cli import main
 from medseg.data.manifest import load_manifest
+from tests.conftest import link_file
 
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
 UNLABELLED = "hippocampus_008"  # stands in for a test image of the task
@@ -23,17 +24,12 @@ def hippocampus(shared_data: Path) -> Path:
     return folder
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve())
-
-
 def test_msd_layout_of_real_cases_imports_to_a_manifest_of_the_real_files(hippocampus, tmp_path):
     task = tmp_path / "Task04_Hippocampus"
     for case in CASES:
-        _link(task / "imagesTr" / f"{case}.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
-        _link(task / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
-    _link(task / "imagesTs" / f"{UNLABELLED}.nii.gz", hippocampus / "images" / f"{UNLABELLED}.nii.gz")
+        link_file(task / "imagesTr" / f"{case}.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
+        link_file(task / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
+    link_file(task / "imagesTs" / f"{UNLABELLED}.nii.gz", hippocampus / "images" / f"{UNLABELLED}.nii.gz")
     (task / "imagesTr" / "._hippocampus_001.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
     (task / "dataset.json").write_text(json.dumps({
         "name": "Hippocampus", "tensorImageSize": "3D", "modality": {"0": "MRI"},
@@ -57,9 +53,9 @@ def test_msd_layout_of_real_cases_imports_to_a_manifest_of_the_real_files(hippoc
 def test_nnunet_layout_of_real_cases_imports_to_a_manifest_of_the_real_files(hippocampus, tmp_path):
     data = tmp_path / "nnUNet_raw" / "Dataset004_Hippocampus"
     for case in CASES:
-        _link(data / "imagesTr" / f"{case}_0000.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
-        _link(data / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
-    _link(data / "imagesTs" / f"{UNLABELLED}_0000.nii.gz", hippocampus / "images" / f"{UNLABELLED}.nii.gz")
+        link_file(data / "imagesTr" / f"{case}_0000.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
+        link_file(data / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
+    link_file(data / "imagesTs" / f"{UNLABELLED}_0000.nii.gz", hippocampus / "images" / f"{UNLABELLED}.nii.gz")
     (data / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
         "numTraining": len(CASES), "file_ending": ".nii.gz",

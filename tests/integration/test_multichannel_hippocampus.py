@@ -17,6 +17,7 @@ from medseg.data.manifest import load_manifest
 from medseg.errors import ScanError
 from medseg.inference.runner import predict_paths
 from medseg.io.channels import load_channels
+from tests.conftest import link_file
 
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
 TEST_CASE = "hippocampus_008"
@@ -38,18 +39,13 @@ def _second_channel(source: Path, target: Path) -> None:
     nib.save(nib.Nifti1Image(data.max() - data, img.affine, img.header), str(target))
 
 
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(target.resolve())
-
-
 def test_real_two_channel_cases_import_train_and_predict(hippocampus, tmp_path):
     data = tmp_path / "Dataset904_HippocampusTwoChannel"
     for case in CASES:
-        _link(data / "imagesTr" / f"{case}_0000.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
+        link_file(data / "imagesTr" / f"{case}_0000.nii.gz", hippocampus / "images" / f"{case}.nii.gz")
         _second_channel(hippocampus / "images" / f"{case}.nii.gz", data / "imagesTr" / f"{case}_0001.nii.gz")
-        _link(data / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
-    _link(data / "imagesTs" / f"{TEST_CASE}_0000.nii.gz", hippocampus / "images" / f"{TEST_CASE}.nii.gz")
+        link_file(data / "labelsTr" / f"{case}.nii.gz", hippocampus / "labels" / f"{case}.nii.gz")
+    link_file(data / "imagesTs" / f"{TEST_CASE}_0000.nii.gz", hippocampus / "images" / f"{TEST_CASE}.nii.gz")
     _second_channel(hippocampus / "images" / f"{TEST_CASE}.nii.gz", data / "imagesTs" / f"{TEST_CASE}_0001.nii.gz")
     (data / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T2", "1": "T2_inverted"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},

@@ -9,7 +9,6 @@ label-table colour in all three planes. Skipped without Chromium or ../shared/da
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 from pathlib import Path
 
@@ -21,12 +20,9 @@ from nibabel.orientations import io_orientation
 
 from medseg.data.labels import label_table
 from medseg.inference.preview import render_preview, write_preview
+from tests.conftest import load_render_check
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_report_render.py"
-_spec = importlib.util.spec_from_file_location("check_report_render", _SCRIPT)
-assert _spec is not None and _spec.loader is not None
-render_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_check)
+render_check = load_render_check()
 
 CASES = {
     "lung1": ("lung_ct/lung1_ct.nii.gz", "lung_ct/lung1_lesion.nii.gz", {0: "background", 1: "lesion"}, "CT", [1]),
