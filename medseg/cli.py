@@ -87,7 +87,8 @@ def _cmd_predict_dicomweb(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.model if len(args.model) > 1 else args.model[0], args.device,
                                           mirror=True if args.mirror else None, backend=args.backend,
                                           model_file=args.model_file, precision=args.precision)
-    outcomes = predict_study(predictor, settings, args.study, args.output, modalities=args.modality)
+    outcomes = predict_study(predictor, settings, args.study, args.output, modalities=args.modality,
+                             formats=args.output_format)
     print(describe(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
@@ -99,11 +100,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise MedsegError("--study names a study on a PACS: give the server with --dicomweb URL")
     if not args.input:
         raise MedsegError("give the scans with --input (or a PACS study with --dicomweb URL --study UID)")
+    reporter = None
+    if args.report:
+        from medseg.evaluation.scan_report import ReportOptions, ScanReportWriter
+        from medseg.models.bundle import load_bundle
+
+        # Every model of an ensemble shares the config and labels. One default with the service's report:
+        # --lesion-classes, else the config's evaluate.lesion_classes, else every foreground class.
+        bundle = load_bundle(args.model[0])
+        reporter = ScanReportWriter(ReportOptions.from_bundle(bundle, args.lesion_classes))
     common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
               "preview": args.preview, "output_format": args.output_format, "backend": args.backend,
-              "model_file": args.model_file, "precision": args.precision, "max_memory_gib": args.max_memory_gib}
+              "model_file": args.model_file, "precision": args.precision, "max_memory_gib": args.max_memory_gib,
+              "reporter": reporter}
     if args.ray is not None:
         from medseg.inference.ray_runner import predict_paths_ray  # imports Ray only now
 
@@ -116,17 +127,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         summary = predict_paths(**common)
     print(summary.describe())
-    if args.report:
+    if reporter is not None:
         from medseg.evaluation.runner import lesion_inventory
-        from medseg.models.bundle import load_bundle
 
-        bundle = load_bundle(args.model[0])  # every model of an ensemble shares the config and labels
         evaluate = bundle.config.evaluate
-        classes = args.lesion_classes or evaluate.lesion_classes
-        if not classes:
-            raise MedsegError(f"{bundle.path}: the model's config names no evaluate.lesion_classes; pass --lesion-classes")
-        inventory = lesion_inventory(args.output, classes, label_names=bundle.label_names, config=evaluate)
-        print("lesion inventory:\n" + inventory.describe())
+        inventory = lesion_inventory(args.output, reporter.options.lesion_classes, label_names=bundle.label_names,
+                                     config=evaluate)
+        print("per-scan reports: <case>.report.json; lesion inventory:\n" + inventory.describe())
     return 0 if not summary.failed else 1
 
 
@@ -243,7 +250,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model=args.run, data_dir=args.data_dir, tokens=TokenSet.from_sources(token_file=args.token_file),
         insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
         workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
-        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease)
+        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease,
+        output_format=args.output_format, max_memory_gib=args.max_memory_gib)
     serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
           forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
     return 0
@@ -279,6 +287,28 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def _output_format_arg(value: str) -> str:
+    """An ``--output-format`` value: a registered format, a comma list of them, or auto/both/all."""
+    from medseg.io.output_formats import requested_formats
+
+    try:
+        requested_formats(value)
+    except MedsegError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _add_output_format(p: argparse.ArgumentParser, default: str) -> None:
+    """``--output-format``, its choices and their help read from the output-format registry."""
+    from medseg.io.output_formats import output_format_choices, registered_formats
+
+    formats = "; ".join(f"{f.name}: {f.help}" for f in registered_formats())
+    p.add_argument("--output-format", type=_output_format_arg, default=default, metavar="FORMAT[,FORMAT...]",
+                   help=f"one of {', '.join(output_format_choices())}, or a comma list of formats. {formats}. "
+                        "auto: nifti plus a DICOM-SEG for DICOM series; both: nifti,dicom-seg; all: every format the "
+                        "scan can take (docs/dicom.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,9 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
-    p.add_argument("--output-format", choices=["auto", "nifti", "dicom-seg", "both"], default="auto",
-                   help="nifti: <case>.nii.gz with ITK-SNAP/Slicer label sidecars; dicom-seg: <case>.seg.dcm (DICOM "
-                        "inputs); both; auto: both for DICOM series, nifti for NIfTI scans (docs/dicom.md)")
+    _add_output_format(p, "auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--max-memory-gib", type=float, default=None,
                    help="memory cap for this run (GiB, default $MEDSEG_MAX_MEMORY_GIB, else the container limit or "
@@ -337,9 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true",
                    help="write <case>.preview.png: three planes through each predicted structure")
     p.add_argument("--report", action="store_true",
-                   help="also write a lesion inventory (volume mL, diameters mm, centroid) of the masks")
+                   help="also write <case>.report.json per scan (class volumes, lesions: volume mL, diameters mm, "
+                        "centroid; statistics and QC flags; as the service's job report) and a lesion inventory")
     p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
-                   help="classes for --report (default: the model config's evaluate.lesion_classes)")
+                   help="classes for --report (default: the model config's evaluate.lesion_classes, else every "
+                        "foreground class)")
     p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
                    help="spread the scans over Ray actors (pip install 'medseg[ray]'): auto joins the cluster "
                         "started on this machine (or RAY_ADDRESS), else starts a local one; or a cluster address")
@@ -444,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="inference threads in this process sharing one loaded model (0: API only)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
     p.add_argument("--max-queue", type=int, default=64, help="queued + running jobs before new uploads get 429")
+    _add_output_format(p, "all")
+    p.add_argument("--max-memory-gib", type=float, default=None,
+                   help="memory cap for one job's prediction, as medseg predict's (GiB, default $MEDSEG_MAX_MEMORY_GIB, "
+                        "else the container limit or available memory): a scan needing more fails with predict's message")
     p.add_argument("--max-upload-mb", type=float, default=512, help="upload size cap, MiB (checked while reading)")
     p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")

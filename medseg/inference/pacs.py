@@ -31,6 +31,7 @@ from medseg.io.dicomweb import (
     store,
     study_series,
 )
+from medseg.io.output_formats import formats_for, output_format
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,13 @@ def accepted_modalities(predictor: Predictor) -> tuple[str, ...]:
     return ("CT",) if kind in CT_INTENSITIES else ("MR",)
 
 
-def seg_uids(source_series_uid: str, weights_sha256: str) -> tuple[str, str]:
-    """The SEG's (series, instance) UIDs: new UIDs in the ``2.25.<UUID>`` form (name-based UUIDs, version 5),
-    the same for one model and one source series, so a rerun finds what it stored."""
+def seg_uids(source_series_uid: str, weights_sha256: str, fmt: str = "dicom-seg") -> tuple[str, str]:
+    """The (series, instance) UIDs of the ``fmt`` object (DICOM-SEG, RTSTRUCT) stored for a source series: new UIDs
+    in the ``2.25.<UUID>`` form (name-based UUIDs, version 5), the same for one model, one source series and one
+    format, so a rerun finds what it stored."""
     # pydicom's generate_uid ignores its entropy sources when prefix is None (a random UUID), hence uuid5.
-    name = f"medseg-seg/{source_series_uid}/{weights_sha256}"
+    kind = "seg" if fmt == "dicom-seg" else fmt  # the SEG's names predate other formats: kept, so reruns match
+    name = f"medseg-{kind}/{source_series_uid}/{weights_sha256}"
     return (f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/series').int}",
             f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/instance').int}")
 
@@ -79,8 +82,10 @@ def _assign_uids(seg_path: Path, series_uid: str, instance_uid: str) -> object:
 
 
 def predict_study(predictor: Predictor, settings: DicomWebSettings, study_uid: str, output_dir: Path,
-                  modalities: Sequence[str] | None = None) -> list[SeriesOutcome]:
-    """Segment every series of ``study_uid`` whose modality the model accepts and store each SEG on the server.
+                  modalities: Sequence[str] | None = None, formats: str = "auto") -> list[SeriesOutcome]:
+    """Segment every series of ``study_uid`` whose modality the model accepts and store on the server each
+    DICOM object of ``formats`` (an ``--output-format``; ``auto``: the DICOM-SEG) that the output-format registry
+    marks as storable; the NIfTI masks stay in ``output_dir``.
 
     Raises :class:`PacsError` when the server cannot be used at all (unreachable, credentials refused,
     unknown study) or the study has no accepted series; a failure of one series is returned, not raised.
@@ -100,29 +105,38 @@ def predict_study(predictor: Predictor, settings: DicomWebSettings, study_uid: s
         raise PacsError(f"{url}: study {study_uid} has no series of modality {', '.join(modalities)} "
                         f"(it has {', '.join(found)}); pass --modality to choose others")
     sha = predictor.bundle.spec.provenance.weights_sha256
+    stored_formats = [f for f in (output_format(n) for n in formats_for(formats, "dicom")) if f.store_to_pacs]
+    if not stored_formats:
+        raise PacsError(f"--output-format {formats} writes nothing that can be stored on a PACS (e.g. dicom-seg, rtstruct)")
     for info in accepted:
         name = local_name(info.uid)
-        series_uid, instance_uid = seg_uids(info.uid, sha)
+        uids = {f.name: seg_uids(info.uid, sha, f.name) for f in stored_formats}
         try:
-            if series_present(client, url, study_uid, series_uid):
+            missing = [f for f in stored_formats if not series_present(client, url, study_uid, uids[f.name][0])]
+            if not missing:
                 outcomes.append(SeriesOutcome(name, info.modality, "present",
                                               "this model's segmentation is already on the server"))
                 continue
             with tempfile.TemporaryDirectory(prefix="medseg-dicomweb-") as tmp:
                 folder = download_series(client, url, study_uid, info.uid, Path(tmp))
                 summary = predict_paths(None, [folder], output_dir, overwrite=True, predictor=predictor,
-                                        output_format="both")
-            if summary.failed:
-                failure = summary.failed[0]
-                outcomes.append(SeriesOutcome(name, info.modality, "failed", f"{failure.error}: {failure.message}"))
+                                        output_format=",".join(f.name for f in missing) + ",nifti")
+            scan_failure = next((f for f in summary.failed if not f.format), None)
+            if scan_failure is not None:
+                outcomes.append(SeriesOutcome(name, info.modality, "failed", f"{scan_failure.error}: {scan_failure.message}"))
                 continue
-            seg_path = output_dir / f"{name}.seg.dcm"
-            if not seg_path.is_file():
-                outcomes.append(SeriesOutcome(name, info.modality, "failed", "no segmentation was written "
-                                              "(see the predict messages above)"))
+            written = [(f, output_dir / f"{name}{f.suffix}") for f in missing]
+            datasets = [_assign_uids(path, *uids[f.name]) for f, path in written if path.is_file()]
+            if datasets:
+                store(client, url, datasets)
+            lost = [f for f, path in written if not path.is_file()]
+            reasons = {f.format: f"{f.error}: {f.message}" for f in summary.failed if f.format}
+            if lost:
+                outcomes.append(SeriesOutcome(name, info.modality, "failed", "; ".join(
+                    f"no {f.name} was written ({reasons.get(f.name, 'see the predict messages above')})" for f in lost)
+                    + (f"; stored {', '.join(f.name for f, p in written if p.is_file())}" if datasets else "")))
                 continue
-            store(client, url, [_assign_uids(seg_path, series_uid, instance_uid)])
-            outcomes.append(SeriesOutcome(name, info.modality, "stored", seg=seg_path))
+            outcomes.append(SeriesOutcome(name, info.modality, "stored", seg=written[0][1]))
         except MedsegError as exc:
             log.debug("series %s failed", name, exc_info=True)
             outcomes.append(SeriesOutcome(name, info.modality, "failed", f"{type(exc).__name__}: {exc}"))

@@ -24,15 +24,8 @@ from typing import Any
 from tqdm import tqdm
 
 from medseg.errors import MedsegError
-from medseg.inference.runner import (
-    PredictBatch,
-    PredictSummary,
-    ScanOutcome,
-    finish_batch,
-    model_channels,
-    predict_one,
-    prepare_batch,
-)
+from medseg.inference.pipeline import PredictBatch, ScanOutcome, ScanReporter, predict_one
+from medseg.inference.runner import PredictSummary, finish_batch, model_channels, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -295,16 +288,16 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
                       actors: int | None = None, cpus_per_actor: int = 1, statistics: bool = True,
                       preview: bool = False, output_format: str = "auto", backend: str = "torch",
                       model_file: Path | None = None, precision: str = "float32",
-                      max_memory_gib: float | None = None) -> PredictSummary:
+                      max_memory_gib: float | None = None, reporter: ScanReporter | None = None) -> PredictSummary:
     """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors.
 
     Same masks (bit for bit), ``failures.csv``, resume and claims as serial predict. ``address``: ``auto``
     or a cluster address (:func:`connect`). ``actors`` None: one per GPU of the cluster, or one per
-    ``cpus_per_actor`` CPUs (each actor's torch threads). ``output_format``: see :mod:`medseg.io.mask_writers`.
+    ``cpus_per_actor`` CPUs (each actor's torch threads). ``output_format``: see :mod:`medseg.io.output_formats`.
     """
     import_ray()  # before reading anything: without Ray, say how to install it
     options = {"statistics": statistics, "preview": preview, "output_format": output_format,
-               "max_memory_gib": max_memory_gib}  # memory: each actor's own budget, checked per scan
+               "max_memory_gib": max_memory_gib, "reporter": reporter}  # memory: each actor's own budget, checked per scan
     # outputs refused before any actor reads the model; channels from the bundle spec (weights not read)
     batch = prepare_batch(inputs, output_dir, overwrite, channels=model_channels(model), **options)
     pending = sum(not batch.done(scan) for scan in batch.scans)

@@ -1,5 +1,9 @@
 """Batch prediction over files and folders: progress, per-scan failures, atomic and resumable outputs.
 
+The work on each scan is :func:`medseg.inference.pipeline.predict_one` (the per-scan pipeline every face
+shares); this module finds the scans, checks outputs before any work, runs the scans with read-ahead and
+background writing, and keeps the folder's ``failures.csv``.
+
 Several runs may share one output folder: each scan is claimed (:func:`medseg.atomic.claim`) before it
 is predicted, so concurrent runs split the work, and ``failures.csv`` is merged under its own claim.
 """
@@ -12,56 +16,54 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import nibabel as nib
 from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
-from medseg.data.labels import label_code
-from medseg.errors import CheckpointError, MedsegError, OutputError
-from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
+from medseg.errors import CheckpointError, OutputError
+from medseg.inference.pipeline import (
+    PredictBatch,
+    ScanOutcome,
+    ScanReporter,
+    header_size,
+    identity,
+    load_for_prediction,
+    output_path,
+    predict_one,
+    predict_scan,
+)
 from medseg.inference.predictor import Predictor
-from medseg.inference.statistics import (
-    STATISTICS_CSV,
-    ScanStatistics,
-    assess_scan,
-    merge_statistics,
-    training_modality,
-)
-from medseg.io.mask_writers import (
-    NIFTI_SUFFIX,
-    MaskWriter,
-    ModelInfo,
-    NiftiMaskWriter,
-    mask_writers,
-    output_kinds,
-    seg_available,
-    target_suffix,
-)
-from medseg.io.nifti import NIFTI_SUFFIXES
-from medseg.io.scans import Scan, find_scans, load_scan
+from medseg.inference.statistics import STATISTICS_CSV
+from medseg.io.output_formats import all_suffixes, check_formats
+from medseg.io.scans import Scan, find_scans
 from medseg.models.bundle import read_bundle_spec
+
+__all__ = ["PredictBatch", "PredictFailure", "PredictSummary", "ScanOutcome", "finish_batch", "predict_one",
+           "predict_paths", "prepare_batch"]
 
 log = logging.getLogger(__name__)
 
 FAILURES = "failures.csv"
-FAILURE_COLUMNS = ["file", "mask", "error", "message"]
+#: ``mask``: the missing file (the scan's mask, or one output format's file); ``format``: that output format
+#: when only it failed (empty when the whole scan failed).
+FAILURE_COLUMNS = ["file", "mask", "format", "error", "message"]
 #: Scans whose QC flags the terminal summary lists one by one; the rest are counted.
 MAX_FLAG_LINES = 20
 
 
 @dataclass
 class PredictFailure:
-    """A scan that could not be segmented: the input, the error class and message."""
+    """A scan that could not be segmented, or one of its output formats that could not be written: the input,
+    the error class and message, the missing file's name and (for an output alone) its format."""
 
     path: Path
     error: str
     message: str
     mask: str = ""
+    format: str = ""
 
 
 @dataclass
@@ -81,6 +83,9 @@ class PredictSummary:
         """Count one scan's outcome."""
         if outcome.qc_flags:
             self.flagged[outcome.target] = list(outcome.qc_flags)
+        for failure in outcome.output_failures:
+            self.failed.append(PredictFailure(outcome.path, failure.error, failure.message, failure.path.name,
+                                              failure.format))
         if outcome.status == "failed":
             self.failed.append(PredictFailure(outcome.path, outcome.error, outcome.message, outcome.target.name))
         else:
@@ -103,16 +108,11 @@ class PredictSummary:
         if self.flagged:
             lines.append(f"  QC flags are listed in {self.output_dir / STATISTICS_CSV} (docs/qc.md explains each)")
         for f in self.failed:
-            lines.append(f"  FAILED {f.path}: {f.error}: {f.message}")
+            what = f" ({f.format} output; the other outputs were written)" if f.format else ""
+            lines.append(f"  FAILED {f.path}{what}: {f.error}: {f.message}")
         if self.failed:
             lines.append(f"  failures listed in {self.output_dir / FAILURES}")
         return "\n".join(lines)
-
-
-def output_path(output_dir: Path, scan: Scan, output_format: str = "auto") -> Path:
-    """The file that marks a scan done: ``<case_id>.nii.gz``, or ``<case_id>.seg.dcm`` when a SEG is the only
-    output (names come from files/folders, never DICOM tags)."""
-    return output_dir / f"{scan.case_id}{target_suffix(output_format, scan.kind)}"
 
 
 def _input_folders(scans: Sequence[Scan], inputs: Sequence[Path]) -> list[Path]:
@@ -170,11 +170,14 @@ def _read_failures(path: Path) -> list[dict[str, str]]:
         raise OutputError(f"{path}: cannot read the earlier failure record ({exc}); move it away to start afresh") from None
 
 
-def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[str, str]) -> None:
-    """Merge this run into ``failures.csv``, which lists the folder's masks missing because their scan failed.
+def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[str, str],
+                     outputs_of: dict[str, list[str]] | None = None) -> None:
+    """Merge this run into ``failures.csv``, which lists the folder's files missing because their scan (or
+    that output format alone) failed.
 
-    A mask written now drops its row, a failure now replaces the row of the same mask, other rows stay.
-    ``masks_of`` maps this run's input paths to mask names, for records older than the "mask" column.
+    A scan written now drops the rows of its files (``outputs_of``: done-marker name -> every file name the
+    scan's formats write), a failure now replaces the row of the same file, other rows stay. ``masks_of``
+    maps this run's input paths to mask names, for records older than the "mask" column.
     """
     path = output_dir / FAILURES
     with claim(path, wait=True):
@@ -185,9 +188,11 @@ def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[s
             row["mask"] = row["mask"] or masks_of.get(row["file"], "")
             rows[row["mask"] or f"file:{row['file']}"] = row
         for target in summary.written:
-            rows.pop(target.name, None)
+            for name in (outputs_of or {}).get(target.name, [target.name]):
+                rows.pop(name, None)
         for f in summary.failed:
-            rows[f.mask] = {"file": str(f.path), "mask": f.mask, "error": f.error, "message": f.message}
+            rows[f.mask] = {"file": str(f.path), "mask": f.mask, "format": f.format, "error": f.error,
+                            "message": f.message}
         if not rows:
             path.unlink(missing_ok=True)
             return
@@ -199,10 +204,12 @@ def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[s
 
 
 def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
-    """Delete the masks' ``.name.tmp-*`` files that no live run is writing (their claim is free)."""
+    """Delete the outputs' ``.name.tmp-*`` files (of every registered format) that no live run is writing
+    (their claim is free)."""
     removed: list[Path] = []
+    suffixes = all_suffixes()
     targets = {temporary_target(p) for p in Path(output_dir).glob(".*.tmp-*")}
-    for target in sorted(t for t in targets if t is not None and t.name.lower().endswith(NIFTI_SUFFIXES)):
+    for target in sorted(t for t in targets if t is not None and t.name.endswith(suffixes)):
         held = claim(target)
         if held is None:
             continue  # a live run is writing this mask
@@ -213,232 +220,29 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """What tells one version of a file from another: a rename or rewrite changes it.
-
-    Not the device number: machines sharing a network file system (Ray workers on other nodes) may
-    number its mount differently, while inode, mtime and size come from the file server.
-    """
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-@dataclass
-class ScanOutcome:
-    """What happened to one scan: ``written``, ``skipped`` (mask present), ``claimed`` (another run's) or
-    ``failed`` (with the error class and message)."""
-
-    path: Path
-    target: Path
-    status: Literal["written", "skipped", "claimed", "failed"]
-    error: str = ""
-    message: str = ""
-    qc_flags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PredictBatch:
-    """A batch checked and ready before any scan is predicted: its scans, output folder and the state of
-    each mask when the run started (a mask that changes after that was written by another run)."""
-
-    scans: list[Scan]
-    output_dir: Path
-    overwrite: bool
-    at_start: dict[str, tuple[int, int, int] | None]
-    #: Write statistics.csv/json with the QC flags (docs/qc.md); write ``<case_id>.preview.png``.
-    statistics: bool = True
-    preview: bool = False
-    #: ``--output-format``: auto, nifti, dicom-seg or both (:mod:`medseg.io.mask_writers`).
-    output_format: str = "auto"
-    #: Memory cap for the process in GiB (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
-    max_memory_gib: float | None = None
-    _budget: MemoryBudget | None = field(default=None, repr=False)
-
-    def target(self, scan: Scan) -> Path:
-        return output_path(self.output_dir, scan, self.output_format)
-
-    def writers(self, scan: Scan, predictor: Predictor) -> list[MaskWriter]:
-        """The writers of this batch's output format for ``scan``; the last one writes :meth:`target`.
-        A stand-in predictor without a bundle (no label table) gets the NIfTI mask alone."""
-        model = model_info(predictor)
-        if model is None:
-            if target_suffix(self.output_format, scan.kind) != NIFTI_SUFFIX:
-                raise OutputError(f"{scan.path}: a DICOM-SEG needs the model's label table; this predictor has no bundle")
-            return [NiftiMaskWriter()]
-        return mask_writers(self.output_format, scan.kind, model)
-
-    def done(self, scan: Scan) -> bool:
-        """Its mask was present at start and may be kept: the scan is skipped, without a claim or a model."""
-        return self.at_start[scan.case_id] is not None and not self.overwrite
-
-    def todo(self, scan: Scan) -> bool:
-        """Whether ``scan`` is to be predicted (not :meth:`done`)."""
-        return not self.done(scan)
-
-    def memory(self) -> MemoryBudget:
-        """The memory one scan may use, measured once (after the model is loaded, at the first scan)."""
-        if self._budget is None:
-            self._budget = MemoryBudget.measure(self.max_memory_gib)
-        return self._budget
-
-
-def model_info(predictor: Predictor) -> ModelInfo | None:
-    """The model as outputs describe it: bundle name and label table, each label with its coded concept;
-    None for a stand-in predictor without a bundle (tests, services)."""
-    bundle = getattr(predictor, "bundle", None)
-    if bundle is None:
-        return None
-    spec = bundle.spec
-    return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels))
-
-
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
                   statistics: bool = True, preview: bool = False, output_format: str = "auto",
-                  max_memory_gib: float | None = None) -> PredictBatch:
+                  max_memory_gib: float | None = None, reporter: ScanReporter | None = None,
+                  case_id: str | None = None) -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
-    outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`."""
+    outputs before any work, clean a killed run's temporaries. ``output_format``: see
+    :mod:`medseg.io.output_formats`; ``reporter`` writes each scan's report; ``case_id`` names the outputs of
+    a single scan (the service's ``scan``) instead of its file or folder name."""
     output_dir = Path(output_dir)
     scans = find_scans(inputs, channels=channels)
-    niftis = [scan.path for scan in scans if scan.kind == "nifti" and "dicom-seg" in output_kinds(output_format, "nifti")]
-    if niftis:
-        raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
-                          f"{len(niftis)} input(s) are NIfTI, e.g. {niftis[0]} (use --output-format auto or nifti)")
-    if output_format in ("dicom-seg", "both") and not seg_available():
-        raise OutputError(f"--output-format {output_format} needs highdicom: pip install 'medseg[dicom]'")
-    if output_format == "auto" and not seg_available() and any(scan.kind == "dicom" for scan in scans):
-        log.warning("highdicom is not installed: DICOM series get NIfTI masks only (pip install 'medseg[dicom]' "
-                    "adds DICOM-SEG)")
+    if case_id is not None:
+        if len(scans) != 1:
+            raise OutputError(f"case_id {case_id!r} names one scan, but the inputs hold {len(scans)}")
+        scans = [replace(scans[0], case_id=case_id)]
+    for warning in check_formats(output_format, {str(scan.path): scan.kind for scan in scans}):
+        log.warning("%s", warning)
     check_outputs(scans, output_dir, inputs)
     removed = remove_orphan_temporaries(output_dir)
     if removed:
         log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), output_dir)
-    at_start = {scan.case_id: _identity(output_path(output_dir, scan, output_format)) for scan in scans}
-    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, output_format, max_memory_gib)
-
-
-def write_outputs(scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image, target: Path,
-                  writers: Sequence[MaskWriter] | None = None) -> None:
-    """Write one scan's outputs beside ``target``, each atomically, in the writers' order: the last writes
-    ``target``, which marks the scan done. ``image`` is the scan as read. Default: the NIfTI mask only."""
-    writers = list(writers) if writers is not None else [NiftiMaskWriter()]
-    for writer in writers[:-1]:
-        writer.write(scan, image, mask, writer.path(target.parent, scan.case_id))
-    writers[-1].write(scan, image, mask, target)  # exactly ``target``, whatever its name (the service's mask.nii.gz)
-
-
-def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image, mask: nib.Nifti1Image,
-                       stats: ScanStatistics, batch: PredictBatch) -> None:
-    """Write a scan's ``<case_id>.preview.png`` (:mod:`medseg.inference.preview`)."""
-    from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
-
-    bundle = predictor.bundle
-    lesion_classes = bundle.config.evaluate.lesion_classes
-    write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
-                  training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
-                  lesion_classes, stats.all_flags)
-
-
-def _grid_of(predictor: Predictor) -> tuple[str, tuple[float, ...] | None, int] | None:
-    """Orientation, model spacing and class count of the predictor's model (None for a stand-in without a bundle)."""
-    bundle = getattr(predictor, "bundle", None)
-    if bundle is None:
-        return None
-    pre = bundle.spec.preprocessing
-    return pre.orientation, pre.spacing, bundle.network.num_classes
-
-
-def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
-    """What predicting ``scan`` needs, from its header alone (NIfTI); None when unknown before loading (DICOM)."""
-    grid = _grid_of(predictor)
-    return None if scan.kind != "nifti" or grid is None else nifti_header_size(scan.path, *grid)
-
-
-def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
-    """Read a scan, refusing first (:class:`~medseg.errors.ScanTooLargeError`) one whose prediction would not
-    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting."""
-    size = header_size(predictor, scan)
-    if size is not None:
-        batch.memory().check(scan.path, size)
-    image = load_scan(scan)
-    grid = _grid_of(predictor)
-    if size is None and grid is not None:
-        batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine, *grid))
-    return image
-
-
-def _failed(scan: Scan, target: Path, exc: Exception) -> ScanOutcome:
-    if not isinstance(exc, MedsegError):  # one broken scan must not stop a batch of hundreds
-        log.debug("unexpected error on %s", scan.path, exc_info=exc)
-    return ScanOutcome(scan.path, target, "failed", type(exc).__name__, str(exc))
-
-
-def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOutcome:
-    """Predict one scan of ``batch`` and write its outputs, unless its mask exists or another run holds it.
-
-    Never raises for a bad scan: the failure is returned, so one broken scan cannot stop a batch.
-    """
-    outcome = _predict(predictor, scan, batch)
-    assert isinstance(outcome, ScanOutcome)
-    return outcome
-
-
-def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Future[nib.Nifti1Image] | None = None,
-             writer: ThreadPoolExecutor | None = None) -> ScanOutcome | Future[ScanOutcome]:
-    """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
-    ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
-    target = batch.target(scan)
-    if batch.done(scan):
-        return ScanOutcome(scan.path, target, "skipped")
-    held = claim(target)
-    if held is None:
-        return ScanOutcome(scan.path, target, "claimed")
-    with ExitStack() as stack:
-        stack.enter_context(held)
-        if _identity(target) != batch.at_start[scan.case_id]:
-            return ScanOutcome(scan.path, target, "claimed")
-        try:
-            writers = batch.writers(scan, predictor)
-            for path in [target, *(w.path(target.parent, scan.case_id) for w in writers)]:
-                for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
-                    tmp.unlink(missing_ok=True)
-            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
-            stats: ScanStatistics | None = None
-            if not (batch.statistics or batch.preview):
-                mask = predictor.predict_image(image)
-            else:
-                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
-                stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
-        except Exception as exc:
-            return _failed(scan, target, exc)
-
-        def write() -> ScanOutcome:
-            try:
-                if stats is None:
-                    write_outputs(scan, image, mask, target, writers)
-                    return ScanOutcome(scan.path, target, "written")
-                if batch.statistics:
-                    # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its
-                    # row, so every mask present has its statistics.
-                    merge_statistics(batch.output_dir, [stats])
-                write_outputs(scan, image, mask, target, writers)
-                if batch.preview:
-                    write_scan_preview(predictor, scan, image, mask, stats, batch)
-                return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
-            except Exception as exc:
-                return _failed(scan, target, exc)
-
-        if writer is None:
-            return write()
-        owned = stack.pop_all()
-
-    def write_and_release() -> ScanOutcome:
-        with owned:
-            return write()
-
-    return writer.submit(write_and_release)
+    at_start = {scan.case_id: identity(output_path(output_dir, scan, output_format)) for scan in scans}
+    return PredictBatch(scans, output_dir, overwrite, at_start, statistics, preview, output_format, max_memory_gib,
+                        reporter)
 
 
 def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> PredictSummary:
@@ -446,7 +250,9 @@ def finish_batch(batch: PredictBatch, outcomes: Sequence[ScanOutcome]) -> Predic
     summary = PredictSummary(batch.output_dir)
     for outcome in outcomes:
         summary.add(outcome)
-    _update_failures(batch.output_dir, summary, {str(s.path): batch.target(s).name for s in batch.scans})
+    outputs_of = {batch.target(s).name: [f"{s.case_id}{suffix}" for suffix in batch.output_suffixes(s)]
+                  for s in batch.scans}
+    _update_failures(batch.output_dir, summary, {str(s.path): batch.target(s).name for s in batch.scans}, outputs_of)
     return summary
 
 
@@ -470,7 +276,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                   device: str | None = "auto", predictor: Predictor | None = None,
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
                   output_format: str = "auto", backend: str = "torch", model_file: Path | None = None,
-                  precision: str = "float32", max_memory_gib: float | None = None) -> PredictSummary:
+                  precision: str = "float32", max_memory_gib: float | None = None,
+                  reporter: ScanReporter | None = None) -> PredictSummary:
     """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
@@ -483,7 +290,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     is refused before it is read. Existing masks are skipped unless ``overwrite``; masks are written
     atomically, so a killed run resumes where it stopped. Each scan is claimed first: scans another run on
     the folder is doing are left to it.
-    ``output_format`` (auto, nifti, dicom-seg, both) chooses the files (:mod:`medseg.io.mask_writers`).
+    ``output_format`` chooses the files (:mod:`medseg.io.output_formats`); one format that fails is recorded
+    and the others are still written. ``reporter`` writes each scan's ``<case_id>.report.json``.
 
     ``statistics`` writes per-class statistics and QC flags (``statistics.csv`` / ``.json``, docs/qc.md);
     ``preview`` a ``<case_id>.preview.png`` per scan.
@@ -499,7 +307,7 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     except CheckpointError:
         channels = 1
     batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics, preview=preview,
-                          output_format=output_format, max_memory_gib=max_memory_gib)
+                          output_format=output_format, max_memory_gib=max_memory_gib, reporter=reporter)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
                                                        model_file=model_file, precision=precision)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
@@ -523,7 +331,7 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                                           and need + held + 2 * upcoming.scan_bytes <= budget)
                 if fits:  # read while this one is predicted (a gzip read briefly holds the file twice)
                     ahead = (following, reader.submit(load_for_prediction, predictor, following, batch))
-            result = _predict(predictor, scan, batch, loaded, writer)
+            result = predict_scan(predictor, scan, batch, loaded, writer)
             if writing is not None:
                 writing[0].result()  # at most one write pending: its memory stays bounded
                 writing = None

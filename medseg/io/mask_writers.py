@@ -7,21 +7,19 @@
 - :class:`DicomSegWriter`: ``<case>.seg.dcm``, a DICOM Segmentation (binary, highdicom) that references
   the source instances of a DICOM series.
 
-:func:`mask_writers` picks the writers of an ``--output-format`` for a scan; the last one writes the
-file that marks the scan done (the NIfTI mask, or the SEG when it is the only output), so a scan killed
-midway has no marker and is redone. Every file is written atomically. File names come from the case id
+Which writers an ``--output-format`` runs, and every other per-format fact, is in the registry
+:mod:`medseg.io.output_formats`. Every file is written atomically. File names come from the case id
 (file and folder names), never from DICOM tags. Details and choices: docs/dicom.md.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -36,37 +34,10 @@ if TYPE_CHECKING:  # io sits below data in the pipeline: label tables come in as
 
 log = logging.getLogger(__name__)
 
-OutputFormat = Literal["auto", "nifti", "dicom-seg", "both"]
-#: ``auto``: a SEG and a NIfTI mask for a DICOM series, a NIfTI mask for a NIfTI scan.
-OUTPUT_FORMATS: tuple[str, ...] = ("auto", "nifti", "dicom-seg", "both")
 NIFTI_SUFFIX = ".nii.gz"
 SEG_SUFFIX = ".seg.dcm"
 ITKSNAP_SUFFIX = ".itksnap.txt"
 SLICER_SUFFIX = ".ctbl"
-#: Every suffix a writer here produces (for cleaning temporaries of killed runs).
-OUTPUT_SUFFIXES = (NIFTI_SUFFIX, SEG_SUFFIX, ITKSNAP_SUFFIX, SLICER_SUFFIX)
-
-
-def seg_available() -> bool:
-    """True when highdicom (the ``dicom`` extra) is installed, so DICOM-SEG can be written."""
-    return importlib.util.find_spec("highdicom") is not None
-
-
-def output_kinds(output_format: str, scan_kind: str) -> tuple[str, ...]:
-    """The outputs (``dicom-seg``, ``nifti``) of ``output_format`` for a scan of ``scan_kind`` (nifti/dicom).
-
-    ``auto`` adds a SEG for a DICOM series only when highdicom is installed (a plain install writes NIfTI).
-    """
-    if output_format not in OUTPUT_FORMATS:
-        raise OutputError(f"unknown output format {output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}")
-    if output_format == "auto":
-        return ("dicom-seg", "nifti") if scan_kind == "dicom" and seg_available() else ("nifti",)
-    return ("dicom-seg", "nifti") if output_format == "both" else (output_format,)
-
-
-def target_suffix(output_format: str, scan_kind: str) -> str:
-    """Suffix of the file that marks a scan done (written last): the NIfTI mask, else the SEG."""
-    return NIFTI_SUFFIX if "nifti" in output_kinds(output_format, scan_kind) else SEG_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -208,6 +179,7 @@ def _minimal_source(path: Path, for_uid: str, step_mm: float):
             out[keyword] = ds[keyword]
         elif keyword in PATIENT_STUDY_TAGS:
             setattr(out, keyword, "")
+    out.SOPClassUID, out.SOPInstanceUID = sop_identity(ds, path)
     if "PerFrameFunctionalGroupsSequence" in ds:
         _frame_geometry(ds, out, step_mm)
     charset = out.get("SpecificCharacterSet")
@@ -224,6 +196,31 @@ def _minimal_source(path: Path, for_uid: str, step_mm: float):
     if "NumberOfFrames" not in out and not out.get("SliceThickness"):
         out.SliceThickness = round(step_mm, 6)
     return out
+
+
+#: (data set keyword, file meta keyword): the same identity, stored twice (PS3.10 7.1).
+_SOP_IDENTITY = (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID"))
+
+
+def sop_identity(ds, path: Path) -> tuple[str, str]:
+    """The SOP Class and SOP Instance UID a DICOM-SEG or RTSTRUCT references for source file ``path``.
+
+    Some anonymisers blank them in the data set but keep the file meta, which by the standard holds the same
+    values (Media Storage SOP Class/Instance UID): those are taken then, and the substitution is logged.
+    A file with neither is refused with :class:`OutputError` naming the attribute.
+    """
+    values = []
+    for keyword, meta_keyword in _SOP_IDENTITY:
+        value = str(ds.get(keyword) or "").strip()
+        if not value:
+            meta = getattr(ds, "file_meta", None)
+            value = str(meta.get(meta_keyword) or "").strip() if meta is not None else ""
+            if not value:
+                raise OutputError(f"{path}: {keyword} is empty and the file meta has no {meta_keyword}; a DICOM "
+                                  "object referencing this image cannot be written")
+            log.info("%s: %s is empty in the data set; the file meta's %s is used", path.name, keyword, meta_keyword)
+        values.append(value)
+    return values[0], values[1]
 
 
 def _frame_of_reference(path: Path, case_id: str) -> str:
@@ -398,15 +395,3 @@ def _planes_of_slices(folder: Path, planes, affine_ras: np.ndarray, shape: tuple
     if len(set(order)) != len(order):
         raise DicomSeriesError(folder, "two mask slices map to one source image: no DICOM-SEG written")
     return order
-
-
-def mask_writers(output_format: str, scan_kind: str, model: ModelInfo) -> list[MaskWriter]:
-    """The writers of ``output_format`` for a scan of ``scan_kind``, the one that marks the scan done last:
-    SEG, then the sidecars and the NIfTI mask."""
-    kinds = output_kinds(output_format, scan_kind)
-    writers: list[MaskWriter] = []
-    if "dicom-seg" in kinds:
-        writers.append(DicomSegWriter(model))
-    if "nifti" in kinds:
-        writers += [ItkSnapLabelWriter(model), SlicerColorTableWriter(model), NiftiMaskWriter()]
-    return writers

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,13 +27,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from medseg.errors import MedsegError
+from medseg.io.channels import load_channels
+from medseg.io.output_formats import OutputFormat, routed_formats
 from medseg.io.scans import load_scan
+from medseg.models.bundle import read_bundle_spec
 from medseg.serving.audit import AuditLog
 from medseg.serving.auth import RateLimiter, TokenSet
 from medseg.serving.jobs import ACTIVE, Job, JobStatus, JobStore, QueueFull, new_job_id
 from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
-from medseg.serving.uploads import UploadError, ZipLimits, extract_zip, receive_scan, sniff
-from medseg.serving.worker import INPUT, MASK, REPORT, SEG, WorkerPool, job_dir
+from medseg.serving.uploads import FIELD, UploadError, ZipLimits, extract_zip, receive_scan, sniff
+from medseg.serving.worker import INPUT, WorkerPool, job_dir, result_path
 
 log = logging.getLogger("medseg.serving")
 
@@ -64,6 +66,10 @@ class ServeSettings:
     poll_s: float = 0.5
     #: Uploads read through the scan checks at once (each holds one scan in memory).
     max_concurrent_checks: int = 2
+    #: ``medseg predict``'s ``--output-format`` for every job (all: every format the upload can take).
+    output_format: str = "all"
+    #: ``medseg predict``'s ``--max-memory-gib`` (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
+    max_memory_gib: float | None = None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -124,6 +130,46 @@ def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> Non
             pass
 
 
+def job_id_of(path: Path) -> str:
+    """The job id of a file in a job's folder (``jobs/<id>/output/<file>``): downloads are named by it."""
+    return path.parent.parent.name
+
+
+def _model_channels(model: Path) -> int | None:
+    """The served model's input channels, from its bundle spec alone (None when unreadable: the worker
+    pool reports the model's error through /readyz)."""
+    try:
+        return read_bundle_spec(Path(model)).network.in_channels
+    except MedsegError:
+        return None
+
+
+def _store_upload(parts: list[Path], inputs: Path, zip_limits: ZipLimits) -> tuple[str, list[Path]]:
+    """Lay an upload's parts out as the job's input (the case is named ``scan``): one NIfTI as ``scan.nii[.gz]``,
+    several as channel files ``scan_0000.nii.gz``..., a zip of a DICOM series as the folder ``scan/``, a zip of
+    channel files as ``scan_XXXX.nii.gz``. The input kind (``nifti``, ``nifti-gz``, ``dicom``) and the files."""
+    kinds = [sniff(part) for part in parts]
+    inputs.mkdir()
+    if "zip" in kinds:
+        if len(parts) > 1:
+            raise UploadError(400, "a zip must be the only 'scan' field of an upload")
+        layout = extract_zip(parts[0], inputs, zip_limits)
+        parts[0].unlink()
+        if layout == "dicom":
+            return "dicom", [inputs / "scan"]
+        files = sorted(inputs.iterdir())
+        kinds = [sniff(f) for f in files]
+        if "zip" in kinds:
+            raise UploadError(415, "a channel file in the zip is not a NIfTI image")
+        return ("nifti-gz" if "nifti-gz" in kinds else "nifti"), files
+    files = []
+    for i, (part, kind) in enumerate(zip(parts, kinds, strict=True)):
+        stem = "scan" if len(parts) == 1 else f"scan_{i:04d}"
+        files.append(inputs / f"{stem}{'.nii.gz' if kind == 'nifti-gz' else '.nii'}")
+        part.rename(files[-1])
+    return ("nifti-gz" if "nifti-gz" in kinds else "nifti"), files
+
+
 def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     """The service's app. ``start_workers`` False serves the API only (another process runs the jobs)."""
     data_dir = Path(settings.data_dir)
@@ -134,7 +180,9 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     metrics = ServiceMetrics(store.counts)
     limiter = RateLimiter(settings.rate_per_minute)
     pool = WorkerPool(store, data_dir, settings.model, settings.device, settings.workers, metrics, audit,
-                      poll_s=settings.poll_s) if settings.workers > 0 and start_workers else None
+                      poll_s=settings.poll_s, output_format=settings.output_format,
+                      max_memory_gib=settings.max_memory_gib) if settings.workers > 0 and start_workers else None
+    channels = _model_channels(settings.model)
     checks = anyio.Semaphore(settings.max_concurrent_checks)
     zip_limits = ZipLimits(max_bytes=settings.max_scan_bytes)
 
@@ -189,25 +237,24 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         staging = data_dir / "incoming" / job_id
         staging.mkdir(parents=True)
         try:
-            raw = staging / f"upload-{uuid.uuid4().hex}"
-            size, sha = await receive_scan(request.stream(), request.headers.get("content-type"),
-                                           request.headers.get("content-length"), raw, settings.max_upload_bytes,
-                                           settings.request_timeout_s)
-            kind = await run_in_threadpool(sniff, raw)
-            inputs = staging / INPUT
-            inputs.mkdir()
-            if kind == "zip":
-                await run_in_threadpool(extract_zip, raw, inputs / "dicom", zip_limits)
-                raw.unlink()
-                source, kind = inputs / "dicom", "dicom"
-            else:
-                source = inputs / ("scan.nii.gz" if kind == "nifti-gz" else "scan.nii")
-                raw.rename(source)
+            size, sha, parts = await receive_scan(request.stream(), request.headers.get("content-type"),
+                                                  request.headers.get("content-length"), staging,
+                                                  settings.max_upload_bytes, settings.request_timeout_s)
+            kind, files = await run_in_threadpool(_store_upload, parts, staging / INPUT, zip_limits)
+            if channels is not None and len(files) != channels:
+                raise UploadError(400, f"the model takes {channels} input channel(s); this upload holds {len(files)} "
+                                       f"scan(s): send one '{FIELD}' field per channel, in channel order (or a zip of "
+                                       "CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
             async with checks:
                 try:
-                    await run_in_threadpool(lambda: load_scan(source, max_bytes=settings.max_scan_bytes))
+                    await run_in_threadpool(
+                        lambda: load_channels(files, max_bytes=settings.max_scan_bytes) if len(files) > 1
+                        else load_scan(files[0], max_bytes=settings.max_scan_bytes))
                 except MedsegError as exc:
-                    raise UploadError(400, f"not a usable scan: {str(exc).replace(str(source), 'scan')}") from None
+                    message = str(exc)
+                    for path in files:
+                        message = message.replace(str(path), path.name)
+                    raise UploadError(400, f"not a usable scan: {message}") from None
             target = job_dir(data_dir, job_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)
@@ -232,7 +279,8 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         if pool is not None:
             pool.wake()
         return JSONResponse({"job_id": job_id, "status": "queued", "links": {
-            "self": f"/v1/jobs/{job_id}", "mask": f"/v1/jobs/{job_id}/mask", "report": f"/v1/jobs/{job_id}/report"}},
+            "self": f"/v1/jobs/{job_id}", **{f.route: f"/v1/jobs/{job_id}/{f.route}" for f in routed_formats()
+                                             if f.accepts(kind)}, "report": f"/v1/jobs/{job_id}/report"}},
             status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
     async def authorised_job(request: Request, job_id: str) -> tuple[Job, str] | Response:
@@ -255,32 +303,37 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         job, tid = found
         if job.status != JobStatus.DONE:
             return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
-        response = await run_in_threadpool(respond, job_dir(data_dir, job_id) / name)
+        response = await run_in_threadpool(respond, result_path(data_dir, job_id, name))
         outcome = "ok" if response.status_code == 200 else f"rejected_{response.status_code}"
         audit.record(f"fetch_{name}", tid, job_id, outcome, result_sha256=job.mask_sha256)
         return response
 
-    @app.get("/v1/jobs/{job_id}/mask")
-    async def job_mask(request: Request, job_id: str) -> Response:
-        return await _result(request, job_id, MASK, lambda p: FileResponse(
-            p, media_type="application/gzip", filename=f"{job_id}.nii.gz"))
+    def add_result_route(fmt: OutputFormat) -> None:
+        """``GET /v1/jobs/{id}/<route>``: the job's file of one output format (the output-format registry)."""
 
-    @app.get("/v1/jobs/{job_id}/seg")
-    async def job_seg(request: Request, job_id: str) -> Response:
         def respond(path: Path) -> Response:
             if not path.is_file():
-                return _error(404, "this job has no DICOM-SEG: its upload was not a DICOM series "
-                                   "(or the server lacks highdicom: pip install 'medseg[dicom]')")
-            return FileResponse(path, media_type="application/dicom", filename=f"{job_id}.seg.dcm")
+                why = ("its upload was not a DICOM series" if fmt.needs_dicom else "it was not written")
+                extra = f" (or the server lacks {fmt.requires_module}: pip install 'medseg[{fmt.extra}]')" \
+                    if fmt.requires_module else ""
+                return _error(404, f"this job has no {fmt.name} output: {why}{extra}, or writing it failed "
+                                   "(see the service log)")
+            return FileResponse(path, media_type=fmt.media_type, filename=f"{job_id_of(path)}{fmt.suffix}")
 
-        return await _result(request, job_id, SEG, respond)
+        async def job_result(request: Request, job_id: str) -> Response:
+            return await _result(request, job_id, fmt.name, respond)
+
+        app.add_api_route(f"/v1/jobs/{{job_id}}/{fmt.route}", job_result, methods=["GET"], name=f"job_{fmt.route}")
+
+    for fmt in routed_formats():
+        add_result_route(fmt)
 
     @app.get("/v1/jobs/{job_id}/report")
     async def job_report(request: Request, job_id: str) -> Response:
         def respond(path: Path) -> Response:
             return JSONResponse(json.loads(path.read_text(encoding="utf-8")))
 
-        return await _result(request, job_id, REPORT, respond)
+        return await _result(request, job_id, "report", respond)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

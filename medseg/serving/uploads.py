@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import re
 import stat
 import struct
 import zipfile
@@ -24,6 +25,10 @@ from pathlib import Path, PurePosixPath
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 FIELD = "scan"
+#: Most ``scan`` fields one upload may hold (one per input channel of a multi-channel model).
+MAX_SCAN_PARTS = 16
+#: A zip member that is one channel file of a case in nnU-Net naming: ``CASE_0001.nii.gz``.
+CHANNEL_MEMBER = re.compile(r"(?:^|/)(?P<case>[^/]+)_(?P<channel>\d{4})\.nii(?P<gz>\.gz)?$")
 #: Room for the multipart framing and small extra fields on top of the scan's own size cap.
 _FRAMING_BYTES = 64 * 1024
 _CHUNK = 1024 * 1024
@@ -48,12 +53,15 @@ class ZipLimits:
 
 
 async def receive_scan(chunks: AsyncIterator[bytes], content_type: str | None, content_length: str | None,
-                       target: Path, max_bytes: int, timeout_s: float) -> tuple[int, str]:
-    """Write the ``scan`` field of a multipart body to ``target``; its size (bytes) and SHA-256.
+                       folder: Path, max_bytes: int, timeout_s: float,
+                       max_parts: int = MAX_SCAN_PARTS) -> tuple[int, str, list[Path]]:
+    """Write the ``scan`` fields of a multipart body to ``folder`` (``part-0``, ``part-1``... in the order sent:
+    the channels of a multi-channel case); their total size (bytes), the SHA-256 of all their bytes in order,
+    and the files.
 
     Refused: a body that is not ``multipart/form-data`` (415), a declared or actual size over ``max_bytes``
-    (413, stopped as soon as it is exceeded), a body not complete within ``timeout_s`` (408), a missing,
-    repeated or empty ``scan`` field (400).
+    (413, stopped as soon as it is exceeded), a body not complete within ``timeout_s`` (408), a missing or
+    empty ``scan`` field, or more than ``max_parts`` of them (400).
     """
     mime, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
@@ -67,9 +75,11 @@ async def receive_scan(chunks: AsyncIterator[bytes], content_type: str | None, c
         if declared > max_bytes + _FRAMING_BYTES:
             raise UploadError(413, f"upload of {declared} bytes exceeds the limit of {max_bytes} bytes")
 
-    state = {"name": None, "header_field": b"", "header_value": b"", "headers": {}, "scan_parts": 0, "size": 0}
+    state = {"name": None, "header_field": b"", "header_value": b"", "headers": {}, "scan_parts": 0, "size": 0,
+             "part_size": 0}
     digest = hashlib.sha256()
-    out = target.open("xb")
+    parts: list[Path] = []
+    files: list = []
 
     def on_part_begin() -> None:
         state["headers"] = {}
@@ -91,18 +101,26 @@ async def receive_scan(chunks: AsyncIterator[bytes], content_type: str | None, c
         state["name"] = name
         if name == FIELD:
             state["scan_parts"] += 1
-            if state["scan_parts"] > 1:
-                raise UploadError(400, f"send one '{FIELD}' field, not several")
+            if state["scan_parts"] > max_parts:
+                raise UploadError(400, f"send at most {max_parts} '{FIELD}' fields (one per input channel)")
+            if files and state["part_size"] == 0:
+                raise UploadError(400, f"field '{FIELD}' number {len(files)} is empty")
+            if files:
+                files[-1].close()
+            parts.append(folder / f"part-{len(parts)}")
+            files.append(parts[-1].open("xb"))
+            state["part_size"] = 0
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["name"] != FIELD:
             return
         piece = data[start:end]
         state["size"] += len(piece)
+        state["part_size"] += len(piece)
         if state["size"] > max_bytes:
             raise UploadError(413, f"scan exceeds the upload limit of {max_bytes} bytes")
         digest.update(piece)
-        out.write(piece)
+        files[-1].write(piece)
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
@@ -124,12 +142,14 @@ async def receive_scan(chunks: AsyncIterator[bytes], content_type: str | None, c
     except Exception as exc:  # python-multipart's parse errors: a malformed or truncated body
         raise UploadError(400, f"malformed multipart body ({type(exc).__name__})") from None
     finally:
-        out.close()
+        for f in files:
+            f.close()
     if state["scan_parts"] == 0:
         raise UploadError(400, f"multipart field '{FIELD}' missing")
-    if state["size"] == 0:
-        raise UploadError(400, f"field '{FIELD}' is empty")
-    return state["size"], digest.hexdigest()
+    if state["part_size"] == 0:
+        raise UploadError(400, f"field '{FIELD}' is empty" if len(parts) == 1 else
+                               f"field '{FIELD}' number {len(parts)} is empty")
+    return state["size"], digest.hexdigest(), parts
 
 
 def _nifti_header_kind(head: bytes) -> str | None:
@@ -184,12 +204,31 @@ def _check_member(info: zipfile.ZipInfo, limits: ZipLimits) -> None:
         raise UploadError(413, f"a zip member expands more than {limits.max_ratio:g}-fold (zip bomb?); refused")
 
 
-def extract_zip(archive: Path, dest: Path, limits: ZipLimits) -> int:
-    """Extract the regular files of ``archive`` into ``dest`` as ``00000.dcm``, ``00001.dcm``...; their count.
+def _channel_names(infos: list[zipfile.ZipInfo]) -> list[str] | None:
+    """``scan_0000.nii.gz``... for a zip whose every file is named ``CASE_XXXX.nii[.gz]`` (nnU-Net channel files
+    of one case: the channel number is all we take from the name), else None (a DICOM series)."""
+    files = [i for i in infos if not i.is_dir()]
+    found = [CHANNEL_MEMBER.search(i.filename) for i in files]
+    if not files or any(m is None for m in found):
+        return None
+    names = [f"scan_{m['channel']}.nii{m['gz'] or ''}" for m in found if m is not None]
+    cases = {m['case'] for m in found if m is not None}
+    if len(cases) > 1:
+        raise UploadError(400, "the zip holds channel files of several cases; send one case per upload")
+    if len(set(names)) != len(names) or sorted(int(n[5:9]) for n in names) != list(range(len(names))):
+        raise UploadError(400, "the zip's channel files must be numbered _0000, _0001, ... once each")
+    return names
 
-    Member names are checked, never used as paths. Refused: unreadable archives, damaged members
-    (CRC), unsafe names, symlinks and encrypted members (400); more members, more decompressed bytes or a
-    higher compression ratio than ``limits`` (413), counted on the actual bytes, not the declared sizes.
+
+def extract_zip(archive: Path, dest: Path, limits: ZipLimits) -> str:
+    """Extract the regular files of ``archive`` into ``dest``: the channel files of one multi-channel case
+    (every member named ``CASE_XXXX.nii.gz``) as ``dest/scan_XXXX.nii.gz`` (returns ``channels``), else a DICOM
+    series as ``dest/scan/00000.dcm``, ``00001.dcm``... (returns ``dicom``).
+
+    Member names are checked, never used as paths (a channel file's number is taken from its name). Refused:
+    unreadable archives, damaged members (CRC), unsafe names, symlinks and encrypted members (400); more
+    members, more decompressed bytes or a higher compression ratio than ``limits`` (413), counted on the
+    actual bytes, not the declared sizes.
     """
     try:
         zf = zipfile.ZipFile(archive)
@@ -203,12 +242,14 @@ def extract_zip(archive: Path, dest: Path, limits: ZipLimits) -> int:
             _check_member(info, limits)
         if sum(i.file_size for i in infos) > limits.max_bytes:
             raise UploadError(413, f"the zip expands to more than {limits.max_bytes} bytes")
-        dest.mkdir(parents=True, exist_ok=False)
+        channel_names = _channel_names(infos)
+        folder = dest if channel_names is not None else dest / "scan"
+        folder.mkdir(parents=True, exist_ok=channel_names is not None)
         total, count = 0, 0
         for info in infos:
             if info.is_dir():
                 continue
-            target = dest / f"{count:05d}.dcm"
+            target = folder / (channel_names[count] if channel_names is not None else f"{count:05d}.dcm")
             count += 1
             written = 0
             try:
@@ -225,4 +266,4 @@ def extract_zip(archive: Path, dest: Path, limits: ZipLimits) -> int:
                 raise UploadError(400, f"a zip member cannot be extracted ({type(exc).__name__})") from None
         if count == 0:
             raise UploadError(400, "the zip holds no files")
-        return count
+        return "channels" if channel_names is not None else "dicom"

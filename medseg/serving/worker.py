@@ -1,71 +1,59 @@
 """Workers: load the model bundle once per process and run claimed jobs through ``medseg predict``'s pipeline.
 
-Each job runs what ``medseg predict`` runs for one scan (``find_scans``, ``load_scan``,
-:meth:`Predictor.predict_image`, the runner's ``write_outputs``) on the stored upload, and a report built from
-medseg.evaluation's volume and lesion functions. A heartbeat thread renews the leases of running jobs;
-if this process dies, another (or the restarted) server takes the job back (:mod:`medseg.serving.jobs`).
+Each job is one call of :func:`medseg.inference.pipeline.predict_one`, the per-scan pipeline ``medseg
+predict``, its Ray actors and the PACS path run: the same memory estimate and refusal, channel grouping
+(a multi-channel upload is one case), statistics and QC, writers (every format of the output-format
+registry the scan can take, each failing alone) and report. Outputs are named ``scan<suffix>`` in the job's
+``output/`` folder. A heartbeat thread renews the leases of running jobs; if this process dies, another (or
+the restarted) server takes the job back (:mod:`medseg.serving.jobs`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-from medseg.atomic import write_text_atomic
-from medseg.evaluation.lesions import find_lesions
-from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
+from medseg.evaluation.scan_report import ReportOptions, ScanReportWriter, report_path
+from medseg.inference.pipeline import predict_one
 from medseg.inference.predictor import Predictor
-from medseg.inference.runner import model_info, write_outputs
-from medseg.inference.statistics import ScanStatistics, assess_scan
-from medseg.io.mask_writers import DicomSegWriter, MaskWriter, NiftiMaskWriter, seg_available
-from medseg.io.scans import Scan, find_scans, load_scan
+from medseg.inference.runner import predictor_channels, prepare_batch
+from medseg.io.output_formats import output_format
 from medseg.serving.audit import AuditLog
 from medseg.serving.jobs import Job, JobStore, worker_identity
 from medseg.serving.metrics import ServiceMetrics
 
 log = logging.getLogger("medseg.serving")
 
-MASK = "mask.nii.gz"
-REPORT = "report.json"
-#: The DICOM Segmentation of a DICOM upload (when highdicom is installed: ``medseg[dicom]``).
-SEG = "segmentation.dcm"
 INPUT = "input"
+OUTPUT = "output"
+#: The case id of every job's outputs: ``output/scan.nii.gz``, ``output/scan.seg.dcm``, ``output/scan.report.json``.
+CASE_ID = "scan"
 
 
 def job_dir(data_dir: Path, job_id: str) -> Path:
-    """Where a job's upload, mask and report live."""
+    """Where a job's upload and results live."""
     return Path(data_dir) / "jobs" / job_id
 
 
-def input_path(data_dir: Path, job: Job) -> Path:
-    """The stored scan of a job: a NIfTI file or the folder of an extracted DICOM series."""
+def input_paths(data_dir: Path, job: Job) -> list[Path]:
+    """The stored scan of a job: a NIfTI file, the channel files of a multi-channel upload
+    (``scan_0000.nii.gz``, ...), or the folder of an extracted DICOM series."""
     folder = job_dir(data_dir, job.id) / INPUT
-    return folder / {"nifti": "scan.nii", "nifti-gz": "scan.nii.gz", "dicom": "dicom"}[job.input_kind]
+    if job.input_kind == "dicom":
+        return [folder / CASE_ID]
+    return sorted(p for p in folder.iterdir() if p.name.startswith(CASE_ID) and p.name.endswith((".nii", ".nii.gz")))
 
 
-class _JobSegWriter(DicomSegWriter):
-    """The SEG under the job folder's fixed name (``segmentation.dcm``), whatever the scan's case id."""
-
-    def path(self, output_dir: Path, case_id: str) -> Path:
-        return Path(output_dir) / SEG
-
-
-def job_writers(scan: Scan, predictor: Predictor) -> list[MaskWriter]:
-    """A job's outputs: the NIfTI mask, and before it a DICOM-SEG for a DICOM upload (highdicom installed),
-    as ``medseg predict --output-format auto`` writes them."""
-    info = model_info(predictor)
-    if scan.kind == "dicom" and info is not None and seg_available():
-        return [_JobSegWriter(info), NiftiMaskWriter()]
-    return [NiftiMaskWriter()]
+def result_path(data_dir: Path, job_id: str, fmt: str) -> Path:
+    """A job's file of output format ``fmt`` (its main file), or of the report for ``report``."""
+    folder = job_dir(data_dir, job_id) / OUTPUT
+    if fmt == "report":
+        return report_path(folder, CASE_ID)
+    return folder / f"{CASE_ID}{output_format(fmt).suffix}"
 
 
 def file_sha256(path: Path) -> str:
@@ -76,53 +64,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class ReportOptions:
-    """Which classes get a lesion inventory, and how components are formed (from the bundle's config)."""
+class _JobFailed(Exception):
+    """A job whose scan the pipeline returned as failed: its error class name and message."""
 
-    label_names: dict[int, str]
-    lesion_classes: list[int]
-    connectivity: int = 26
-    min_lesion_volume_ml: float = 0.0
-    #: Provenance quoted in each report: the model's name and weights SHA-256.
-    model: dict[str, str | None] | None = None
-
-    @classmethod
-    def from_predictor(cls, predictor: Predictor) -> ReportOptions:
-        """The model config's ``evaluate`` lesion settings; every foreground class when it names none."""
-        evaluate = predictor.bundle.config.evaluate
-        names = dict(predictor.label_names)
-        classes = list(evaluate.lesion_classes) or [k for k in sorted(names) if k != 0]
-        spec = predictor.bundle.spec
-        return cls(names, classes, evaluate.connectivity, evaluate.min_lesion_volume_ml,
-                   {"name": spec.name, "weights_sha256": spec.provenance.weights_sha256})
-
-
-def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions,
-                        statistics: ScanStatistics | None = None) -> dict[str, object]:
-    """Per-class volumes (mL) and the lesion inventory (volume mL, diameters mm, centroid RAS mm) of a mask;
-    with ``statistics`` also medseg predict's per-class statistics and the QC flags (docs/qc.md)."""
-    labels = np.asarray(mask.dataobj)
-    affine = np.asarray(mask.affine)
-    voxel_ml = voxel_volume_ml(affine)
-    counts = np.bincount(labels.ravel(), minlength=max(options.label_names) + 1)
-    classes = {options.label_names.get(k, f"class_{k}"): {"class_id": k, "voxels": int(counts[k]),
-                                                         "volume_ml": float(counts[k]) * voxel_ml}
-               for k in range(1, len(counts))}
-    inventory = {}
-    for k in options.lesion_classes:
-        found = find_lesions(labels == k, affine, options.connectivity, options.min_lesion_volume_ml)
-        inventory[options.label_names.get(k, f"class_{k}")] = {
-            "class_id": k, "lesions": [x.as_record() for x in found.lesions],
-            "dropped": [x.as_record() for x in found.dropped]}
-    quality = {} if statistics is None else {
-        "qc_flags": statistics.all_flags,
-        "statistics": {k: v for k, v in statistics.as_record().items() if k != "case_id"}}
-    return {"kind": "medseg-segmentation-report", "schema_version": 2, "model": options.model, **quality,
-            "shape": [int(s) for s in labels.shape],
-            "spacing_mm": [round(s, 6) for s in voxel_spacing(affine)], "classes": classes,
-            "lesion_inventory": {"connectivity": options.connectivity, "min_lesion_volume_ml": options.min_lesion_volume_ml,
-                                 "classes": inventory}}
+    def __init__(self, error: str, message: str):
+        super().__init__(message)
+        self.error = error
 
 
 class WorkerPool:
@@ -130,8 +77,12 @@ class WorkerPool:
 
     def __init__(self, store: JobStore, data_dir: Path, model: Path, device: str | None, threads: int,
                  metrics: ServiceMetrics, audit: AuditLog, poll_s: float = 0.5,
-                 load: Callable[[Path, str | None], Predictor] | None = None):
+                 load: Callable[[Path, str | None], Predictor] | None = None, output_format: str = "all",
+                 max_memory_gib: float | None = None):
         self.store = store
+        #: ``medseg predict``'s ``--output-format`` and ``--max-memory-gib`` for every job.
+        self.output_format = output_format
+        self.max_memory_gib = max_memory_gib
         self.data_dir = Path(data_dir)
         self.model = Path(model)
         self.device = device
@@ -175,7 +126,7 @@ class WorkerPool:
     def _main(self) -> None:
         try:
             self.predictor = self._load(self.model, self.device)
-            self.report_options = ReportOptions.from_predictor(self.predictor)
+            self.reporter = ScanReportWriter(ReportOptions.from_bundle(self.predictor.bundle))
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("model could not be loaded", extra={"event": "model_load_failed", "error_class": type(exc).__name__})
@@ -223,25 +174,25 @@ class WorkerPool:
             self._running[job.id] = owner
         started = time.monotonic()
         folder = job_dir(self.data_dir, job.id)
-        source = input_path(self.data_dir, job)
         log.info("job started", extra={"event": "job_started", "job_id": job.id, "attempt": job.attempts})
         try:
-            # The scan record, the reader and the writer are medseg predict's own (find_scans, load_scan,
-            # write_outputs), so the service writes what a predict run would for this scan.
-            scan = find_scans([source])[0]
-            image = load_scan(scan)
-            mask, uncertainty = self.predictor.predict_image(image, with_uncertainty=True)
-            statistics = assess_scan("scan", image, mask, self.predictor.bundle, uncertainty)
-            write_outputs(scan, image, mask, folder / MASK, job_writers(scan, self.predictor))
-            report = segmentation_report(mask, self.report_options, statistics)
-            write_text_atomic(folder / REPORT, json.dumps(report, indent=1, allow_nan=False) + "\n")
-            digest = file_sha256(folder / MASK)
+            # medseg predict's own per-scan pipeline: the job writes what a predict run would for this scan.
+            batch = prepare_batch(input_paths(self.data_dir, job), folder / OUTPUT, overwrite=True,
+                                  channels=predictor_channels(self.predictor), output_format=self.output_format,
+                                  max_memory_gib=self.max_memory_gib, reporter=self.reporter, case_id=CASE_ID)
+            outcome = predict_one(self.predictor, batch.scans[0], batch)
+            for failure in outcome.output_failures:  # the job is done; that format's route answers 404
+                log.warning("job output failed", extra={"event": "job_output_failed", "job_id": job.id,
+                                                        "format": failure.format, "error_class": failure.error})
+            if outcome.status != "written":
+                raise _JobFailed(outcome.error or outcome.status, outcome.message)
+            digest = file_sha256(outcome.target)
             ok = self.store.complete(job.id, owner, digest)
             result, error_class = ("done", None) if ok else ("lease_lost", None)
         except Exception as exc:
-            error_class = type(exc).__name__
+            error_class = exc.error if isinstance(exc, _JobFailed) else type(exc).__name__
             # The message goes to the job's owner only; our own storage paths are not theirs to see.
-            message = str(exc).replace(str(source), "scan").replace(str(folder), "job")
+            message = str(exc).replace(str(folder / INPUT / CASE_ID), "scan").replace(str(folder), "job")
             self.store.fail(job.id, owner, error_class, message)
             result, digest = "failed", None
             self.metrics.failures.labels(error_class).inc()

@@ -23,11 +23,10 @@ from medseg.io.mask_writers import (
     DicomSegWriter,
     ModelInfo,
     itksnap_label_text,
-    mask_writers,
-    output_kinds,
     slicer_color_table_text,
 )
 from medseg.io.nifti import mask_like
+from medseg.io.output_formats import formats_for
 from medseg.io.scans import Scan, find_scans, load_scan
 from tests.unit.dicom_synth import write_multiframe, write_series
 
@@ -262,8 +261,8 @@ def test_dicom_seg_for_nifti_inputs_is_refused_before_any_work(tmp_path):
         predict_paths(None, [tmp_path / "a", tmp_path / "b.nii.gz"], tmp_path / "out",
                       predictor=_FixedPredictor(tmp_path), output_format="both")
     assert not (tmp_path / "out").exists()
-    assert output_kinds("auto", "nifti") == ("nifti",) and output_kinds("auto", "dicom") == ("dicom-seg", "nifti")
-    assert [type(w).__name__ for w in mask_writers("both", "dicom", MODEL)][-1] == "NiftiMaskWriter"
+    assert formats_for("auto", "nifti") == ("nifti",) and formats_for("auto", "dicom") == ("dicom-seg", "nifti")
+    assert formats_for("both", "dicom") == ("dicom-seg", "nifti")
 
 
 def test_seg_encode_handles_a_fresh_series_uid_each_time(tmp_path):

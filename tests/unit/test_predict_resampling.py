@@ -14,6 +14,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 import medseg.inference.runner as runner
+import medseg.inference.pipeline as pipeline
 from medseg.atomic import claim
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.inference.memory import MAX_MEMORY_ENV, nifti_header_size
@@ -205,10 +206,10 @@ def test_read_ahead_and_background_writes_keep_order_failures_and_claims(tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     threads: dict[str, set[str]] = {"read": set(), "write": set()}
-    load, write = runner.load_scan, runner.write_outputs
-    monkeypatch.setattr(runner, "load_scan", lambda s, **k: threads["read"].add(threading.current_thread().name)
+    load, write = pipeline.load_scan, pipeline.write_outputs
+    monkeypatch.setattr(pipeline, "load_scan", lambda s, **k: threads["read"].add(threading.current_thread().name)
                         or load(s, **k))
-    monkeypatch.setattr(runner, "write_outputs", lambda *a: threads["write"].add(threading.current_thread().name)
+    monkeypatch.setattr(pipeline, "write_outputs", lambda *a: threads["write"].add(threading.current_thread().name)
                         or write(*a))
     with claim(out / "d.nii.gz"):  # another run is writing d
         summary = predict_paths(None, [inputs], out, predictor=Predictor(Smooth(), _bundle(), CPU))

@@ -199,7 +199,7 @@ def test_an_oversized_upload_is_refused_while_it_is_read(model_run, tmp_path):
 
     consumed: list[int] = []
     with pytest.raises(UploadError) as err:
-        asyncio.run(receive_scan(body(consumed), "multipart/form-data; boundary=b", None, tmp_path / "up",
+        asyncio.run(receive_scan(body(consumed), "multipart/form-data; boundary=b", None, tmp_path,
                                  max_bytes=2500, timeout_s=10))
     assert err.value.status == 413 and len(consumed) <= 5  # stopped at the cap, not after 100 kB
     with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0, max_upload_bytes=1000))) as client:
@@ -461,7 +461,7 @@ def test_a_stalled_upload_times_out_with_408(tmp_path):
         yield b"never"
 
     with pytest.raises(UploadError) as err:
-        asyncio.run(receive_scan(stalled(), "multipart/form-data; boundary=b", None, tmp_path / "up",
+        asyncio.run(receive_scan(stalled(), "multipart/form-data; boundary=b", None, tmp_path,
                                  max_bytes=10_000, timeout_s=0.2))
     assert err.value.status == 408
 
