@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.data.labels import label_code
-from medseg.errors import CheckpointError, MedsegError, OutputError
+from medseg.errors import CheckpointError, MedsegError, OutputError, ScanError
 from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import (
@@ -297,11 +297,20 @@ def model_info(predictor: Predictor) -> ModelInfo | None:
 
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
                   statistics: bool = True, preview: bool = False, output_format: str = "auto",
-                  max_memory_gib: float | None = None) -> PredictBatch:
+                  max_memory_gib: float | None = None, scans: Sequence[Scan] | None = None) -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
-    outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`."""
+    outputs before any work, clean a killed run's temporaries. ``output_format``: see :mod:`medseg.io.mask_writers`.
+    ``scans`` given (a manifest split, :func:`medseg.data.manifest.split_scans`) are used instead of searching
+    ``inputs``; each must hold ``channels`` channel files."""
     output_dir = Path(output_dir)
-    scans = find_scans(inputs, channels=channels)
+    if scans is None:
+        scans = find_scans(inputs, channels=channels)
+    else:
+        scans = list(scans)
+        for scan in scans:
+            if max(1, len(scan.channels)) != channels:
+                raise ScanError(scan.path, f"case '{scan.case_id}' has {max(1, len(scan.channels))} channel file(s) but "
+                                           f"the model takes {channels} input channel(s)")
     niftis = [scan.path for scan in scans if scan.kind == "nifti" and "dicom-seg" in output_kinds(output_format, "nifti")]
     if niftis:
         raise OutputError(f"--output-format {output_format} writes DICOM-SEG, which needs DICOM series as input; "
@@ -470,8 +479,10 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                   device: str | None = "auto", predictor: Predictor | None = None,
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
                   output_format: str = "auto", backend: str = "torch", model_file: Path | None = None,
-                  precision: str = "float32", max_memory_gib: float | None = None) -> PredictSummary:
-    """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
+                  precision: str = "float32", max_memory_gib: float | None = None,
+                  scans: Sequence[Scan] | None = None) -> PredictSummary:
+    """Segment every scan found under ``inputs`` (or the given ``scans``, e.g. a manifest split) and write
+    ``<case_id>.nii.gz`` masks into ``output_dir``.
 
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
     ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
@@ -499,7 +510,7 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     except CheckpointError:
         channels = 1
     batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics, preview=preview,
-                          output_format=output_format, max_memory_gib=max_memory_gib)
+                          output_format=output_format, max_memory_gib=max_memory_gib, scans=scans)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
                                                        model_file=model_file, precision=precision)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
