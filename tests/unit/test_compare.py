@@ -159,17 +159,21 @@ def test_compare_refuses_mixed_or_missing_inputs(tmp_path, capsys):
     assert manifest.is_file()
 
 
-def _bundle(path: Path, manifest: Path, seed: int, name: str, init_from: Path | None = None) -> Path:
+PHANTOM_LABELS = {0: "background", 1: "lung", 2: "nodule"}
+
+
+def make_bundle(path: Path, manifest: Path, seed: int, name: str, init_from: Path | None = None,
+                labels: dict[int, str] = PHANTOM_LABELS, in_channels: int = 1) -> Path:
     """A freshly initialised tiny model saved as a bundle (its predictions need no training to be compared)."""
     import hashlib
 
     config = tiny_config(manifest, path.parent / "run", **({"init_from": str(init_from)} if init_from else {}))
     config.name = name
     torch.manual_seed(seed)
-    net = build_model(config.model, 1, 3)
+    net = build_model(config.model, in_channels, len(labels))
     data = DataProvenance(manifest_name="phantoms", manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest(),
                           train_cases=4)
-    bundle = ModelBundle.from_config(config, {0: "background", 1: "lung", 2: "nodule"}, 1, data=data)
+    bundle = ModelBundle.from_config(config, labels, in_channels, data=data)
     bundle = bundle.with_weights(net.state_dict())
     if init_from is not None:
         from medseg.models.bundle import load_bundle
@@ -183,8 +187,8 @@ def _bundle(path: Path, manifest: Path, seed: int, name: str, init_from: Path | 
 
 
 def test_models_on_a_split_with_forgetting_check_and_provenance_chain(phantom_manifest, tmp_path):
-    source = _bundle(tmp_path / "source" / "best.pt", phantom_manifest, 1, "source")
-    tuned = _bundle(tmp_path / "tuned" / "best.pt", phantom_manifest, 2, "tuned", init_from=source)
+    source = make_bundle(tmp_path / "source" / "best.pt", phantom_manifest, 1, "source")
+    tuned = make_bundle(tmp_path / "tuned" / "best.pt", phantom_manifest, 2, "tuned", init_from=source)
     result = compare_models([source, tuned], phantom_manifest, "test", tmp_path / "cmp", resamples=200,
                             options=PredictOptions(device="cpu"))
     assert result.names == ["source", "tuned"] and result.cases == ["phantom_004", "phantom_005"]
@@ -203,7 +207,7 @@ def test_models_on_a_split_with_forgetting_check_and_provenance_chain(phantom_ma
     assert len(pred_dirs) == 2 and all(list(d.rglob("phantom_005.nii.gz")) for d in pred_dirs)
 
     # The source retrained since (other weights in its file): the check is not done, and says why.
-    _bundle(source, phantom_manifest, 9, "source")
+    make_bundle(source, phantom_manifest, 9, "source")
     again = compare_models([tuned, tuned], phantom_manifest, "test", tmp_path / "cmp2", resamples=50,
                            options=PredictOptions(device="cpu"))
     assert [f.checked for f in again.forgetting] == [False, False]
