@@ -299,7 +299,8 @@ def comparison_html(result: ComparisonResult) -> str:
         panels[result.label_names.get(k, f"class_{k}")] = [
             [case_value(c, k, "dice") for c in cases] for cases in zip(*(result.case_results(i) for i in range(len(result.names))), strict=True)]
     parts.append("<h2>Paired plot</h2>")
-    parts.append(_img(figures.paired_plot(result.names, panels), "Dice per case across the models: one line per case"))
+    parts.append(_img(figures.paired_plot(result.names, panels, tie=TIE_TOLERANCE["dice"]),
+                      "Dice per case across the models: one line per case"))
     for i, comparison in enumerate(result.comparisons, start=1):
         parts.append(f"<h2>{html.escape(comparison.name)} against {html.escape(result.baseline)}</h2>")
         m = comparison.mean_dice

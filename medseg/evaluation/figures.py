@@ -108,9 +108,11 @@ def metric_boxplots(result: EvaluationResult) -> str:
     return _png(fig)
 
 
-def paired_plot(models: list[str], panels: dict[str, list[list[float | None]]], ylabel: str = "Dice") -> str:
+def paired_plot(models: list[str], panels: dict[str, list[list[float | None]]], ylabel: str = "Dice",
+                tie: float = 0.0) -> str:
     """One panel per class: each case a line across the models (x) joining its values; blue where the last
-    model is better than the first, orange where worse, grey when equal; the mean over cases in black.
+    model is better than the first by more than ``tie``, orange where worse, grey otherwise; the mean over
+    cases in black.
 
     ``panels`` maps a panel title to per-case value lists (one value per model, None: undefined, not drawn).
     Higher is better (Dice); the axis is fitted to the values.
@@ -126,7 +128,7 @@ def paired_plot(models: list[str], panels: dict[str, list[list[float | None]]], 
             if shown.sum() == 0:
                 continue
             first, last = ys[shown][0], ys[shown][-1]
-            kind = "better" if last > first else "worse" if last < first else "equal"
+            kind = "better" if last - first > tie else "worse" if first - last > tie else "equal"
             counts[kind] += 1
             color = {"better": "#0072B2", "worse": "#D55E00", "equal": "#999999"}[kind]
             ax.plot(x[shown], ys[shown], color=color, alpha=0.45, lw=1, marker="o", ms=3)
@@ -137,12 +139,12 @@ def paired_plot(models: list[str], panels: dict[str, list[list[float | None]]], 
         ax.set_xlim(-0.3, len(models) - 0.7)
         ax.set_ylim(*dice_axis_limits([v for c in cases for v in c if v is not None]))
         ax.set_ylabel(f"{ylabel} (axis fitted to the data)")
-        ax.set_title(f"{title}: {counts['better']} better, {counts['worse']} worse, {counts['equal']} equal "
-                     f"({models[-1]} vs {models[0]})", fontsize=9)
+        ax.set_title(f"{title}\n{counts['better']} better, {counts['worse']} worse, {counts['equal']} tied", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color="#0072B2", label="case better with the last model"),
-               Patch(color="#D55E00", label="case worse"), Patch(color="black", label="mean over cases")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, frameon=False)
+    handles = [Patch(color="#0072B2", label=f"case better with {models[-1]} than with {models[0]}"),
+               Patch(color="#D55E00", label="case worse"), Patch(color="#999999", label="tied"),
+               Patch(color="black", label="mean over cases")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9, frameon=False)
     return _png(fig)
 
 
