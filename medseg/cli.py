@@ -367,7 +367,7 @@ def _add_split_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
     """``--manifest``, ``--split`` and ``--fold`` (stored as ``split_fold``: not the config override ``data.fold``)."""
     p.add_argument("--manifest", type=Path, default=None, help="data manifest (JSON) whose cases and labels to use")
     p.add_argument("--split", default=None, metavar="train|val|test", help=split_help)
-    p.add_argument("--fold", dest="split_fold", type=int, default=None,
+    p.add_argument("--fold", dest="split_fold", type=int, default=None, metavar="K",
                    help="with --split: the split of the manifest's cross-validation fold K (folds[K]) instead of its splits")
 
 
@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders or bundle files; the first is the baseline every other is paired with")
     p.add_argument("--manifest", type=Path, default=None, help="data manifest whose split the models are run on")
     p.add_argument("--split", default=None, metavar="train|val|test", help="the manifest's split to compare on")
-    p.add_argument("--fold", dest="split_fold", type=int, default=None, help="with --split: that split of folds[K]")
+    p.add_argument("--fold", dest="split_fold", type=int, default=None, metavar="K", help="with --split: that split of folds[K]")
     p.add_argument("--pred", nargs="+", type=Path, default=None, metavar="DIR",
                    help="compare existing prediction folders instead of running models (first: baseline)")
     p.add_argument("--labels", type=Path, default=None, help="with --pred: reference labels, a manifest or a folder")

@@ -29,6 +29,7 @@ import numpy as np
 from medseg.config import EvaluateConfig
 from medseg.errors import CheckpointError, ManifestError, MedsegError
 from medseg.evaluation.lesions import MatchStatus
+from medseg.evaluation.metrics import summarize
 from medseg.evaluation.runner import CaseResult, EvaluationResult, evaluate_folders
 
 log = logging.getLogger(__name__)
@@ -381,10 +382,8 @@ class ComparisonResult:
         p-value, wins/ties/losses, per-class lines, lesion changes, forgetting checks, files."""
         lines = [f"compared {len(self.names)} model(s) on {len(self.cases)} case(s); baseline: {self.baseline}"]
         for i, name in enumerate(self.names):
-            s = self.comparisons[0].mean_dice if self.comparisons else None
-            mean = (s.baseline_mean if i == 0 else self.comparisons[i - 1].mean_dice.model_mean) if s else \
-                self.evaluations[0].mean_foreground_dice
-            lines.append(f"  [{i}] {name}: mean foreground Dice over cases {_f(mean)}")
+            mean = summarize(c.mean_dice for c in self.case_results(i)).mean
+            lines.append(f"  [{i}] {name}: mean foreground Dice over the paired cases {_f(mean)}")
         for c in self.comparisons:
             m = c.mean_dice
             lines.append(f"  {c.name} - {self.baseline}: Dice {_f(m.mean_difference, sign=True)} "
@@ -561,8 +560,9 @@ def compare_models(models: Sequence[Path], manifest: Path, split: str, output_di
     options = options or PredictOptions()
     infos = [model_info(m) for m in models]
     names = display_names(infos)
-    cfg = config or load_bundle(infos[0].path, verify=False).config.evaluate  # type: ignore[arg-type]
-    label_names = load_bundle(infos[0].path, verify=False).label_names  # type: ignore[arg-type]
+    first = load_bundle(infos[0].path, verify=False)  # type: ignore[arg-type]
+    cfg = config or first.config.evaluate
+    label_names = first.label_names
     result = _compare_on_split(infos, names, manifest, split, fold, output_dir, options, cfg, label_names, resamples,
                                seed)
     result.models = list(infos)

@@ -81,3 +81,12 @@ def test_predict_a_multichannel_split_groups_each_cases_channels(tmp_path, capsy
     assert main(["predict", "--model", str(one), "--manifest", str(manifest), "--split", "test", "--output",
                  str(tmp_path / "p1"), "--device", "cpu"]) == 2
     assert "has 2 channel file(s) but the model takes 1 input channel(s)" in capsys.readouterr().err
+
+
+def test_evaluate_takes_labels_or_a_manifest_not_both(phantom_manifest, tmp_path, capsys):
+    base = ["evaluate", "--pred", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "--labels (a folder or manifest) or --manifest M.json" in capsys.readouterr().err
+    assert main([*base, "--labels", str(tmp_path), "--manifest", str(phantom_manifest)]) == 2
+    assert main([*base, "--labels", str(tmp_path), "--split", "test"]) == 2
+    assert "pass --manifest" in capsys.readouterr().err
