@@ -126,6 +126,8 @@ def describe_models(models: list[Path]) -> str:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.dicomweb:
+        if args.manifest is not None:
+            raise MedsegError("give either --manifest/--split (a manifest's cases) or --dicomweb/--study, not both")
         return _cmd_predict_dicomweb(args)
     if args.study:
         raise MedsegError("--study names a study on a PACS: give the server with --dicomweb URL")

@@ -215,13 +215,15 @@ def provenance_chain(info: ModelInfo) -> list[ModelInfo]:
 def display_names(infos: Sequence[ModelInfo]) -> list[str]:
     """Bundle names, made unique: a repeated name gets its run folder (or file) name, then a number."""
     names = [i.name for i in infos]
+    shared = {name for name in names if names.count(name) > 1}
     for i, info in enumerate(infos):
-        if names.count(info.name) > 1 and info.path is not None:
+        if info.name in shared and info.path is not None:
             where = info.path.parent.name if info.path.name in ("best.pt", "last.pt") else info.path.stem
             names[i] = f"{info.name} ({where})"
     seen: dict[str, int] = {}
+    repeated = {name for name in names if names.count(name) > 1}
     for i, name in enumerate(names):
-        if names.count(name) > 1:
+        if name in repeated:
             seen[name] = seen.get(name, 0) + 1
             names[i] = f"{name} #{seen[name]}"
     return names

@@ -186,7 +186,7 @@ def make_bundle(path: Path, manifest: Path, seed: int, name: str, init_from: Pat
     return bundle.save(path)
 
 
-def test_models_on_a_split_with_forgetting_check_and_provenance_chain(phantom_manifest, tmp_path):
+def test_models_on_a_split_with_forgetting_check_and_provenance_chain(phantom_manifest, tmp_path, capsys):
     source = make_bundle(tmp_path / "source" / "best.pt", phantom_manifest, 1, "source")
     tuned = make_bundle(tmp_path / "tuned" / "best.pt", phantom_manifest, 2, "tuned", init_from=source)
     result = compare_models([source, tuned], phantom_manifest, "test", tmp_path / "cmp", resamples=200,
@@ -208,7 +208,19 @@ def test_models_on_a_split_with_forgetting_check_and_provenance_chain(phantom_ma
 
     # The source retrained since (other weights in its file): the check is not done, and says why.
     make_bundle(source, phantom_manifest, 9, "source")
-    again = compare_models([tuned, tuned], phantom_manifest, "test", tmp_path / "cmp2", resamples=50,
-                           options=PredictOptions(device="cpu"))
-    assert [f.checked for f in again.forgetting] == [False, False]
-    assert "retrained since" in again.forgetting[0].reason
+    args = ["compare", str(tuned), str(tuned.parent), "--manifest", str(phantom_manifest), "--split", "test",
+            "--output", str(tmp_path / "cmp2"), "--device", "cpu", "--bootstrap", "50"]
+    assert main([*args, "--fail-if-worse", "0"]) == 0  # the same model twice: no difference, nothing flagged
+    printed = capsys.readouterr().out
+    assert "forgetting check of tuned (tuned) #1: not done" in printed and "retrained since" in printed
+    doc = json.loads((tmp_path / "cmp2" / "comparison.json").read_text())
+    assert [f["checked"] for f in doc["forgetting"]] == [False, False]
+    assert doc["comparisons"][0]["stats"][0]["mean_difference"] == 0.0
+
+
+def test_repeated_bundle_names_get_their_run_folder_then_a_number():
+    from medseg.evaluation.compare import ModelInfo, display_names
+
+    infos = [ModelInfo("a", Path("/x/r1/best.pt")), ModelInfo("a", Path("/x/r2/best.pt")), ModelInfo("b"),
+             ModelInfo("a", Path("/y/r1/best.pt")), ModelInfo("c", Path("/z/c.pt")), ModelInfo("c", Path("/z/d.pt"))]
+    assert display_names(infos) == ["a (r1) #1", "a (r2)", "b", "a (r1) #2", "c (c)", "c (d)"]
