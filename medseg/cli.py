@@ -93,13 +93,54 @@ def _cmd_predict_dicomweb(args: argparse.Namespace) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+def _split_cases(args: argparse.Namespace, required: bool) -> tuple[Path | None, list | None]:
+    """``--manifest M.json --split NAME [--split-fold K]`` as the manifest path and the split's scans
+    (:func:`medseg.data.manifest.split_scans`); (None, None) without ``--manifest``. ``required``: the split
+    must be named (predict), else all labelled cases are meant (evaluate)."""
+    if args.manifest is None:
+        if args.split is not None or args.split_fold is not None:
+            raise MedsegError("--split and --fold choose cases of a manifest: pass --manifest M.json too")
+        return None, None
+    if args.split is None:
+        if required or args.split_fold is not None:
+            raise MedsegError(f"--manifest {args.manifest}: name the cases with --split train|val|test")
+        return args.manifest, None
+    from medseg.data.manifest import load_manifest, split_scans
+
+    return args.manifest, split_scans(load_manifest(args.manifest), args.split, args.split_fold)
+
+
+def describe_models(models: list[Path]) -> str:
+    """Which model a command runs: each bundle's name and weights SHA-256 (read from its spec alone)."""
+    from medseg.errors import CheckpointError
+    from medseg.models.bundle import read_bundle_spec
+
+    lines = []
+    for model in models:
+        try:
+            spec = read_bundle_spec(model)
+        except CheckpointError:
+            continue  # reported, with the reason, when the model is loaded
+        lines.append(f"model: {spec.name}  weights SHA-256 {spec.provenance.weights_sha256 or 'not recorded'}  ({model})")
+    return "\n".join(lines)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     if args.dicomweb:
+        if args.manifest is not None:
+            raise MedsegError("give either --manifest/--split (a manifest's cases) or --dicomweb/--study, not both")
         return _cmd_predict_dicomweb(args)
     if args.study:
         raise MedsegError("--study names a study on a PACS: give the server with --dicomweb URL")
-    if not args.input:
-        raise MedsegError("give the scans with --input (or a PACS study with --dicomweb URL --study UID)")
+    _, scans = _split_cases(args, required=True)
+    if scans is not None and args.input:
+        raise MedsegError("give either --input (scans) or --manifest/--split (a manifest's cases), not both")
+    if scans is None and not args.input:
+        raise MedsegError("give the scans with --input, a manifest's cases with --manifest M.json --split test, "
+                          "or a PACS study with --dicomweb URL --study UID")
+    described = describe_models(list(args.model))
+    if described:
+        print(described, flush=True)
     reporter = None
     if args.report:
         from medseg.evaluation.scan_report import ReportOptions, ScanReportWriter
@@ -109,7 +150,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         # --lesion-classes, else the config's evaluate.lesion_classes, else every foreground class.
         bundle = load_bundle(args.model[0])
         reporter = ScanReportWriter(ReportOptions.from_bundle(bundle, args.lesion_classes))
-    common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input,
+    common = {"model": args.model if len(args.model) > 1 else args.model[0], "inputs": args.input or [], "scans": scans,
               "output_dir": args.output, "overwrite": args.overwrite, "device": args.device,
               "mirror": True if args.mirror else None, "statistics": not args.no_statistics,
               "preview": args.preview, "output_format": args.output_format, "backend": args.backend,
@@ -187,10 +228,51 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         options["missing_as_empty"] = True
     if args.no_html:
         options["html_report"] = False
-    result = evaluate_folders(pred_dir=args.pred, labels=args.labels, output_dir=args.output, label_names_from=args.model,
-                              images_dir=args.images, config=config, **options)
+    manifest, scans = _split_cases(args, required=False)
+    if (manifest is None) == (args.labels is None):
+        raise MedsegError("give the reference labels with --labels (a folder or manifest) or --manifest M.json "
+                          "[--split test], one of them")
+    result = evaluate_folders(pred_dir=args.pred, labels=manifest or args.labels, output_dir=args.output,
+                              label_names_from=args.model, images_dir=args.images, config=config,
+                              cases=[s.case_id for s in scans] if scans is not None else None, **options)
     print(result.describe())
     return 1 if result.failures else 0  # some cases failed: the others are written (docs/evaluation.md)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medseg.evaluation import compare
+
+    config = None
+    if args.lesion_classes is not None:
+        from medseg.config import EvaluateConfig
+
+        config = EvaluateConfig(lesion_classes=args.lesion_classes)
+    stats = {"resamples": args.bootstrap, "seed": args.seed}
+    if args.pred:
+        if args.models or args.manifest:
+            raise MedsegError("give either MODELs with --manifest, or --pred folders with --labels, not both")
+        if args.labels is None:
+            raise MedsegError("--pred needs the reference labels: --labels M.json (or a folder of labels)")
+        result = compare.compare_prediction_folders(args.pred, args.labels, args.output, names=args.names,
+                                                    split=args.split, fold=args.split_fold, config=config, **stats)
+    else:
+        if len(args.models) < 2:
+            raise MedsegError("give two or more models (run folders or bundle files), or --pred A_DIR B_DIR")
+        if args.manifest is None or args.split is None:
+            raise MedsegError("models are compared on a manifest's cases: pass --manifest M.json --split test")
+        if args.names or args.labels:
+            raise MedsegError("--names and --labels go with --pred; models are named by their bundles")
+        options = compare.PredictOptions(device=args.device, mirror=True if args.mirror else None)
+        result = compare.compare_models(args.models, args.manifest, args.split, args.output, fold=args.split_fold,
+                                        options=options, config=config, forgetting=not args.no_forgetting_check,
+                                        forgetting_tolerance=args.forgetting_tolerance, **stats)
+    print(result.describe())
+    if args.fail_if_worse is not None:
+        reasons = result.worse_than(args.fail_if_worse)
+        for reason in reasons:
+            print(f"WORSE: {reason}")
+        return 1 if reasons else 0
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -265,6 +347,8 @@ examples:
   medseg train ct_lung.yaml                      a bare name finds a shipped config
   medseg predict --model runs/ct_lung --input scans/ --output masks/
   medseg evaluate --pred masks/ --labels my_manifest.json --output eval/
+  medseg predict --model runs/ct_lung --manifest my_manifest.json --split test --output masks/
+  medseg compare runs/old runs/new --manifest my_manifest.json --split test --output cmp/   paired before/after
   MEDSEG_API_TOKENS=... medseg serve runs/ct_lung   HTTP service: POST a scan, GET its mask (docs/serving.md)
   medseg export runs/ct_lung --format onnx       then: medseg predict --backend onnxruntime ...
 
@@ -310,6 +394,13 @@ def _add_output_format(p: argparse.ArgumentParser, default: str) -> None:
                         "auto: nifti plus a DICOM-SEG for DICOM series; both: nifti,dicom-seg; all: every format the "
                         "scan can take (docs/dicom.md)")
 
+def _add_split_arguments(p: argparse.ArgumentParser, split_help: str) -> None:
+    """``--manifest``, ``--split`` and ``--fold`` (stored as ``split_fold``: not the config override ``data.fold``)."""
+    p.add_argument("--manifest", type=Path, default=None, help="data manifest (JSON) whose cases and labels to use")
+    p.add_argument("--split", default=None, metavar="train|val|test", help=split_help)
+    p.add_argument("--fold", dest="split_fold", type=int, default=None, metavar="K",
+                   help="with --split: the split of the manifest's cross-validation fold K (folds[K]) instead of its splits")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all verbs."""
@@ -353,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder or checkpoint file; several (e.g. one per fold) are ensembled")
     p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
     p.add_argument("--input", nargs="+", type=Path, help="NIfTI files, folders, DICOM series folders; a multi-channel model reads CASE_0000.nii.gz, CASE_0001.nii.gz... as one case")
+    _add_split_arguments(p, "predict the cases of this split, named by their case ids (instead of --input)")
     p.add_argument("--output", required=True, type=Path, help="folder for the masks (NIfTI, uint8)")
     p.add_argument("--overwrite", action="store_true", help="replace masks that already exist")
     _add_output_format(p, "auto")
@@ -422,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted masks")
-    p.add_argument("--labels", required=True, type=Path, help="folder of reference labels, or a manifest JSON")
+    p.add_argument("--labels", type=Path, default=None, help="folder of reference labels, or a manifest JSON")
+    _add_split_arguments(p, "evaluate only this split's cases (default with --manifest: every labelled case)")
     p.add_argument("--output", required=True, type=Path, help="folder for metrics CSV/JSON and the report")
     p.add_argument("--model", type=Path, default=None, help="run folder or checkpoint whose label names to use")
     p.add_argument("--images", type=Path, default=None,
@@ -442,6 +535,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing-as-empty", action="store_true", help="score missing predictions as empty masks")
     p.add_argument("--no-html", action="store_true", help="skip report.html")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("compare", help="compare models case by case: paired differences, forgetting check, report")
+    p.add_argument("models", nargs="*", type=Path, metavar="MODEL",
+                   help="run folders or bundle files; the first is the baseline every other is paired with")
+    p.add_argument("--manifest", type=Path, default=None, help="data manifest whose split the models are run on")
+    p.add_argument("--split", default=None, metavar="train|val|test", help="the manifest's split to compare on")
+    p.add_argument("--fold", dest="split_fold", type=int, default=None, metavar="K", help="with --split: that split of folds[K]")
+    p.add_argument("--pred", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="compare existing prediction folders instead of running models (first: baseline)")
+    p.add_argument("--labels", type=Path, default=None, help="with --pred: reference labels, a manifest or a folder")
+    p.add_argument("--names", nargs="+", default=None, help="with --pred: a name per folder (default: folder names)")
+    p.add_argument("--output", required=True, type=Path,
+                   help="folder for comparison.csv, comparison.json, report.html, predictions/ and evaluations/")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when PyTorch sees a GPU")
+    p.add_argument("--mirror", action="store_true", help="test-time mirroring over every spatial axis")
+    p.add_argument("--lesion-classes", type=int, nargs="+", default=None,
+                   help="classes whose lesions are matched (default: the first model's evaluate.lesion_classes)")
+    p.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples of the mean difference")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--forgetting-tolerance", type=float, default=0.02,
+                   help="largest drop of mean Dice on the source model's test split that a fine-tuned model may show unflagged")
+    p.add_argument("--no-forgetting-check", action="store_true",
+                   help="skip evaluating fine-tuned models and their sources on the source's test split")
+    p.add_argument("--fail-if-worse", type=float, default=None, metavar="DELTA",
+                   help="exit 1 when a model's mean Dice is below the baseline's by more than DELTA, or forgetting is "
+                        "flagged (otherwise the exit status does not depend on the result)")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("convert", help="convert a DICOM series folder (or NIfTI) to NIfTI")
     p.add_argument("input", type=Path, help="DICOM series folder or NIfTI file")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,9 @@ from pydantic import (
 
 from medseg.data.labels import LabelCode
 from medseg.errors import ManifestError
+
+if TYPE_CHECKING:
+    from medseg.io.scans import Scan
 
 
 class ManifestCase(BaseModel):
@@ -237,3 +240,25 @@ def save_manifest(manifest: Manifest, path: Path) -> Path:
 
     data = manifest.model_dump(mode="json")
     return write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def split_scans(manifest: Manifest, split: str, fold: int | None = None) -> list[Scan]:
+    """The cases of a split (or of fold ``fold``'s split) as prediction inputs, named by their manifest case ids.
+
+    A multi-channel case becomes one scan holding its channel files in channel order (what
+    :func:`medseg.io.scans.find_scans` makes of nnU-Net-named files); a DICOM series folder is one scan.
+    An unknown split or an empty one is a :class:`ManifestError` naming the splits the manifest has.
+    """
+    from medseg.io.scans import Scan
+
+    cases = manifest.split(split, fold)
+    if not cases:
+        known = sorted(manifest.folds[fold]) if fold is not None else sorted(k for k, v in manifest.splits.items() if v)
+        where = f"fold {fold} of manifest '{manifest.name}'" if fold is not None else f"manifest '{manifest.name}'"
+        raise ManifestError(f"{where} has no cases in split '{split}' (splits with cases: {', '.join(known) or 'none'})")
+    scans = []
+    for case in cases:
+        paths = manifest.image_paths(case)
+        kind = "dicom" if paths[0].is_dir() else "nifti"
+        scans.append(Scan(case.id, paths[0], kind, None, tuple(paths) if len(paths) > 1 else ()))
+    return scans

@@ -108,6 +108,46 @@ def metric_boxplots(result: EvaluationResult) -> str:
     return _png(fig)
 
 
+def paired_plot(models: list[str], panels: dict[str, list[list[float | None]]], ylabel: str = "Dice",
+                tie: float = 0.0) -> str:
+    """One panel per class: each case a line across the models (x) joining its values; blue where the last
+    model is better than the first by more than ``tie``, orange where worse, grey otherwise; the mean over
+    cases in black.
+
+    ``panels`` maps a panel title to per-case value lists (one value per model, None: undefined, not drawn).
+    Higher is better (Dice); the axis is fitted to the values.
+    """
+    fig = Figure(figsize=(max(4.0, 1.3 * len(models) + 1.6) * len(panels), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    x = np.arange(len(models))
+    for ax, (title, cases) in zip(axes, panels.items(), strict=True):
+        counts = {"better": 0, "worse": 0, "equal": 0}
+        for values in cases:
+            ys = np.array([np.nan if v is None else float(v) for v in values])
+            shown = np.isfinite(ys)
+            if shown.sum() == 0:
+                continue
+            first, last = ys[shown][0], ys[shown][-1]
+            kind = "better" if last - first > tie else "worse" if first - last > tie else "equal"
+            counts[kind] += 1
+            color = {"better": "#0072B2", "worse": "#D55E00", "equal": "#999999"}[kind]
+            ax.plot(x[shown], ys[shown], color=color, alpha=0.45, lw=1, marker="o", ms=3)
+        means = [np.nanmean([np.nan if c[i] is None else c[i] for c in cases]) if cases else np.nan for i in x]
+        ax.plot(x, means, color="black", lw=2.5, marker="D", ms=6, zorder=5)
+        ax.set_xticks(x, models, rotation=20 if len(models) > 2 or max(map(len, models)) > 14 else 0,
+                      ha="right" if len(models) > 2 or max(map(len, models)) > 14 else "center")
+        ax.set_xlim(-0.3, len(models) - 0.7)
+        ax.set_ylim(*dice_axis_limits([v for c in cases for v in c if v is not None]))
+        ax.set_ylabel(f"{ylabel} (axis fitted to the data)")
+        ax.set_title(f"{title}\n{counts['better']} better, {counts['worse']} worse, {counts['equal']} tied", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color="#0072B2", label=f"case better with {models[-1]} than with {models[0]}"),
+               Patch(color="#D55E00", label="case worse"), Patch(color="#999999", label="tied"),
+               Patch(color="black", label="mean over cases")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=9, frameon=False)
+    return _png(fig)
+
+
 def lesion_figure(result: EvaluationResult, class_id: int) -> str:
     """Left: predicted vs reference lesion volume (mL, log) with missed/false positives on the floor/wall.
     Right: sensitivity and precision by size bucket, with lesion counts."""

@@ -8,7 +8,7 @@ TotalSegmentator's): cases are matched by file name without ``.nii``/``.nii.gz``
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,6 +397,7 @@ def evaluate_folders(
     label_names: dict[int, str] | None = None,
     config: EvaluateConfig | None = None,
     progress: bool = True,
+    cases: Collection[str] | None = None,
     **options: object,
 ) -> EvaluationResult:
     """Compare ``pred_dir/<case>.nii.gz`` with reference labels and write the results to ``output_dir``.
@@ -406,7 +407,8 @@ def evaluate_folders(
     ``label_names`` (``{value: name}``) wins over both. Without names, classes are ``class_<k>``.
     ``images_dir`` holds images (``<case>.nii.gz`` or ``<case>_0000.nii.gz``) for lesion intensities and
     report pictures. ``options`` override fields of ``config`` (:class:`medseg.config.EvaluateConfig`),
-    e.g. ``lesion_classes=[2]``, ``nsd_tolerance_mm=1.0``.
+    e.g. ``lesion_classes=[2]``, ``nsd_tolerance_mm=1.0``. ``cases`` (e.g. a manifest split's ids) limits
+    the evaluation to those cases: references and predictions of other cases are left out, unreported.
 
     Writes ``metrics_per_case.csv``, ``summary.csv``, ``evaluation_failures.csv``, ``evaluation.json``, with lesion
     classes ``lesions.csv`` and ``lesion_detection.csv``, and ``report.html`` (see docs/evaluation.md).
@@ -420,6 +422,14 @@ def evaluate_folders(
     pred_dir, output_dir = Path(pred_dir), Path(output_dir)
     refs = _references(Path(labels))
     predictions = _nifti_files(pred_dir, "prediction")
+    if cases is not None:
+        wanted = set(cases)
+        unlabelled = sorted(wanted - set(refs.labels))
+        if unlabelled:
+            raise MedsegError(f"{labels}: {len(unlabelled)} case(s) to evaluate have no reference label, "
+                              f"e.g. {unlabelled[:3]}")
+        refs = _ReferenceSet({k: v for k, v in refs.labels.items() if k in wanted}, refs.images, refs.label_names)
+        predictions = {k: v for k, v in predictions.items() if k in wanted}
     if label_names is not None:
         label_names = {int(k): str(v) for k, v in label_names.items()}
     elif label_names_from is not None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from medseg.errors import MedsegError
 from medseg.inference.pipeline import PredictBatch, ScanOutcome, ScanReporter, predict_one
 from medseg.inference.runner import PredictSummary, finish_batch, model_channels, prepare_batch
+from medseg.io.scans import Scan
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +289,9 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
                       actors: int | None = None, cpus_per_actor: int = 1, statistics: bool = True,
                       preview: bool = False, output_format: str = "auto", backend: str = "torch",
                       model_file: Path | None = None, precision: str = "float32",
-                      max_memory_gib: float | None = None, reporter: ScanReporter | None = None) -> PredictSummary:
-    """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors.
+                      max_memory_gib: float | None = None, reporter: ScanReporter | None = None,
+                      scans: Sequence[Scan] | None = None) -> PredictSummary:
+    """:func:`~medseg.inference.runner.predict_paths` with the scans spread over Ray actors (``scans``: as there).
 
     Same masks (bit for bit), ``failures.csv``, resume and claims as serial predict. ``address``: ``auto``
     or a cluster address (:func:`connect`). ``actors`` None: one per GPU of the cluster, or one per
@@ -299,7 +301,7 @@ def predict_paths_ray(model: Path | Sequence[Path], inputs: Sequence[Path], outp
     options = {"statistics": statistics, "preview": preview, "output_format": output_format,
                "max_memory_gib": max_memory_gib, "reporter": reporter}  # memory: each actor's own budget, checked per scan
     # outputs refused before any actor reads the model; channels from the bundle spec (weights not read)
-    batch = prepare_batch(inputs, output_dir, overwrite, channels=model_channels(model), **options)
+    batch = prepare_batch(inputs, output_dir, overwrite, channels=model_channels(model), scans=scans, **options)
     pending = sum(not batch.done(scan) for scan in batch.scans)
     if pending == 0:  # a finished batch needs no cluster
         return finish_batch(batch, run_on_actors(batch, model, RayPlan(0, 0, 0, "cpu"), mirror))

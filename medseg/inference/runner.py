@@ -23,7 +23,7 @@ import nibabel as nib
 from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
-from medseg.errors import CheckpointError, OutputError
+from medseg.errors import CheckpointError, OutputError, ScanError
 from medseg.inference.pipeline import (
     PredictBatch,
     ScanOutcome,
@@ -223,13 +223,22 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
 def prepare_batch(inputs: Sequence[Path], output_dir: Path, overwrite: bool = False, channels: int = 1,
                   statistics: bool = True, preview: bool = False, output_format: str = "auto",
                   max_memory_gib: float | None = None, reporter: ScanReporter | None = None,
-                  case_id: str | None = None) -> PredictBatch:
+                  case_id: str | None = None, scans: Sequence[Scan] | None = None) -> PredictBatch:
     """Find the scans (``channels``: the model's input channels, grouping nnU-Net channel files), refuse bad
     outputs before any work, clean a killed run's temporaries. ``output_format``: see
     :mod:`medseg.io.output_formats`; ``reporter`` writes each scan's report; ``case_id`` names the outputs of
-    a single scan (the service's ``scan``) instead of its file or folder name."""
+    a single scan (the service's ``scan``) instead of its file or folder name. ``scans`` given (a manifest
+    split, :func:`medseg.data.manifest.split_scans`) are used instead of searching ``inputs``; each must hold
+    ``channels`` channel files."""
     output_dir = Path(output_dir)
-    scans = find_scans(inputs, channels=channels)
+    if scans is None:
+        scans = find_scans(inputs, channels=channels)
+    else:
+        scans = list(scans)
+        for scan in scans:
+            if max(1, len(scan.channels)) != channels:
+                raise ScanError(scan.path, f"case '{scan.case_id}' has {max(1, len(scan.channels))} channel file(s) but "
+                                           f"the model takes {channels} input channel(s)")
     if case_id is not None:
         if len(scans) != 1:
             raise OutputError(f"case_id {case_id!r} names one scan, but the inputs hold {len(scans)}")
@@ -277,9 +286,9 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                   mirror: bool | None = None, statistics: bool = True, preview: bool = False,
                   output_format: str = "auto", backend: str = "torch", model_file: Path | None = None,
                   precision: str = "float32", max_memory_gib: float | None = None,
-                  reporter: ScanReporter | None = None) -> PredictSummary:
-    """Segment every scan found under ``inputs`` and write ``<case_id>.nii.gz`` masks into ``output_dir``.
-
+                  reporter: ScanReporter | None = None, scans: Sequence[Scan] | None = None) -> PredictSummary:
+    """Segment every scan found under ``inputs`` (or the given ``scans``, e.g. a manifest split) and write
+    ``<case_id>.nii.gz`` masks into ``output_dir``.
     Several ``model`` run folders form an ensemble (probabilities averaged, e.g. the folds of one config);
     ``mirror`` True adds test-time flips over every axis, None keeps each config's ``infer.mirror_axes``.
     ``backend`` (torch, torchscript, onnxruntime, openvino) runs the model's checked export instead of its
@@ -307,7 +316,8 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     except CheckpointError:
         channels = 1
     batch = prepare_batch(inputs, output_dir, overwrite, channels=channels, statistics=statistics, preview=preview,
-                          output_format=output_format, max_memory_gib=max_memory_gib, reporter=reporter)
+                          output_format=output_format, max_memory_gib=max_memory_gib, reporter=reporter,
+                          scans=scans)
     predictor = predictor or Predictor.from_checkpoint(model, device, mirror=mirror, backend=backend,
                                                        model_file=model_file, precision=precision)
     results: list[ScanOutcome | Future[ScanOutcome]] = []

@@ -13,8 +13,8 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from torch import nn
 
-import medseg.inference.runner as runner
 import medseg.inference.pipeline as pipeline
+import medseg.inference.runner as runner
 from medseg.atomic import claim
 from medseg.data.transforms import IMAGE, preprocessing
 from medseg.inference.memory import MAX_MEMORY_ENV, nifti_header_size
