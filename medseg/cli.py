@@ -240,7 +240,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from medseg.evaluation import compare
+    from medseg.evaluation import compare_run as compare
 
     config = None
     if args.lesion_classes is not None:
@@ -280,6 +280,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from medseg.io.dicom import find_dicom_series, read_dicom_series_report
     from medseg.io.nifti import is_nifti_path, save_atomic
     from medseg.io.scans import load_scan
+    from medseg.io.volume import Volume
 
     output: Path = args.output
     if not is_nifti_path(output):
@@ -301,7 +302,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         img = load_scan(args.input, max_bytes=args.max_bytes)
     save_atomic(img, output)
-    print(f"wrote {output}  (shape {tuple(img.shape)}, spacing {tuple(round(float(z), 4) for z in img.header.get_zooms()[:3])} mm)")
+    print(f"wrote {output}  (shape {tuple(img.shape)}, spacing {tuple(round(z, 4) for z in Volume(img).spacing)} mm)")
     return 0
 
 

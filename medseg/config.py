@@ -11,7 +11,6 @@ folder to the current folder.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Collection, Mapping
 from importlib import resources
@@ -30,6 +29,7 @@ from pydantic import (
 )
 
 from medseg.errors import ConfigError
+from medseg.models.registry import network_entry, network_names
 
 
 class _Problems(ValueError):
@@ -143,7 +143,8 @@ class AugmentationConfig(_Section):
 class ModelConfig(_Section):
     """The network. ``name`` picks an entry of the model registry (``medseg.models``)."""
 
-    name: Literal["unet", "dynunet", "segresnet", "deeplab"] = "unet"
+    name: str = Field(default="unet", description="a network of the registry (medseg/models/registry.py): "
+                                                   "unet, dynunet, segresnet, deeplab or one registered since")
     spatial_dims: Annotated[Literal[2, 3], BeforeValidator(_no_float)] = 3
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     strides: list[int | list[int]] | None = Field(
@@ -170,16 +171,22 @@ class ModelConfig(_Section):
                     raise ValueError(f"{key} entries must be positive, got {v}")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in network_names():
+            raise ValueError(f"unknown network {v!r}; registered networks: {', '.join(network_names())} "
+                             "(medseg/models/registry.py)")
+        return v
+
     def downsampling(self) -> list[int] | None:
-        """Overall downsampling factor of each spatial axis, as ``medseg.models.registry`` builds the network:
-        a patch side must be a multiple of it. None when any size works (deeplab resizes its deep features)."""
-        if self.name == "deeplab":
-            return None
-        if self.name == "segresnet":  # built from channels alone: one 2x downsampling per level below the top
-            return [2 ** (len(self.channels) - 1)] * self.spatial_dims
-        strides = self.strides if self.strides is not None else [2] * (len(self.channels) - 1)
-        per_level = [s if isinstance(s, list) else [s] * self.spatial_dims for s in strides]
-        return [math.prod(level[axis] for level in per_level) for axis in range(self.spatial_dims)]
+        """Overall downsampling factor of each spatial axis, as the network's registry entry states it
+        (:mod:`medseg.models.registry`): a patch side must be a multiple of it. None when any size works."""
+        return network_entry(self.name).downsampling(self)
+
+    def downsampling_rule(self) -> str:
+        """Why :meth:`downsampling` is what it is, for error messages (the registry entry's words)."""
+        return network_entry(self.name).downsampling_rule
 
 
 class LossConfig(_Section):
@@ -345,8 +352,7 @@ class ExperimentConfig(_Section):
                     below = side // factor * factor
                     above = max(below + factor, factor)
                     nearest = f"{below} or {above}" if below >= factor else f"{above}"
-                    why = ("2x per level below the top of model.channels" if self.model.name == "segresnet"
-                           else "the product of model.strides along it")
+                    why = self.model.downsampling_rule()
                     problems.append((key, f"axis {axis} is {side}, not a positive multiple of {factor} ({self.model.name} "
                                           f"downsamples that axis {factor}x: {why}); nearest valid sizes: {nearest}"))
         bad_axes = [a for a in self.infer.mirror_axes if not 0 <= a < dims]

@@ -216,22 +216,18 @@ def check_case_geometry(manifest: Manifest, case: ManifestCase) -> None:
 
     Reads the scans: call it once per case (e.g. when caching), not on every epoch.
     """
-    from medseg.io.channels import load_channels
     from medseg.io.geometry import check_label_matches_image
-    from medseg.io.scans import load_scan
+    from medseg.io.scans import load_scan, load_volume
 
     label_path = manifest.label_path(case)
     paths = manifest.image_paths(case)
-    if len(paths) > 1:
-        image = load_channels(paths)
-    elif label_path is None:
+    if len(paths) == 1 and label_path is None:
         return
-    else:
-        image = load_scan(paths[0])
+    image = load_volume(paths)  # stacking checks every channel against the first's grid
     if label_path is None:
         return
     label = load_scan(label_path)
-    check_label_matches_image(image, label, set(manifest.labels), label_path)
+    check_label_matches_image(image.image, label, set(manifest.labels), label_path)
 
 
 def save_manifest(manifest: Manifest, path: Path) -> Path:

@@ -36,7 +36,7 @@ from medseg.io.display import (
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from medseg.evaluation.runner import CaseResult, EvaluationResult
+    from medseg.evaluation.results import CaseResult, EvaluationResult
 
 # Okabe-Ito (colour-blind safe), one per class in the summary plots.
 _COLORS = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000"]
@@ -238,13 +238,14 @@ class Overlay:
 
 def load_case_view(case: CaseResult) -> CaseView:
     """Read a case's masks (and image, if it lies on the reference grid) and reorient them for drawing."""
-    from medseg.evaluation.runner import label_array, load_image_on_grid
+    from medseg.evaluation.cases import label_array, load_image_on_grid
     from medseg.io.nifti import load_nifti
+    from medseg.io.volume import Volume
 
     ref_img = load_nifti(case.reference_path)
     ref = label_array(ref_img, case.reference_path)
     pred = label_array(load_nifti(case.prediction_path), case.prediction_path) if case.prediction_path else np.zeros_like(ref)
-    image = load_image_on_grid(case.image_path, ref_img, case.reference_path)
+    image = load_image_on_grid(case.image_path, Volume(ref_img, case.reference_path))
     grid = DisplayGrid(np.asarray(ref_img.affine), ref.shape)
     return CaseView(case.case_id, grid, grid.reorient(ref), grid.reorient(pred),
                     grid.reorient(image) if image is not None else None,

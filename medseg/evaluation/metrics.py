@@ -32,7 +32,7 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
-from medseg.io.geometry import voxel_spacing, voxel_volume_ml  # noqa: F401  (re-exported: lesions, runner, figures)
+from medseg.io.volume import voxel_spacing, voxel_volume_ml  # noqa: F401  (re-exported: lesions)
 
 
 class PairStatus(StrEnum):

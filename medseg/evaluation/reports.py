@@ -24,7 +24,7 @@ from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 
 if TYPE_CHECKING:
     from medseg.config import EvaluateConfig
-    from medseg.evaluation.runner import EvaluationResult, LesionInventory
+    from medseg.evaluation.results import EvaluationResult, LesionInventory
 
 SCHEMA_VERSION = "1.1"  # 1.1: short axis, centroid voxel and LPS, failures
 

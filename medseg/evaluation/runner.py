@@ -9,186 +9,41 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from medseg.config import EvaluateConfig
-from medseg.errors import CheckpointError, GeometryError, MedsegError, ScanError
+from medseg.errors import CheckpointError, MedsegError, ScanError
+from medseg.evaluation.cases import find_image, label_array, load_image_on_grid
 from medseg.evaluation.lesions import (
-    DetectionCounts,
-    Lesion,
-    LesionMatch,
     LesionSet,
     MatchStatus,
     detection_counts,
     find_lesions,
     match_lesions,
 )
-from medseg.evaluation.metrics import ClassMetrics, PairStatus, Stats, label_metrics, summarize, voxel_spacing
+from medseg.evaluation.metrics import ClassMetrics, PairStatus, label_metrics, summarize
+from medseg.evaluation.results import (
+    SUMMARY_METRICS,
+    CaseFailure,
+    CaseResult,
+    ClassSummary,
+    EvaluationResult,
+    LesionClassSummary,
+    LesionInventory,
+    _class_name,
+)
 from medseg.io.nifti import is_nifti_path, load_nifti, nifti_stem
+from medseg.io.volume import Volume
 
 log = logging.getLogger(__name__)
-
-# Metrics summarised per class, in the order tables show them.
-SUMMARY_METRICS = ("dice", "nsd", "hd95_mm", "assd_mm", "reference_ml", "prediction_ml", "volume_difference_ml")
 
 # Errors that make one case fail (listed in the outputs) without stopping the others: our own (unreadable
 # file, wrong grid, not a label map) and what numpy/nibabel raise on damaged data.
 CASE_ERRORS: tuple[type[Exception], ...] = (MedsegError, OSError, ValueError)
-
-# Shapes agree exactly; affines to this many mm (float32 headers written by other tools round differently).
-AFFINE_TOLERANCE_MM = 1e-3
-
-
-@dataclass
-class CaseResult:
-    """Metrics of one case, per class id; lesion matches and dropped small lesions per lesion class."""
-
-    case_id: str
-    reference_path: Path
-    prediction_path: Path | None
-    image_path: Path | None
-    spacing_mm: tuple[float, float, float]
-    metrics: dict[int, ClassMetrics]
-    lesions: dict[int, list[LesionMatch]] = field(default_factory=dict)
-    dropped: dict[int, dict[str, list[Lesion]]] = field(default_factory=dict)
-
-    @property
-    def mean_dice(self) -> float | None:
-        """Mean Dice over this case's classes where Dice is defined; ``None`` when none is."""
-        values = [m.dice for m in self.metrics.values() if m.dice is not None]
-        return float(np.mean(values)) if values else None
-
-
-@dataclass(frozen=True)
-class CaseFailure:
-    """A case that could not be evaluated (unreadable file, wrong grid, not a label map) and why."""
-
-    case_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ClassSummary:
-    """One class over all cases: statistics per metric, and how many cases fell under each empty-case status."""
-
-    class_id: int
-    name: str
-    nsd_tolerance_mm: float
-    stats: dict[str, Stats]
-    status_counts: dict[str, int]
-
-    @property
-    def dice(self) -> Stats:
-        """Statistics of Dice."""
-        return self.stats["dice"]
-
-    @property
-    def mean(self) -> float | None:
-        """Mean Dice over cases where it is defined."""
-        return self.dice.mean
-
-    @property
-    def median(self) -> float | None:
-        """Median Dice over cases where it is defined."""
-        return self.dice.median
-
-    @property
-    def std(self) -> float | None:
-        """Standard deviation of Dice."""
-        return self.dice.std
-
-    @property
-    def iqr(self) -> float | None:
-        """Inter-quartile range of Dice."""
-        return self.dice.iqr
-
-    @property
-    def n(self) -> int:
-        """Cases with a defined Dice."""
-        return self.dice.n
-
-    @property
-    def n_undefined(self) -> int:
-        """Cases where Dice is undefined (both masks empty)."""
-        return self.dice.n_undefined
-
-
-@dataclass(frozen=True)
-class LesionClassSummary:
-    """Lesion detection of one class over all cases, overall (``"all"``) and by size bucket."""
-
-    class_id: int
-    name: str
-    detection: dict[str, DetectionCounts]
-    mean_lesion_dice: float | None
-    dropped_reference: int
-    dropped_prediction: int
-
-
-@dataclass
-class EvaluationResult:
-    """Everything an evaluation computed, and where its files are."""
-
-    output_dir: Path
-    label_names: dict[int, str]
-    config: EvaluateConfig
-    cases: list[CaseResult]
-    per_class: dict[str, ClassSummary]
-    lesion_summary: dict[str, LesionClassSummary]
-    missing_predictions: list[str]
-    unmatched_predictions: list[str]
-    files: dict[str, Path] = field(default_factory=dict)
-    failures: list[CaseFailure] = field(default_factory=list)
-    #: QC flags medseg predict gave each case (its ``statistics.json`` in the prediction folder), if any.
-    qc_flags: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def mean_foreground_dice(self) -> float:
-        """Mean over foreground classes of the per-class mean Dice (undefined cases excluded); NaN if none."""
-        means = [s.mean for s in self.per_class.values() if s.mean is not None]
-        return float(np.mean(means)) if means else float("nan")
-
-    def describe(self) -> str:
-        """A short human summary: per-class Dice table, lesion detection, problems, and the output files."""
-        lines = [f"evaluated {len(self.cases)} case(s); mean foreground Dice {self.mean_foreground_dice:.4f}"]
-        width = max([len(n) for n in self.per_class] + [5])
-        lines.append(f"  {'class':<{width}}  {'mean':>6}  {'median':>6}  {'std':>6}  {'n':>4}  {'both∅':>5}  {'pred∅':>5}  "
-                     f"{'ref∅':>5}  {'HD95 mm':>8}  {'NSD':>6}")
-        for name, s in self.per_class.items():
-            c = s.status_counts
-            lines.append(f"  {name:<{width}}  {_fmt(s.mean)}  {_fmt(s.median)}  {_fmt(s.std)}  {s.n:>4}  "
-                         f"{c[PairStatus.BOTH_EMPTY]:>5}  {c[PairStatus.PREDICTION_EMPTY]:>5}  {c[PairStatus.REFERENCE_EMPTY]:>5}  "
-                         f"{_fmt(s.stats['hd95_mm'].median, 8, 2)}  {_fmt(s.stats['nsd'].mean)}")
-        lines.append("  (Dice mean/median/std over cases where defined; both∅ = both masks empty, Dice undefined; "
-                     "pred∅/ref∅ = one side empty, Dice 0; HD95 median)")
-        for name, les in self.lesion_summary.items():
-            d = les.detection["all"]
-            lines.append(f"  lesions '{name}': TP {d.tp}, FN {d.fn}, FP {d.fp}; sensitivity {_fmt(d.sensitivity, 0)}, "
-                         f"precision {_fmt(d.precision, 0)}, F1 {_fmt(d.f1, 0)}")
-        if self.missing_predictions:
-            how = "scored as empty" if self.config.missing_as_empty else "NOT scored"
-            lines.append(f"  WARNING: {len(self.missing_predictions)} reference case(s) have no prediction ({how}): "
-                         f"{', '.join(self.missing_predictions[:5])}{' ...' if len(self.missing_predictions) > 5 else ''}")
-        if self.failures:
-            lines.append(f"  WARNING: {len(self.failures)} case(s) failed and were not evaluated:")
-            lines += [f"    {f.case_id}: {f.reason}" for f in self.failures[:10]]
-            if len(self.failures) > 10:
-                lines.append(f"    ... and {len(self.failures) - 10} more (evaluation_failures.csv)")
-        if self.unmatched_predictions:
-            lines.append(f"  {len(self.unmatched_predictions)} prediction(s) have no reference: "
-                         f"{', '.join(self.unmatched_predictions[:5])}{' ...' if len(self.unmatched_predictions) > 5 else ''}")
-        for key, path in self.files.items():
-            lines.append(f"  {key}: {path}")
-        return "\n".join(lines)
-
-
-def _fmt(value: float | None, width: int = 6, digits: int = 4) -> str:
-    text = "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
-    return f"{text:>{width}}" if width else text
 
 
 def _nifti_files(folder: Path, what: str) -> dict[str, Path]:
@@ -249,56 +104,6 @@ def load_label_names(source: Path) -> dict[int, str]:
     return load_bundle(source, verify=False).label_names
 
 
-def label_array(img, path: Path) -> np.ndarray:
-    """Integer label values of a mask; refuses fractional or negative values (probability maps, wrong file)."""
-    data = np.asanyarray(img.dataobj)
-    if data.dtype.kind == "f":
-        rounded = np.rint(data)
-        if not np.array_equal(rounded, data):
-            raise ScanError(path, "not a label map: it has non-integer values (a probability map or an image?)")
-        data = rounded
-    if data.dtype.kind in "fi" and data.size and data.min() < 0:
-        raise ScanError(path, f"not a label map: it has negative values (min {data.min()})")
-    # The smallest unsigned type that holds the labels: a whole-body CT label map stays uint8, not 4x larger.
-    return data.astype(np.min_scalar_type(int(data.max()) if data.size else 0), copy=False)
-
-
-def check_same_grid(ref_img, ref_path: Path, other_img, other_path: Path, what: str = "prediction") -> None:
-    """Refuse a pair whose shapes or affines differ; the message names both files and the difference."""
-    if tuple(ref_img.shape[:3]) != tuple(other_img.shape[:3]):
-        raise GeometryError(other_path, f"{what} shape {tuple(other_img.shape[:3])} differs from reference "
-                                        f"{ref_path} shape {tuple(ref_img.shape[:3])}")
-    difference = float(np.max(np.abs(np.asarray(ref_img.affine) - np.asarray(other_img.affine))))
-    if difference > AFFINE_TOLERANCE_MM:
-        raise GeometryError(other_path, f"{what} affine differs from reference {ref_path} by up to {difference:.4g} mm:\n"
-                                        f"{what}:\n{np.round(other_img.affine, 4)}\nreference:\n{np.round(ref_img.affine, 4)}")
-
-
-def find_image(case_id: str, images_dir: Path | None, manifest_images: dict[str, Path]) -> Path | None:
-    """The image of a case: ``<images_dir>/<case>.nii.gz`` or nnU-Net's ``<case>_0000.nii.gz``, else the manifest's."""
-    if images_dir is not None:
-        for name in (case_id, f"{case_id}_0000"):
-            for suffix in (".nii.gz", ".nii"):
-                if (Path(images_dir) / f"{name}{suffix}").is_file():
-                    return Path(images_dir) / f"{name}{suffix}"
-    return manifest_images.get(case_id)
-
-
-def load_image_on_grid(path: Path | None, ref_img, ref_path: Path) -> np.ndarray | None:
-    """The image as float32 if it lies on the reference grid; ``None`` (with a warning) otherwise."""
-    if path is None:
-        return None
-    from medseg.io.scans import load_scan
-
-    img = load_scan(path)
-    try:
-        check_same_grid(ref_img, ref_path, img, path, what="image")
-    except GeometryError as exc:
-        log.warning("image not used (intensities and overlay background left out): %s", exc)
-        return None
-    return np.asarray(img.dataobj, dtype=np.float32)
-
-
 def _options(config: EvaluateConfig | None, options: dict) -> EvaluateConfig:
     base = (config or EvaluateConfig()).model_dump()
     unknown = sorted(set(options) - set(base))
@@ -323,11 +128,12 @@ def evaluate_case(
     image_path: Path | None = None,
 ) -> CaseResult:
     """Metrics of one case (a missing prediction, ``None``, is scored as an empty mask)."""
-    ref_img = load_nifti(reference_path)
+    ref_volume = Volume(load_nifti(reference_path), Path(reference_path))
+    ref_img = ref_volume.image
     reference = label_array(ref_img, reference_path)
     if prediction_path is not None:
         pred_img = load_nifti(prediction_path)
-        check_same_grid(ref_img, reference_path, pred_img, prediction_path)
+        ref_volume.check_same_grid(Volume(pred_img, Path(prediction_path)), what="prediction", reference_what="reference")
         prediction = label_array(pred_img, prediction_path)
     else:
         prediction = np.zeros_like(reference)
@@ -337,20 +143,16 @@ def evaluate_case(
     case_classes = sorted({int(k) for k in classes} | {int(k) for k in present if k != 0})
     tolerances = {k: config.tolerance_mm(k) for k in case_classes}
     affine = np.asarray(ref_img.affine)
-    result = CaseResult(case_id, reference_path, prediction_path, image_path, voxel_spacing(affine),
+    result = CaseResult(case_id, reference_path, prediction_path, image_path, ref_volume.spacing,
                         label_metrics(prediction, reference, affine, case_classes, tolerances, config.nsd_tolerance_mm))
     if config.lesion_classes:
-        image = load_image_on_grid(image_path, ref_img, reference_path)
+        image = load_image_on_grid(image_path, ref_volume)
         for k in config.lesion_classes:
             ref_set = find_lesions(reference == k, affine, config.connectivity, config.min_lesion_volume_ml, image)
             pred_set = find_lesions(prediction == k, affine, config.connectivity, config.min_lesion_volume_ml, image)
             result.lesions[k] = match_lesions(ref_set, pred_set, config.match_min_iou)
             result.dropped[k] = {"reference": ref_set.dropped, "prediction": pred_set.dropped}
     return result
-
-
-def _class_name(k: int, names: dict[int, str]) -> str:
-    return names.get(k, f"class_{k}")
 
 
 def summarize_classes(cases: list[CaseResult], label_names: dict[int, str], config: EvaluateConfig) -> dict[str, ClassSummary]:
@@ -479,25 +281,6 @@ def evaluate_folders(
     return result
 
 
-@dataclass
-class LesionInventory:
-    """Lesions of each predicted scan, per lesion class; and the files written."""
-
-    lesions: dict[str, dict[int, LesionSet]]
-    label_names: dict[int, str]
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        """One line per scan: lesion count and total volume per class."""
-        lines = []
-        for case_id, per_class in self.lesions.items():
-            parts = [f"{_class_name(k, self.label_names)}: {len(s)} lesion(s), {sum(x.volume_ml for x in s.lesions):.2f} mL"
-                     for k, s in per_class.items()]
-            lines.append(f"  {case_id}: {'; '.join(parts)}")
-        lines += [f"  {key}: {path}" for key, path in self.files.items()]
-        return "\n".join(lines)
-
-
 def lesion_inventory(
     pred_dir: Path,
     lesion_classes: list[int],
@@ -524,7 +307,7 @@ def lesion_inventory(
     for case_id, path in tqdm(predictions.items(), desc="lesions", unit="scan", disable=not progress):
         img = load_nifti(path)
         mask = label_array(img, path)
-        image = load_image_on_grid(find_image(case_id, images_dir, {}), img, path)
+        image = load_image_on_grid(find_image(case_id, images_dir, {}), Volume(img, Path(path)))
         found[case_id] = {k: find_lesions(mask == k, np.asarray(img.affine), cfg.connectivity, cfg.min_lesion_volume_ml, image)
                           for k in cfg.lesion_classes}
     inventory = LesionInventory(found, dict(label_names or {}))

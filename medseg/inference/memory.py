@@ -18,6 +18,7 @@ import numpy as np
 
 from medseg.errors import ScanError, ScanTooLargeError
 from medseg.inference.resampling import GridPlan
+from medseg.io.volume import voxel_spacing
 
 MAX_MEMORY_ENV = "MEDSEG_MAX_MEMORY_GIB"
 GIB = 2**30
@@ -62,7 +63,7 @@ def scan_size(shape: tuple[int, ...], itemsize: int, affine: np.ndarray, orienta
     if plan is not None:
         model_voxels = int(np.prod(plan.model_shape, dtype=np.int64))
     else:  # a voxel map MONAI resamples densely: estimate the model grid from the spacings
-        zooms = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+        zooms = voxel_spacing(affine)
         ratio = float(np.prod(zooms) / np.prod(spacing)) if spacing is not None else 1.0
         model_voxels = int(np.prod(shape, dtype=np.int64) * ratio)
     return ScanSize(shape, int(np.prod(shape, dtype=np.int64)), itemsize, model_voxels, classes)

@@ -163,7 +163,7 @@ class Predictor:
 
         ``with_uncertainty`` also returns the entropy summary of the probabilities on the model's grid
         (:func:`medseg.inference.qc.prediction_uncertainty`), for the QC flags. A multi-channel scan is one
-        4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it.
+        4D image (X, Y, Z, channel), as :func:`medseg.io.scans.load_volume` stacks it.
         """
         check_channel_count(reference, self.bundle.network.in_channels)
         array, meta = ScanReader().get_data(reference)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import torch
-from nibabel.orientations import io_orientation
 
-from medseg.io.geometry import voxel_spacing
+from medseg.io.volume import ras_spacing
 from medseg.models.bundle import DEFAULT_MIN_VALIDATION_DICE, QCThresholds
 
 #: Whole-scan intensity percentiles compared with the training cases'.
@@ -77,16 +76,6 @@ def prediction_uncertainty(probs: torch.Tensor) -> PredictionUncertainty:
     return PredictionUncertainty(n, float(entropy.mean()), low)
 
 
-def ras_spacing(affine: np.ndarray) -> list[float]:
-    """Voxel spacing (mm) per RAS axis (R-L, A-P, S-I), whatever the array order: what the fingerprint and
-    the QC limits use."""
-    spacing = np.asarray(voxel_spacing(affine))
-    order = io_orientation(np.asarray(affine))[:, 0].astype(int)  # array axis i -> RAS axis order[i]
-    ras = np.empty(3)
-    ras[order] = spacing
-    return [float(v) for v in ras]
-
-
 def intensity_percentiles(data: np.ndarray, percentiles: Sequence[float] = INTENSITY_PERCENTILES,
                           seed: int = 0) -> list[float]:
     """Percentiles of a scan's voxel values (its units), from a fixed-seed sample of INTENSITY_SAMPLES voxels."""
@@ -113,14 +102,16 @@ def guess_modality(percentiles: Sequence[float]) -> str | None:
 
 
 def input_flags(qc: QCThresholds | None, spacing_ras: Sequence[float], percentiles: Sequence[float],
-                modality: str | None = None) -> list[str]:
+                modality: str | None = None, trained_on: str | None = None) -> list[str]:
     """Flags of a scan unlike the training data: ``modality_mismatch``, ``spacing_outside_training``,
-    ``intensity_unlike_training``. ``modality`` is the scan's own (e.g. a DICOM tag), else guessed."""
+    ``intensity_unlike_training``. ``modality`` is the scan's own (e.g. a DICOM tag), else guessed;
+    ``trained_on`` the model's (:func:`medseg.models.bundle.model_modality`), else the QC section's."""
     if qc is None:
         return []
     flags = []
     seen = modality or guess_modality(percentiles)
-    if qc.modality in ("CT", "MR") and seen in ("CT", "MR") and seen != qc.modality:
+    trained_on = trained_on or qc.modality
+    if trained_on in ("CT", "MR") and seen in ("CT", "MR") and seen != trained_on:
         flags.append("modality_mismatch")
     if qc.spacing_mm_low is not None and qc.spacing_mm_high is not None and any(
             not lo <= s <= hi for s, lo, hi in zip(spacing_ras, qc.spacing_mm_low, qc.spacing_mm_high, strict=True)):

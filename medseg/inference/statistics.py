@@ -37,11 +37,10 @@ from medseg.inference.qc import (
     input_flags,
     intensity_percentiles,
     model_flags,
-    ras_spacing,
     uncertainty_flags,
 )
-from medseg.io.geometry import voxel_volume_ml
-from medseg.models.bundle import ModelBundle
+from medseg.io.volume import Volume, voxel_volume_ml
+from medseg.models.bundle import ModelBundle, model_modality
 
 STATISTICS_CSV = "statistics.csv"
 STATISTICS_JSON = "statistics.json"
@@ -202,16 +201,15 @@ def scan_statistics(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image,
     if intensities.ndim == 4 and intensities.shape[3] == 1:
         intensities = intensities[..., 0]
     labels = np.asanyarray(mask.dataobj)
-    return ScanStatistics(case_id, [int(s) for s in labels.shape], ras_spacing(mask.affine), intensity_units(modality),
+    return ScanStatistics(case_id, [int(s) for s in labels.shape], Volume(mask).ras_spacing, intensity_units(modality),
                           class_statistics(labels, intensities if intensities.ndim == 3 else None, mask.affine,
                                            label_names))
 
 
 def training_modality(bundle: ModelBundle) -> str | None:
-    """The modality a model was trained on: its QC section's, else CT for a CT intensity window, else unknown."""
-    if bundle.spec.qc is not None and bundle.spec.qc.modality:
-        return bundle.spec.qc.modality
-    return "CT" if bundle.spec.preprocessing.intensity.kind.startswith("ct") else None
+    """The modality a model was trained on: :func:`medseg.models.bundle.model_modality` (the one reader;
+    this name stays for the callers that import it from here)."""
+    return model_modality(bundle)
 
 
 def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bundle: ModelBundle,
@@ -221,7 +219,7 @@ def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bun
     ``modality`` is the scan's own when known (a DICOM tag); otherwise it is guessed from the intensities.
     """
     qc = bundle.spec.qc
-    trained_on = training_modality(bundle)
+    trained_on = model_modality(bundle)
     stats = scan_statistics(case_id, image, mask, bundle.label_names, trained_on)
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4:  # channels last: the input checks use the first channel, as the limits were set
@@ -229,7 +227,7 @@ def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bun
     stats.intensity_percentiles = intensity_percentiles(data)
     stats.uncertainty = uncertainty
     flags = model_flags(qc, bundle.spec.provenance.validation.mean_dice)
-    flags += input_flags(qc, ras_spacing(image.affine), stats.intensity_percentiles, modality)
+    flags += input_flags(qc, Volume(image).ras_spacing, stats.intensity_percentiles, modality, trained_on)
     if "modality_mismatch" in flags:
         stats.intensity_units = "arbitrary" if trained_on == "CT" else "HU"
     if all(c.voxels == 0 for c in stats.classes):

@@ -13,7 +13,7 @@ One small module so every picture (report.html, the prediction preview) draws th
   the patient's left, y to the back, z up), from the file's affine. nibabel's affines are RAS, so
   LPS = (-x, -y, z).
 
-It depends on numpy and nibabel only and sits in ``io`` (beside the geometry helpers) so that pictures drawn
+It depends on numpy, nibabel and :mod:`medseg.io.volume` (which owns spacing and orientation) and sits in ``io`` so that pictures drawn
 at predict time (:mod:`medseg.inference.preview`) and in evaluation reports use the same windows and
 coordinates.
 """
@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from nibabel.affines import apply_affine, voxel_sizes
-from nibabel.orientations import apply_orientation, io_orientation
+from nibabel.affines import apply_affine
+from nibabel.orientations import apply_orientation
+
+from medseg.io.volume import axis_order, ras_spacing
 
 # Okabe & Ito (2008), "Color Universal Design": distinct for protan, deutan and tritan readers.
 REFERENCE_COLOR = "#E69F00"  # orange
@@ -110,9 +112,9 @@ class DisplayGrid:
     def __init__(self, affine: np.ndarray, shape: tuple[int, ...]) -> None:
         self.affine = np.asarray(affine, dtype=np.float64)
         self.file_shape = tuple(int(n) for n in shape[:3])
-        self.ornt = io_orientation(self.affine)
-        self.spacing: tuple[float, float, float] = tuple(  # type: ignore[assignment]
-            float(s) for s in voxel_sizes(self.affine)[np.argsort(self.ornt[:, 0])])
+        self.ornt = axis_order(self.affine)
+        #: Spacing (mm) of the reoriented array's axes: the RAS spacing of the file's grid.
+        self.spacing: tuple[float, float, float] = tuple(ras_spacing(self.affine))  # type: ignore[assignment]
         self.shape = tuple(self.file_shape[int(np.flatnonzero(self.ornt[:, 0] == axis)[0])] for axis in range(3))
 
     def reorient(self, array: np.ndarray) -> np.ndarray:

@@ -14,16 +14,16 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import GeometryError, ScanError
+from medseg.io.volume import grid_mismatch, orientation_code, voxel_spacing, voxel_volume_ml
+
+__all__ = ["check_affine", "check_label_matches_image", "check_size", "check_spacing_values", "max_scan_bytes",
+           "voxel_spacing", "voxel_volume_ml"]  # the last two live in medseg.io.volume; re-exported for callers
 
 #: |cos| of the angle between two voxel axes above which the axes are called sheared (about 0.06 degrees).
 SHEAR_TOLERANCE = 1e-3
 #: Default cap on the in-memory size of one scan, in bytes; ``MEDSEG_MAX_SCAN_BYTES`` overrides it.
 DEFAULT_MAX_SCAN_BYTES = 4 * 1024**3
 MAX_SCAN_BYTES_ENV = "MEDSEG_MAX_SCAN_BYTES"
-#: Label-versus-image tolerances: float32 headers and DICOM rounding give differences far below these.
-LABEL_SPACING_RTOL = 1e-4
-LABEL_ORIGIN_ATOL_MM = 1e-3
-LABEL_DIRECTION_ATOL = 1e-4
 
 
 def max_scan_bytes(override: int | None = None) -> int:
@@ -56,7 +56,7 @@ def check_affine(affine: np.ndarray, path: Path) -> None:
     affine = np.asarray(affine, dtype=float)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise GeometryError(path, f"affine has non-finite values or is not 4x4:\n{affine}")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.asarray(voxel_spacing(affine))
     if np.any(spacing <= 0):
         raise GeometryError(path, f"voxel spacing must be positive, got {spacing.round(6).tolist()} mm")
     directions = affine[:3, :3] / spacing
@@ -77,50 +77,36 @@ def check_spacing_values(spacing: np.ndarray | tuple[float, ...], path: Path, wh
         raise GeometryError(path, f"{what} must be positive and finite, got {values.tolist()} mm")
 
 
-def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    """Voxel edge lengths (mm) along the array axes: the column norms of the affine's 3x3 part."""
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel in mL (|det| of the affine's 3x3 part, mm^3, / 1000); exact also for sheared grids."""
-    return float(abs(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
-
-
-def _geometry(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spacing (mm), origin (mm) and unit direction columns of an image's affine."""
-    affine = np.asarray(img.affine, dtype=float)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return spacing, affine[:3, 3], affine[:3, :3] / np.where(spacing > 0, spacing, 1.0)
-
-
 def check_label_matches_image(
     image: nib.Nifti1Image, label: nib.Nifti1Image, label_values: set[int], path: Path
 ) -> None:
     """Refuse a label map that is not on its image's grid or holds values outside ``label_values``.
 
-    Shape, spacing (relative 1e-4), origin (1e-3 mm) and direction cosines (1e-4) must agree: a label on
-    a slightly different grid would silently train or score the wrong voxels. ``path`` names the label.
+    The grid check is medseg's one same-grid rule (:func:`medseg.io.volume.grid_mismatch`: shape, and every
+    voxel centre within ``GRID_TOLERANCE_MM``): a label on a slightly different grid would silently train or
+    score the wrong voxels. ``path`` names the label; the message says which of spacing, origin or
+    orientation differs, with both values.
     """
     path = Path(path)
     image_shape, label_shape = tuple(image.shape[:3]), tuple(label.shape)
     if len(label_shape) != 3 or label_shape != image_shape:
         raise GeometryError(path, f"label shape {label_shape} differs from its image's {image_shape}")
-    i_spacing, i_origin, i_dirs = _geometry(image)
-    l_spacing, l_origin, l_dirs = _geometry(label)
-    if not np.allclose(l_spacing, i_spacing, rtol=LABEL_SPACING_RTOL, atol=0):
-        raise GeometryError(
-            path, f"label spacing {l_spacing.round(6).tolist()} mm differs from its image's {i_spacing.round(6).tolist()} mm"
-        )
-    if not np.allclose(l_origin, i_origin, rtol=0, atol=LABEL_ORIGIN_ATOL_MM):
-        raise GeometryError(
-            path, f"label origin {l_origin.round(4).tolist()} mm differs from its image's {i_origin.round(4).tolist()} mm"
-        )
-    if not np.allclose(l_dirs, i_dirs, rtol=0, atol=LABEL_DIRECTION_ATOL):
+    mismatch = grid_mismatch(image.affine, image_shape, label.affine, label_shape)
+    if mismatch is not None:
+        i_affine, l_affine = np.asarray(image.affine, dtype=float), np.asarray(label.affine, dtype=float)
+        apart = f" (voxel centres up to {mismatch.distance_mm:.4g} mm apart)"
+        if mismatch.part == "spacing":
+            raise GeometryError(path, f"label spacing {np.round(voxel_spacing(l_affine), 6).tolist()} mm differs from its "
+                                      f"image's {np.round(voxel_spacing(i_affine), 6).tolist()} mm{apart}")
+        if mismatch.part == "origin":
+            raise GeometryError(path, f"label origin {l_affine[:3, 3].round(4).tolist()} mm differs from its image's "
+                                      f"{i_affine[:3, 3].round(4).tolist()} mm{apart}")
+        l_dirs = l_affine[:3, :3] / np.asarray(voxel_spacing(l_affine))
+        i_dirs = i_affine[:3, :3] / np.asarray(voxel_spacing(i_affine))
         raise GeometryError(
             path,
-            f"label orientation {nib.aff2axcodes(label.affine)} / directions\n{l_dirs.round(5)}\ndiffer from its "
-            f"image's {nib.aff2axcodes(image.affine)} /\n{i_dirs.round(5)}",
+            f"label orientation {tuple(orientation_code(l_affine))} / directions\n{l_dirs.round(5)}\ndiffer from its "
+            f"image's {tuple(orientation_code(i_affine))} /\n{i_dirs.round(5)}{apart}",
         )
     data = np.asanyarray(label.dataobj)
     if data.dtype.kind == "f":

@@ -30,7 +30,7 @@ from medseg.errors import DicomSeriesError, OutputError
 from medseg.io.nifti import save_atomic
 
 if TYPE_CHECKING:  # io sits below data in the pipeline: label tables come in as values, not imports
-    from medseg.data.labels import LabelInfo
+    from medseg.labels import LabelInfo
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ the service read it with :func:`load_bundle`, and nothing else reads checkpoint 
 
 - the network spec (architecture, input channels, classes, deep supervision),
 - the label table (value, name, colour),
+- what the model is for: the modality it was trained on and its lesion classes (read with
+  :func:`model_modality` and :func:`model_lesion_classes`, which derive them for older bundles),
 - the preprocessing (orientation, spacing, intensity normalisation),
 - the inference settings (patch, overlap, mirroring, keep-largest-component, precision),
 - provenance (the experiment config, the data it was trained on, validation metrics, library
@@ -40,8 +42,8 @@ from medseg.config import (
     config_from_dict,
     format_validation_errors,
 )
-from medseg.data.labels import LabelCode, LabelInfo, label_table
 from medseg.errors import CheckpointError
+from medseg.labels import LabelCode, LabelInfo, label_table
 from medseg.models.registry import build_model
 
 BUNDLE_FORMAT = "medseg-bundle-1"
@@ -160,6 +162,12 @@ class BundleSpec(_Spec):
     inference: InferenceSpec
     provenance: Provenance
     qc: QCThresholds | None = None
+    #: The modality the model was trained on (the manifest's); None in bundles written before it was
+    #: stored: read it with :func:`model_modality`, which derives it for those.
+    modality: Literal["CT", "MR", "other"] | None = None
+    #: Classes reported lesion by lesion (the config's ``evaluate.lesion_classes``); None in bundles written
+    #: before it was stored: read it with :func:`model_lesion_classes`.
+    lesion_classes: list[int] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleSpec:
@@ -175,7 +183,42 @@ class BundleSpec(_Spec):
         bad_classes = [k for k in self.inference.keep_largest_component if not 1 <= k < self.network.num_classes]
         if bad_classes:
             raise ValueError(f"inference.keep_largest_component names classes {bad_classes} the network does not have")
+        bad_lesions = [k for k in self.lesion_classes or [] if not 1 <= k < self.network.num_classes]
+        if bad_lesions:
+            raise ValueError(f"lesion_classes names classes {bad_lesions} the network does not have")
         return self
+
+
+#: Intensity normalisations in Hounsfield units: a bundle that stores no modality and uses one was trained on CT.
+CT_INTENSITY_KINDS = ("ct_window", "ct_zscore")
+
+
+def model_modality(bundle: ModelBundle | BundleSpec) -> str | None:
+    """The modality a model was trained on: ``"CT"``, ``"MR"``, ``"other"``, or None when it cannot be told.
+
+    The one reader of it. Stored in bundles since it was added (the manifest's ``modality``); derived for
+    older ones: their QC section's modality, else CT for a Hounsfield-unit normalisation, MR for one that
+    z-scores each volume (the rule the PACS path used), unknown for none.
+    """
+    spec = bundle.spec if isinstance(bundle, ModelBundle) else bundle
+    if spec.modality is not None:
+        return spec.modality
+    if spec.qc is not None and spec.qc.modality:
+        return spec.qc.modality
+    kind = spec.preprocessing.intensity.kind
+    if kind in CT_INTENSITY_KINDS:
+        return "CT"
+    return "MR" if kind == "zscore" else None
+
+
+def model_lesion_classes(bundle: ModelBundle | BundleSpec) -> list[int]:
+    """The classes a model reports lesion by lesion (may be empty): stored in bundles since it was added,
+    else the embedded config's ``evaluate.lesion_classes``. The one reader of it."""
+    spec = bundle.spec if isinstance(bundle, ModelBundle) else bundle
+    if spec.lesion_classes is not None:
+        return list(spec.lesion_classes)
+    evaluate = spec.provenance.config.get("evaluate") or {}
+    return [int(k) for k in evaluate.get("lesion_classes") or []]
 
 
 def inference_spec(config: ExperimentConfig) -> InferenceSpec:
@@ -217,9 +260,9 @@ class ModelBundle:
     @classmethod
     def from_config(cls, config: ExperimentConfig, label_names: dict[int, str], in_channels: int,
                     weights: dict[str, torch.Tensor] | None = None, data: DataProvenance | None = None,
-                    label_codes: dict[int, LabelCode] | None = None) -> ModelBundle:
+                    label_codes: dict[int, LabelCode] | None = None, modality: str | None = None) -> ModelBundle:
         """A bundle for a config about to be trained (weights filled in when saving); ``label_codes`` are the
-        manifest's coded concepts per class (DICOM-SEG)."""
+        manifest's coded concepts per class (DICOM-SEG), ``modality`` its modality (None: derived when read)."""
         spec = BundleSpec(
             name=config.name,
             network=NetworkSpec(architecture=config.model, in_channels=in_channels, num_classes=len(label_names)),
@@ -228,6 +271,8 @@ class ModelBundle:
             inference=inference_spec(config),
             provenance=Provenance(config=config.model_dump(mode="json"), data=data or DataProvenance(),
                                   versions=library_versions()),
+            modality=modality,
+            lesion_classes=list(config.evaluate.lesion_classes),
         )
         return cls(spec, dict(weights or {}))
 
@@ -240,6 +285,16 @@ class ModelBundle:
     def config(self) -> ExperimentConfig:
         """The experiment config the model was trained with (its evaluate section, resume, ...)."""
         return config_from_dict(self.spec.provenance.config, source=f"{self.path or 'bundle'} (embedded config)")
+
+    @property
+    def modality(self) -> str | None:
+        """The modality the model was trained on (:func:`model_modality`)."""
+        return model_modality(self)
+
+    @property
+    def lesion_classes(self) -> list[int]:
+        """Classes reported lesion by lesion (:func:`model_lesion_classes`)."""
+        return model_lesion_classes(self)
 
     @property
     def network(self) -> NetworkSpec:

@@ -12,6 +12,9 @@ from monai.networks.blocks import Convolution, SimpleASPP
 from torch import nn
 from torch.nn import functional as F
 
+from medseg.config import ModelConfig
+from medseg.models.monai_nets import strides_of
+
 
 class DeepLabASPP(nn.Module):
     """Encoder -> ASPP -> decoder with a skip from the first encoder stage; logits at input resolution."""
@@ -46,3 +49,8 @@ class DeepLabASPP(nn.Module):
         mode = "bilinear" if x.ndim == 4 else "trilinear"
         deep = F.interpolate(deep, size=skip.shape[2:], mode=mode, align_corners=False)
         return self.decoder(torch.cat([deep, skip], dim=1))
+
+
+def build_deeplab(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The registry's ``deeplab``: :class:`DeepLabASPP` from ``model`` (channels, strides, norm)."""
+    return DeepLabASPP(cfg.spatial_dims, in_channels, num_classes, cfg.channels, strides_of(cfg), cfg.norm)

@@ -22,8 +22,7 @@ from tqdm import tqdm
 from medseg.atomic import write_text_atomic
 from medseg.data.manifest import Manifest, read_json_file
 from medseg.errors import ManifestError, ScanError
-from medseg.io.channels import load_channels
-from medseg.io.scans import load_scan
+from medseg.io.scans import load_volume
 
 FOREGROUND_SAMPLES_PER_CASE = 10_000
 FINGERPRINT_FORMAT = "medseg-fingerprint-1"
@@ -127,14 +126,14 @@ def _read_case(manifest: Manifest, index: int, rng: np.random.Generator) -> tupl
     """One case's geometry, and per channel an intensity sample over all voxels and one under the label."""
     case = manifest.cases[index]
     image_path, label_path = manifest.image_path(case), manifest.label_path(case)
-    paths = manifest.image_paths(case)
-    image = _ras(load_channels(paths) if len(paths) > 1 else load_scan(image_path))
+    volume = load_volume(manifest.image_paths(case))
+    image = _ras(volume.image)
     stacked = np.asarray(image.dataobj, dtype=np.float32)
     channels = [stacked[..., c] for c in range(stacked.shape[3])] if stacked.ndim == 4 else [stacked]
     data = channels[0]
     if data.ndim != 3:
         raise ScanError(image_path, f"planning needs 3D scans, this one has shape {data.shape}")
-    spacing = [float(z) for z in image.header.get_zooms()[:3]]
+    spacing = volume.ras_spacing  # the reoriented array's axes are the RAS axes
     counts: dict[int, int] = {}
     objects: dict[int, list[int]] = {}
     fg_values = [np.empty(0, dtype=np.float32) for _ in channels]

@@ -27,9 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
 from medseg.errors import MedsegError
-from medseg.io.channels import load_channels
 from medseg.io.output_formats import OutputFormat, routed_formats
-from medseg.io.scans import load_scan
+from medseg.io.scans import load_volume
 from medseg.models.bundle import read_bundle_spec
 from medseg.serving.audit import AuditLog
 from medseg.serving.auth import RateLimiter, TokenSet
@@ -247,9 +246,8 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
                                        "CASE_0000.nii.gz, CASE_0001.nii.gz, ...)")
             async with checks:
                 try:
-                    await run_in_threadpool(
-                        lambda: load_channels(files, max_bytes=settings.max_scan_bytes) if len(files) > 1
-                        else load_scan(files[0], max_bytes=settings.max_scan_bytes))
+                    await run_in_threadpool(lambda: load_volume(files if len(files) > 1 else files[0],
+                                                                max_bytes=settings.max_scan_bytes))
                 except MedsegError as exc:
                     message = str(exc)
                     for path in files:

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from medseg.config import ExperimentConfig
+from medseg.training.loop import LoopState, TrainerCallback, TrainingRun
 from medseg.training.sampling import steps_per_epoch
-from medseg.training.trainer import LoopState, Trainer, TrainerCallback
 
 log = logging.getLogger("medseg.training.trainer")  # the same logger as the epoch lines
 
@@ -49,7 +49,7 @@ def format_duration(seconds: float) -> str:
     return f"{int(seconds // DAY_S)} d {int(seconds % DAY_S // 3600)} h"
 
 
-def start_summary(trainer: Trainer) -> str:
+def start_summary(trainer: TrainingRun) -> str:
     """One line: what is trained on what, and how long an epoch is in steps."""
     c = trainer.config
     steps = steps_per_epoch(len(trainer.train_split), c.train.batch_size, c.train.iterations_per_epoch)
@@ -72,11 +72,11 @@ class ProgressCallback(TrainerCallback):
         self.epoch_t = 0.0
         self.epoch_times: list[float] = []
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainingRun) -> None:
         log.info("%s", start_summary(trainer))
         self.epoch_t = self.clock()
 
-    def _remaining(self, trainer: Trainer, per_epoch_s: float, epochs_left: int, elapsed_s: float) -> tuple[float, str]:
+    def _remaining(self, trainer: TrainingRun, per_epoch_s: float, epochs_left: int, elapsed_s: float) -> tuple[float, str]:
         """Seconds to the end of the run, and what ends it."""
         c = trainer.config.train
         by_epochs = per_epoch_s * epochs_left
@@ -84,14 +84,14 @@ class ProgressCallback(TrainerCallback):
             return max(0.0, 60 * c.max_minutes - elapsed_s), f"time budget of {c.max_minutes:g} min"
         return by_epochs, f"epoch {c.epochs}"
 
-    def _warn_if_long(self, trainer: Trainer, total_s: float, per_epoch_s: float, ends: str) -> None:
+    def _warn_if_long(self, trainer: TrainingRun, total_s: float, per_epoch_s: float, ends: str) -> None:
         if total_s > DAY_S and not self.warned:
             self.warned = True
             log.warning("the configured run would take about %s on %s (%s per epoch, until %s); lower train.epochs, "
                         "train.iterations_per_epoch or the patch size, or set train.max_minutes",
                         format_duration(total_s), trainer.device, format_duration(per_epoch_s), ends)
 
-    def on_step_end(self, trainer: Trainer, epoch: int, step: int, steps: int) -> None:
+    def on_step_end(self, trainer: TrainingRun, epoch: int, step: int, steps: int) -> None:
         if self.estimated:
             return
         now = self.clock()
@@ -111,7 +111,7 @@ class ProgressCallback(TrainerCallback):
                  per_step, timed, format_duration(per_epoch), format_duration(left), ends)
         self._warn_if_long(trainer, elapsed + left, per_epoch, ends)
 
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+    def on_epoch_end(self, trainer: TrainingRun, record: dict) -> None:
         now = self.clock()
         self.epoch_times.append(now - self.epoch_t)
         self.epoch_t = now

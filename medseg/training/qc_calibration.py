@@ -38,11 +38,10 @@ from medseg.inference.qc import (
     UNCERTAINTY_PERCENTILE,
     VOLUME_FACTOR,
     intensity_percentiles,
-    ras_spacing,
     uncertainty_limit,
 )
-from medseg.io.geometry import voxel_volume_ml
-from medseg.io.scans import load_scan
+from medseg.io.scans import load_volume
+from medseg.io.volume import voxel_volume_ml
 from medseg.models.bundle import ModelBundle, QCThresholds, load_bundle, resolve_bundle_path
 
 log = logging.getLogger(__name__)
@@ -50,10 +49,7 @@ log = logging.getLogger(__name__)
 
 def case_image(manifest: Manifest, case: ManifestCase) -> nib.Nifti1Image:
     """A case's image as the model takes it: one scan, or its channel files stacked (X, Y, Z, C)."""
-    from medseg.io.channels import load_channels
-
-    paths = manifest.image_paths(case)
-    return load_channels(paths) if len(paths) > 1 else load_scan(paths[0])
+    return load_volume(manifest.image_paths(case)).image
 
 
 def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bool = True) -> QCThresholds:
@@ -64,9 +60,9 @@ def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bo
     volumes: dict[int, list[float]] = {k: [] for k in manifest.labels if k}
     labelled = 0
     for case in tqdm(cases, desc="QC limits: training cases", unit="case", leave=False, disable=None if progress else True):
-        image = load_scan(manifest.image_path(case))  # input checks use the first channel (docs/qc.md)
-        spacings.append(ras_spacing(image.affine))
-        percentiles.append(intensity_percentiles(np.asanyarray(image.dataobj)))
+        volume = load_volume(manifest.image_path(case))  # input checks use the first channel (docs/qc.md)
+        spacings.append(volume.ras_spacing)
+        percentiles.append(intensity_percentiles(np.asanyarray(volume.image.dataobj)))
         label_path = manifest.label_path(case)
         if label_path is None:
             continue

@@ -31,7 +31,7 @@ from typing import Any
 from medseg import __version__
 from medseg.atomic import write_text_atomic
 from medseg.errors import ConfigError
-from medseg.training.trainer import Trainer, TrainerCallback, TrainResult
+from medseg.training.loop import TrainerCallback, TrainingRun, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class MLflowCallback(TrainerCallback):
         self.client: Any = None
         self.run_id: str | None = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainingRun) -> None:
         try:
             from mlflow import MlflowClient
             from mlflow.entities import Param
@@ -97,7 +97,7 @@ class MLflowCallback(TrainerCallback):
             self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
         log.info("MLflow: run %s in %s", self.run_id, uri)
 
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+    def on_epoch_end(self, trainer: TrainingRun, record: dict) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -105,7 +105,7 @@ class MLflowCallback(TrainerCallback):
         metrics = [Metric(k, v, now, step) for k, v in epoch_metrics(record).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
-    def on_fit_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+    def on_fit_end(self, trainer: TrainingRun, result: TrainResult | None) -> None:
         if self.client is None or self.run_id is None:
             return
         run_dir = trainer.run_dir
@@ -147,7 +147,7 @@ class WandbCallback(TrainerCallback):
     def __init__(self) -> None:
         self.run: Any = None
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainingRun) -> None:
         try:
             import wandb
         except ImportError:
@@ -181,10 +181,10 @@ class WandbCallback(TrainerCallback):
             write_text_atomic(id_file, run_id + "\n")
         log.info("W&B: run %s (%s) in %s", run_id, mode, self.run.dir if mode == "offline" else self.run.url)
 
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+    def on_epoch_end(self, trainer: TrainingRun, record: dict) -> None:
         self.run.log(epoch_metrics(record), step=int(record["epoch"]))
 
-    def on_fit_end(self, trainer: Trainer, result: TrainResult | None) -> None:
+    def on_fit_end(self, trainer: TrainingRun, result: TrainResult | None) -> None:
         if self.run is None:
             return
         import wandb

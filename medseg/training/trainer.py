@@ -15,7 +15,6 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +38,11 @@ from medseg.models.bundle import DataProvenance, InitFromRecord, ModelBundle, Va
 from medseg.models.registry import encoder_parameters
 from medseg.training.distributed import DistributedContext, init_distributed
 from medseg.training.init_from import load_matching_weights
+from medseg.training.loop import LoopState, TrainerCallback, TrainResult
 from medseg.training.qc_calibration import calibrate_bundle_file
 from medseg.training.sampling import DrawSeededDataset, epoch_draws, rank_keys, steps_per_epoch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """Where the run went and how good its best checkpoint is."""
-
-    run_dir: Path
-    best_checkpoint: Path
-    best_dice: float
-    best_epoch: int
-    epochs_run: int
-    history: list[dict] = field(default_factory=list)
-    keep_largest_component: list[int] | None = None
-    """Classes whose keep-largest-component postprocessing helped on validation (None: not evaluated)."""
-    already_finished: bool = False
-    """``--resume`` found the run finished and trained nothing."""
 
 
 def _labelled_cases(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCase]:
@@ -188,44 +172,6 @@ def _compiled(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
 
 
 
-@dataclass
-class LoopState:
-    """Where the loop stands; stored in ``last.pt`` so ``--resume`` continues exactly."""
-
-    epoch: int = -1
-    """Index (0-based) of the last finished epoch; -1 before the first."""
-    best_dice: float = -1.0
-    best_epoch: int = -1
-    since_best: int = 0
-    elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)
-
-    def to_checkpoint(self) -> dict:
-        return {"epoch": self.epoch, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
-                "since_best": self.since_best, "elapsed_s": self.elapsed_s, "history": self.history}
-
-    @classmethod
-    def from_checkpoint(cls, state: dict) -> LoopState:
-        return cls(int(state["epoch"]), float(state["best_dice"]), int(state["best_epoch"]), int(state["since_best"]),
-                   float(state["elapsed_s"]), list(state["history"]))
-
-
-class TrainerCallback:
-    """Hooks into the loop (logging, trackers, distributed bookkeeping); every method is optional."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Model, data and run folder are ready; ``trainer.state`` holds a resumed run's state."""
-
-    def on_step_end(self, trainer: Trainer, epoch: int, step: int, steps: int) -> None:
-        """Training step ``step`` (1-based) of ``steps`` in epoch ``epoch`` (0-based) finished."""
-
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        """An epoch finished (and validated, when ``"val_dice"`` is in ``record``); checkpoints are written."""
-
-    def on_fit_end(self, trainer: Trainer, result: TrainResult) -> None:
-        """The loop ended (finished, early-stopped, out of time or interrupted: then ``result`` is None)."""
-
-
 class TensorBoardCallback(TrainerCallback):
     """Loss, learning rate and validation Dice per class as TensorBoard scalars in ``<run>/tensorboard``."""
 
@@ -323,7 +269,7 @@ class Trainer:
         if self.dist.is_main:
             write_text_atomic(self.run_dir / "config.yaml", dump_config(config))
         self.bundle = ModelBundle.from_config(config, self.label_names, self.in_channels, data=self._data_provenance(),
-                                              label_codes=self.manifest.label_codes)
+                                              label_codes=self.manifest.label_codes, modality=self.manifest.modality)
 
         set_determinism(seed=config.seed)  # seeds Python, NumPy and torch together
         self.model = build_model(config.model, self.in_channels, self.num_classes)
@@ -454,7 +400,7 @@ class Trainer:
 
     def _freeze_encoder(self, epoch: int) -> None:
         """The encoder is frozen for the first ``train.freeze_encoder_epochs`` epochs (see
-        ``medseg.models.registry.ENCODER_PATTERNS``); gradients are dropped, not switched off, because
+        ``the network's registry entry, medseg.models.registry``); gradients are dropped, not switched off, because
         DistributedDataParallel and ``torch.compile`` fix ``requires_grad`` when they wrap the model."""
         frozen = epoch < self.config.train.freeze_encoder_epochs
         if frozen == bool(self.frozen):

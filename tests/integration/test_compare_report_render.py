@@ -10,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from medseg.evaluation.compare import compare_prediction_folders
+from medseg.evaluation.compare_run import compare_prediction_folders
 from medseg.io.display import PREDICTION_COLOR, REFERENCE_COLOR
 from tests.conftest import load_render_check
 from tests.unit.test_compare import write_pair_dataset

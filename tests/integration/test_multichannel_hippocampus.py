@@ -16,7 +16,7 @@ from medseg.config import config_from_dict
 from medseg.data.manifest import load_manifest
 from medseg.errors import ScanError
 from medseg.inference.runner import predict_paths
-from medseg.io.channels import load_channels
+from medseg.io.scans import load_channels
 from tests.conftest import link_file
 
 CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]

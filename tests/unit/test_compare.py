@@ -15,15 +15,8 @@ from scipy.stats import wilcoxon
 
 from medseg.cli import main
 from medseg.data.manifest import Manifest, save_manifest
-from medseg.evaluation.compare import (
-    TIE_TOLERANCE,
-    PredictOptions,
-    bootstrap_interval,
-    compare_models,
-    compare_prediction_folders,
-    paired_stats,
-    wilcoxon_p,
-)
+from medseg.evaluation.compare import TIE_TOLERANCE, bootstrap_interval, paired_stats, wilcoxon_p
+from medseg.evaluation.compare_run import PredictOptions, compare_models, compare_prediction_folders
 from medseg.models.bundle import DataProvenance, InitFromRecord, ModelBundle
 from medseg.models.registry import build_model
 from tests.conftest import tiny_config

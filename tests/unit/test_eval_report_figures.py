@@ -14,7 +14,7 @@ from matplotlib.image import imread
 
 from medseg.evaluation.figures import CaseView, case_overlay, dice_axis_limits, lesion_overlay
 from medseg.evaluation.lesions import find_lesions, measure_diameters, short_axis_length
-from medseg.evaluation.runner import CaseResult
+from medseg.evaluation.results import CaseResult
 from medseg.io.display import (
     PREDICTION_COLOR,
     REFERENCE_COLOR,

@@ -16,8 +16,7 @@ from medseg.data.manifest import Manifest, load_manifest, save_manifest
 from medseg.data.phantom import write_two_channel_nnunet
 from medseg.errors import GeometryError, ManifestError, ScanError
 from medseg.inference.runner import predict_paths
-from medseg.io.channels import load_channels
-from medseg.io.scans import find_scans
+from medseg.io.scans import find_scans, load_channels
 
 
 def _config(manifest: Path, run_dir: Path, epochs: int):
