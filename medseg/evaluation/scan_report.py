@@ -18,7 +18,7 @@ from medseg.atomic import write_text_atomic
 from medseg.evaluation.lesions import find_lesions
 from medseg.evaluation.metrics import voxel_spacing, voxel_volume_ml
 from medseg.inference.statistics import ScanStatistics
-from medseg.models.bundle import ModelBundle
+from medseg.models.bundle import ModelBundle, model_lesion_classes
 
 REPORT_SUFFIX = ".report.json"
 
@@ -39,7 +39,7 @@ class ReportOptions:
         """``lesion_classes``, else the model config's ``evaluate`` lesion classes, else every foreground class."""
         evaluate = bundle.config.evaluate
         names = dict(bundle.label_names)
-        classes = list(lesion_classes or evaluate.lesion_classes) or [k for k in sorted(names) if k != 0]
+        classes = list(lesion_classes or model_lesion_classes(bundle)) or [k for k in sorted(names) if k != 0]
         spec = bundle.spec
         return cls(names, classes, evaluate.connectivity, evaluate.min_lesion_volume_ml,
                    {"name": spec.name, "weights_sha256": spec.provenance.weights_sha256})

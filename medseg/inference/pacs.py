@@ -32,13 +32,9 @@ from medseg.io.dicomweb import (
     study_series,
 )
 from medseg.io.output_formats import formats_for, output_format
+from medseg.models.bundle import model_modality
 
 log = logging.getLogger(__name__)
-
-#: Modalities a model accepts by its intensity normalisation: Hounsfield-unit windows need CT; a model that
-#: z-scores each volume is taken to be an MR model (override with ``--modality``).
-CT_INTENSITIES = ("ct_window", "ct_zscore")
-
 
 @dataclass
 class SeriesOutcome:
@@ -53,9 +49,11 @@ class SeriesOutcome:
 
 
 def accepted_modalities(predictor: Predictor) -> tuple[str, ...]:
-    """The DICOM modalities a model is meant for, from its intensity normalisation."""
-    kind = predictor.bundle.spec.preprocessing.intensity.kind
-    return ("CT",) if kind in CT_INTENSITIES else ("MR",)
+    """The DICOM modalities a model is meant for: the modality it was trained on (the bundle's, read by
+    :func:`medseg.models.bundle.model_modality`); a model of another or unknown modality takes MR series, the
+    rule for intensity-normalised models before bundles recorded their modality (override with ``--modality``)."""
+    modality = model_modality(predictor.bundle)
+    return ("CT",) if modality == "CT" else ("MR",)
 
 
 def seg_uids(source_series_uid: str, weights_sha256: str, fmt: str = "dicom-seg") -> tuple[str, str]:

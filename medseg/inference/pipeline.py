@@ -28,10 +28,11 @@ from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
 from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
-from medseg.inference.statistics import ScanStatistics, assess_scan, merge_statistics, training_modality
+from medseg.inference.statistics import ScanStatistics, assess_scan, merge_statistics
 from medseg.io.mask_writers import MaskWriter, ModelInfo, NiftiMaskWriter
 from medseg.io.output_formats import NIFTI, done_suffix, formats_for, output_format
 from medseg.io.scans import Scan, load_scan
+from medseg.models.bundle import model_lesion_classes, model_modality
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,9 @@ def write_scan_preview(predictor: Predictor, scan: Scan, image: nib.Nifti1Image,
     from medseg.inference.preview import preview_path, write_preview  # matplotlib: only when asked
 
     bundle = predictor.bundle
-    lesion_classes = bundle.config.evaluate.lesion_classes
     write_preview(preview_path(batch.output_dir, scan.case_id), image, mask, bundle.spec.labels, scan.case_id,
-                  training_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
-                  lesion_classes, stats.all_flags)
+                  model_modality(bundle) if "modality_mismatch" not in stats.qc_flags else None,
+                  model_lesion_classes(bundle), stats.all_flags)
 
 
 def _grid_of(predictor: Predictor) -> tuple[str, tuple[float, ...] | None, int] | None:
