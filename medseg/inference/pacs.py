@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from medseg.io.dicomweb import (
     store,
     study_series,
 )
+from medseg.io.mask_writers import derived_uid
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ def accepted_modalities(predictor: Predictor) -> tuple[str, ...]:
 def seg_uids(source_series_uid: str, weights_sha256: str) -> tuple[str, str]:
     """The SEG's (series, instance) UIDs: new UIDs in the ``2.25.<UUID>`` form (name-based UUIDs, version 5),
     the same for one model and one source series, so a rerun finds what it stored."""
-    # pydicom's generate_uid ignores its entropy sources when prefix is None (a random UUID), hence uuid5.
     name = f"medseg-seg/{source_series_uid}/{weights_sha256}"
-    return (f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/series').int}",
-            f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/instance').int}")
+    return derived_uid(name + "/series"), derived_uid(name + "/instance")
 
 
 def _assign_uids(seg_path: Path, series_uid: str, instance_uid: str) -> object:
