@@ -93,7 +93,7 @@ def structures(shape: tuple[int, int, int], image: np.ndarray | None = None) -> 
     """A label map on a scan's grid (columns, rows, slices) with holes and several islands on every slice:
     1 ``ring`` (an annulus, its hole, and a separate disc: two islands and a hole), 2 ``core`` (a disc in the
     ring's hole: an island inside a hole), and, given the scan's ``image``, 3 ``bright`` (its brightest
-    tenth after a 3x3 mean, outside the other two: real anatomy's ragged borders)."""
+    tenth after a 5x5 mean, outside the other two: real anatomy's ragged borders)."""
     nx, ny, nz = shape
     x, y = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
     labels = np.zeros(shape, np.uint8)
@@ -109,7 +109,7 @@ def structures(shape: tuple[int, int, int], image: np.ndarray | None = None) -> 
     if image is not None:
         from scipy.ndimage import uniform_filter
 
-        smooth = uniform_filter(np.asarray(image, float), size=(3, 3, 1))
+        smooth = uniform_filter(np.asarray(image, float), size=(5, 5, 1))
         bright = (smooth > np.percentile(smooth, 90)) & (labels == 0)
         labels[bright] = 3
     return labels
