@@ -5,9 +5,10 @@ For each series (../shared/data/dicom/series) the mask of ``tests/unit/rtstruct_
 (``ring``: an annulus and a separate disc; ``core``: a disc in the ring's hole; ``bright``: the scan's
 brightest tenth, ragged) is written by both writers; each file is then checked by dciodvfy and rasterised
 back onto the source grid two ways: by pixel centres with the even-odd rule (``rtstruct_raster.rasterise``,
-how Slicer and plastimatch fill contours) and by rt-utils' own reader (OpenCV ``fillPoly``, which also
+the usual rasterisation of planar contours) and by rt-utils' own reader (OpenCV ``fillPoly``, which also
 fills the pixels the contour runs through). Prints per-ROI Dice, write time (best of ``--repeats``), file
-size and dciodvfy error lines as Markdown; ``--json`` stores them.
+size and the count of dciodvfy error lines as Markdown; ``--json`` stores them. Also times medseg's
+writer alone on a 512x512x300 mask (the synthetic CT and two spheres of bench/dicom_seg_encode.py).
 
 rt-utils (and OpenCV) are not medseg dependencies: install them apart, e.g.
 ``pip install --no-deps --target /tmp/rtu rt-utils==1.2.7 opencv-python-headless`` and delete
@@ -89,8 +90,9 @@ def measure(folder: Path, out: Path, repeats: int) -> dict[str, dict]:
     for writer, write in writers.items():
         path = out / f"{folder.name}.{writer}.rtstruct.dcm"
         seconds = timed(lambda: write(path), repeats)  # noqa: B023 (called at once)
-        row: dict = {"write_s": round(seconds, 3), "bytes": path.stat().st_size,
-                     "dciodvfy_errors": dciodvfy_errors(path)}
+        errors = dciodvfy_errors(path)
+        row: dict = {"write_s": round(seconds, 3), "bytes": path.stat().st_size, "dciodvfy_errors": len(errors),
+                     "dciodvfy_error_examples": errors[:3]}
         for reader, read in (("pixel_centre", lambda p: rasterise(p, folder)), ("rt_utils_reader",
                                                                                  lambda p: read_rt_utils(folder, p))):
             try:
@@ -103,6 +105,24 @@ def measure(folder: Path, out: Path, repeats: int) -> dict[str, dict]:
     results["voxels"] = {name: int((labels == value).sum()) for value, name in NAMES.items()}
     results["shape"] = list(image.shape)
     return results
+
+
+def measure_large(out: Path, repeats: int) -> dict[str, object]:
+    """medseg's writer on a 512x512x300 synthetic CT with two nested spheres (one contour per class per slice)."""
+    from bench.dicom_seg_encode import spheres, write_ct_series
+
+    write_ct_series(out / "large" / "series", 512, 300)
+    scan = find_scans([out / "large"])[0]
+    image = load_scan(scan)
+    labels = spheres(image.shape)
+    model = ModelInfo("bench", MODEL.labels[:3])
+    path = out / "large.rtstruct.dcm"
+    seconds = timed(lambda: RtStructWriter(model).write(scan, image, mask_like(labels, image), path), repeats)
+    back = rasterise(path, scan.path)
+    return {"shape": list(image.shape), "write_s": round(seconds, 3), "bytes": path.stat().st_size,
+            "dciodvfy_errors": len(dciodvfy_errors(path)),
+            "dice_pixel_centre": {name: round(dice(back[name], labels == value), 4)
+                                  for value, name in ((1, "ring"), (2, "core"))}}
 
 
 def main() -> int:
@@ -122,6 +142,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in SERIES:
             figures[name] = measure(args.data / name, Path(tmp), args.repeats)
+        figures["large"] = measure_large(Path(tmp), args.repeats)
     print("| series | writer | write s | KiB | dciodvfy errors | Dice pixel centres (ring/core/bright) | "
           "Dice rt-utils reader |")
     print("|---|---|---|---|---|---|---|")
@@ -133,7 +154,10 @@ def main() -> int:
                 return " / ".join(f"{v:.4f}" for v in value.values()) if isinstance(value, dict) else value
 
             print(f"| {name} | {writer} | {row['write_s']:.2f} | {row['bytes'] / 1024:.0f} | "
-                  f"{len(row['dciodvfy_errors'])} | {fmt(row['dice_pixel_centre'])} | {fmt(row['dice_rt_utils_reader'])} |")
+                  f"{row['dciodvfy_errors']} | {fmt(row['dice_pixel_centre'])} | {fmt(row['dice_rt_utils_reader'])} |")
+    large = figures["large"]
+    print(f"\nmedseg on a 512x512x300 mask (two spheres): {large['write_s']:.2f} s, "
+          f"{large['bytes'] / 2**20:.1f} MiB, {large['dciodvfy_errors']} dciodvfy errors, Dice {large['dice_pixel_centre']}")
     if args.json:
         from importlib.metadata import version
 

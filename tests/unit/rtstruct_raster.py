@@ -4,7 +4,7 @@ RTSTRUCT tests and bench/rtstruct_libraries.py.
 Each contour goes onto the source image it references (SOP Instance UID, and frame for multi-frame files),
 placed by that image's own ImagePositionPatient, ImageOrientationPatient and PixelSpacing, and is filled
 by pixel centres with the even-odd rule (each contour toggles the pixels inside it, so a hole's contour
-subtracts from the island around it): the way Slicer and plastimatch rasterise planar contours.
+subtracts from the island around it), the usual way planar contours are rasterised.
 """
 
 from __future__ import annotations
