@@ -48,7 +48,7 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 #: Contour points are written in mm with this many decimals (a micrometre: far below any pixel spacing).
 _DECIMALS = 3
-#: Explicit VR stores a DS value's length in 2 bytes: one contour's ContourData may not exceed this.
+#: Explicit VR stores a DS value's length in 2 bytes: a longer ContourData needs implicit VR.
 _MAX_DS_BYTES = 0xFFFE
 
 
@@ -119,13 +119,12 @@ def source_sop_uids(path: Path) -> tuple[str, str]:
     return uids[0], uids[1]
 
 
-def contour_data(points: np.ndarray, where: str):
+def contour_data(points: np.ndarray):
     """The ContourData element of ``points`` (n, 3; LPS mm), with :data:`_DECIMALS` decimals.
 
-    Encoded here once as the bytes of the file (a pydicom ``RawDataElement``): pydicom would otherwise
-    make and validate a number object per coordinate, which took most of the writer's time on a mask with
-    many small islands. Raises :class:`OutputError` (naming ``where``) for a contour longer than one DS
-    value may be in explicit VR.
+    Encoded here once as the bytes of the file (a pydicom ``RawDataElement``, explicit VR little endian):
+    pydicom would otherwise make and validate a number object per coordinate, which took most of the
+    writer's time on a mask with many small islands.
     """
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
@@ -134,11 +133,28 @@ def contour_data(points: np.ndarray, where: str):
     text = "\\".join(f"{v:.{_DECIMALS}f}" for v in rounded.ravel().tolist()).encode("ascii")
     if len(text) % 2:
         text += b" "  # DICOM values have even length; DS pads with a space
-    if len(text) > _MAX_DS_BYTES:
-        raise OutputError(f"{where} has {len(rounded)} points, more than one DICOM contour can hold (a very "
-                          "ragged mask); no RT structure set written")
     tag = Tag(0x3006, 0x0050)
     return RawDataElement(tag, "DS", len(text), text, 0, False, True)
+
+
+def _implicit_if_too_long(ds, case_id: str) -> None:
+    """Switch ``ds`` to implicit VR little endian when a ContourData is longer than explicit VR's 2-byte
+    length allows (:data:`_MAX_DS_BYTES`: about 2500 points, a very ragged outline). Implicit VR has
+    4-byte lengths and is the transfer syntax every DICOM application must read."""
+    from pydicom.charset import default_encoding
+    from pydicom.tag import Tag
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    tag = Tag(0x3006, 0x0050)
+    items = [c for roi in ds.ROIContourSequence for c in roi.get("ContourSequence", [])]
+    if not any(item.get_item(tag).length > _MAX_DS_BYTES for item in items):
+        return
+    for item in items:
+        item[tag] = item.get_item(tag)._replace(is_implicit_VR=True)
+        item.set_original_encoding(True, True, default_encoding)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    log.info("%s: a contour is longer than explicit VR can hold; the RT structure set is written in implicit VR",
+             case_id)
 
 
 class RtStructWriter(MaskWriter):
@@ -258,7 +274,7 @@ class RtStructWriter(MaskWriter):
             item = pydicom.Dataset()
             item.ROIDisplayColor = [int(c) for c in label.color]
             item.ReferencedROINumber = label.value
-            contours = self._contours(labels == label.value, affine_lps, planes, order, image_ref, scan.path, label.name)
+            contours = self._contours(labels == label.value, affine_lps, planes, order, image_ref)
             counts[label.name] = len(contours)
             if contours:  # Contour Sequence is type 3: an ROI the mask lacks has none
                 item.ContourSequence = Sequence(contours)
@@ -273,12 +289,12 @@ class RtStructWriter(MaskWriter):
         ds.ROIContourSequence = Sequence(roi_contours)
         ds.RTROIObservationsSequence = Sequence(observations)
         ds.ApprovalStatus = "UNAPPROVED"
+        _implicit_if_too_long(ds, scan.case_id)
         log.debug("%s: RT structure set with contours per ROI %s", scan.case_id, counts)
         return ds
 
     @staticmethod
-    def _contours(binary: np.ndarray, affine_lps: np.ndarray, planes, order: list[int], image_ref,
-                  folder: Path, name: str) -> list:
+    def _contours(binary: np.ndarray, affine_lps: np.ndarray, planes, order: list[int], image_ref) -> list:
         """Contour Sequence items of one class: closed planar contours of each slice, in LPS mm on the plane
         of the source image (its ImagePositionPatient, the mask's in-plane axes)."""
         import pydicom
@@ -291,7 +307,7 @@ class RtStructWriter(MaskWriter):
             origin = np.asarray(planes[order[k]].position, float)
             for contour in slice_contours(binary[:, :, k]):
                 points = origin + contour @ axes.T
-                element = contour_data(points, f"{folder}: a contour of {name!r} on slice {k}")
+                element = contour_data(points)
                 item = pydicom.Dataset()
                 item.ContourImageSequence = Sequence([image_ref(int(k))])
                 item.ContourGeometricType = "CLOSED_PLANAR"

@@ -13,7 +13,7 @@ from medseg.data.labels import label_code, label_table
 from medseg.errors import OutputError
 from medseg.io.mask_writers import ModelInfo
 from medseg.io.nifti import mask_like
-from medseg.io.rtstruct import RtStructWriter, slice_contours
+from medseg.io.rtstruct import RtStructWriter, contour_data, slice_contours
 from medseg.io.scans import Scan, find_scans, load_scan
 from tests.unit.dicom_synth import write_multiframe, write_series
 from tests.unit.rtstruct_raster import rasterise
@@ -191,3 +191,27 @@ def test_a_nifti_scan_or_unknown_classes_get_no_rtstruct(tmp_path):
         RtStructWriter(MODEL).build(nifti_scan, mask_like(np.zeros(image.shape, np.uint8), image))
     with pytest.raises(OutputError, match=r"mask values \[7\] are not classes"):
         RtStructWriter(MODEL).build(scan, mask_like(np.full(image.shape, 7, np.uint8), image))
+
+
+def test_contour_data_is_three_decimals_without_negative_zero():
+    element = contour_data(np.array([[1.23456, -0.0001, -7.5], [0.0, 2.0, 1e-9]]))
+    assert element.value == b"1.235\\0.000\\-7.500\\0.000\\2.000\\0.000"  # even length: no pad needed
+
+
+def test_a_contour_longer_than_explicit_vr_allows_makes_an_implicit_vr_file(tmp_path, monkeypatch):
+    import medseg.io.rtstruct as rtstruct
+
+    monkeypatch.setattr(rtstruct, "_MAX_DS_BYTES", 64)  # instead of a 2500-point outline
+    write_series(tmp_path / "in" / "series", 3)
+    scan = _scan(tmp_path / "in")
+    image = load_scan(scan)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[0:4, 0:5, 1] = 1
+    labels[1:3, 2:4, 1] = 0
+    labels[4, 5, 1] = 2
+    path = tmp_path / "long.rtstruct.dcm"
+    RtStructWriter(MODEL).write(scan, image, mask_like(labels, image), path)
+    assert pydicom.dcmread(str(path)).file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
+    assert dciodvfy_errors(path) == []
+    back = rasterise(path, scan.path)
+    assert np.array_equal(back["left lung"], labels == 1) and np.array_equal(back["nodule"], labels == 2)
