@@ -20,6 +20,8 @@ import logging
 import uuid
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -87,6 +89,20 @@ class ModelInfo:
     @property
     def foreground(self) -> list[LabelInfo]:
         return [label for label in self.labels if label.value > 0]
+
+
+@contextmanager
+def counted_warnings(case_id: str, what: str) -> Iterator[None]:
+    """Catch the warnings raised while encoding ``what`` (a DICOM output) and only count them in the log:
+    their text may quote patient attributes (pydicom's on a malformed value, highdicom's on a PatientName
+    of one component)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if caught:
+        kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
+        log.info("%s: %d warning(s) (%s) while encoding the %s; not shown, as they may quote patient attributes",
+                 case_id, len(caught), kinds, what)
 
 
 def derived_uid(name: str) -> str:
@@ -313,14 +329,8 @@ class DicomSegWriter(MaskWriter):
         Warnings of pydicom and highdicom are caught and only counted in the log: their text may quote
         patient attributes (e.g. highdicom's remark on a PatientName of one component).
         """
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            seg = self._build(scan, mask)
-        if caught:
-            kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
-            log.info("%s: %d warning(s) (%s) while encoding the DICOM-SEG; not shown, as they may quote patient "
-                     "attributes", scan.case_id, len(caught), kinds)
-        return seg
+        with counted_warnings(scan.case_id, "DICOM-SEG"):
+            return self._build(scan, mask)
 
     def _build(self, scan, mask: nib.Nifti1Image):
         import highdicom as hd

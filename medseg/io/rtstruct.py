@@ -32,6 +32,7 @@ from medseg.io.mask_writers import (
     PATIENT_STUDY_TAGS,
     MaskWriter,
     ModelInfo,
+    counted_warnings,
     derived_uid,
     frame_of_reference,
     minimal_source,
@@ -180,7 +181,14 @@ class RtStructWriter(MaskWriter):
         write_atomic(path, lambda tmp: ds.save_as(str(tmp), enforce_file_format=True))
 
     def build(self, scan, mask: nib.Nifti1Image):
-        """The RT Structure Set (a pydicom ``FileDataset``) of ``mask`` on the grid of DICOM ``scan``."""
+        """The RT Structure Set (a pydicom ``FileDataset``) of ``mask`` on the grid of DICOM ``scan``.
+
+        pydicom's warnings are only counted in the log (:func:`counted_warnings`): they may quote patient
+        attributes."""
+        with counted_warnings(scan.case_id, "RT structure set"):
+            return self._build(scan, mask)
+
+    def _build(self, scan, mask: nib.Nifti1Image):
         import pydicom
         from pydicom.dataset import FileDataset, FileMetaDataset
         from pydicom.sequence import Sequence
