@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from medseg.io.dicomweb import (
     store,
     study_series,
 )
+from medseg.io.mask_writers import derived_uid
 from medseg.io.output_formats import formats_for, output_format
 from medseg.models.bundle import model_modality
 
@@ -60,11 +60,9 @@ def seg_uids(source_series_uid: str, weights_sha256: str, fmt: str = "dicom-seg"
     """The (series, instance) UIDs of the ``fmt`` object (DICOM-SEG, RTSTRUCT) stored for a source series: new UIDs
     in the ``2.25.<UUID>`` form (name-based UUIDs, version 5), the same for one model, one source series and one
     format, so a rerun finds what it stored."""
-    # pydicom's generate_uid ignores its entropy sources when prefix is None (a random UUID), hence uuid5.
     kind = "seg" if fmt == "dicom-seg" else fmt  # the SEG's names predate other formats: kept, so reruns match
     name = f"medseg-{kind}/{source_series_uid}/{weights_sha256}"
-    return (f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/series').int}",
-            f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name + '/instance').int}")
+    return derived_uid(name + "/series"), derived_uid(name + "/instance")
 
 
 def _assign_uids(seg_path: Path, series_uid: str, instance_uid: str) -> object:

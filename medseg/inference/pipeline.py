@@ -97,7 +97,8 @@ def model_info(predictor: Predictor) -> ModelInfo | None:
     if bundle is None:
         return None
     spec = bundle.spec
-    return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels))
+    return ModelInfo(spec.name, tuple(label.model_copy(update={"code": label_code(label)}) for label in spec.labels),
+                     weights_sha256=spec.provenance.weights_sha256 or "")
 
 
 @dataclass

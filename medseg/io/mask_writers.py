@@ -15,8 +15,11 @@ Which writers an ``--output-format`` runs, and every other per-format fact, is i
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,16 +48,39 @@ class ModelInfo:
     """What outputs say about the model that made a mask: its name, label table and medseg's version.
 
     Every foreground label must carry its coded concept (``code``; the caller resolves defaults with
-    :func:`medseg.data.labels.label_code`).
+    :func:`medseg.data.labels.label_code`). ``weights_sha256`` (the bundle's weights checksum) keys the
+    UIDs derived for DICOM outputs; without it they are keyed by name and version.
     """
 
     name: str
     labels: tuple[LabelInfo, ...]
     version: str = field(default=__version__)
+    weights_sha256: str = ""
 
     @property
     def foreground(self) -> list[LabelInfo]:
         return [label for label in self.labels if label.value > 0]
+
+
+@contextmanager
+def counted_warnings(case_id: str, what: str) -> Iterator[None]:
+    """Catch the warnings raised while encoding ``what`` (a DICOM output) and only count them in the log:
+    their text may quote patient attributes (pydicom's on a malformed value, highdicom's on a PatientName
+    of one component)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if caught:
+        kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
+        log.info("%s: %d warning(s) (%s) while encoding the %s; not shown, as they may quote patient attributes",
+                 case_id, len(caught), kinds, what)
+
+
+def derived_uid(name: str) -> str:
+    """A new DICOM UID in the ``2.25.<UUID>`` form from a name-based UUID (version 5): the same ``name``
+    always gives the same UID, so an output of one model for one series keeps its UIDs when redone."""
+    # pydicom's generate_uid ignores its entropy sources when prefix is None (a random UUID), hence uuid5.
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 class MaskWriter(ABC):
@@ -165,8 +191,8 @@ SEG_SERIES_NUMBER = 1000
 _PLANE_TOLERANCE = 0.1
 
 
-def _minimal_source(path: Path, for_uid: str, step_mm: float):
-    """The header of a source file reduced to what a SEG may take from it: references, geometry and
+def minimal_source(path: Path, for_uid: str, step_mm: float):
+    """The header of a source file reduced to what a SEG (or RT structure set) may take from it: references, geometry and
     the required patient and study attributes. Everything else (institution, equipment, acquisition
     dates, private tags) stays behind, so highdicom cannot copy it. A missing or empty SliceThickness
     (type 2 in the source, needed by the SEG's pixel measures) becomes the slice step ``step_mm``."""
@@ -223,9 +249,10 @@ def sop_identity(ds, path: Path) -> tuple[str, str]:
     return values[0], values[1]
 
 
-def _frame_of_reference(path: Path, case_id: str) -> str:
+def frame_of_reference(path: Path, case_id: str) -> str:
     """The source's FrameOfReferenceUID; for a source without one (anonymised exports often drop it;
-    highdicom needs one) a UID derived from its SeriesInstanceUID, so every SEG of the series shares it."""
+    highdicom needs one) a UID derived from its SeriesInstanceUID, so every SEG and RT structure set of the
+    series shares it."""
     import pydicom
 
     header = pydicom.dcmread(str(path), stop_before_pixels=True,
@@ -233,8 +260,8 @@ def _frame_of_reference(path: Path, case_id: str) -> str:
     uid = str(header.get("FrameOfReferenceUID") or "")
     if uid:
         return uid
-    log.warning("%s: the source series has no FrameOfReferenceUID; the SEG carries one derived from its series "
-                "UID (viewers place it by its referenced images)", case_id)
+    log.warning("%s: the source series has no FrameOfReferenceUID; the DICOM output carries one derived from its "
+                "series UID (viewers place it by its referenced images)", case_id)
     return pydicom.uid.generate_uid(entropy_srcs=["medseg-frame-of-reference", str(header.SeriesInstanceUID)])
 
 
@@ -299,14 +326,8 @@ class DicomSegWriter(MaskWriter):
         Warnings of pydicom and highdicom are caught and only counted in the log: their text may quote
         patient attributes (e.g. highdicom's remark on a PatientName of one component).
         """
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            seg = self._build(scan, mask)
-        if caught:
-            kinds = ", ".join(sorted({w.category.__name__ for w in caught}))
-            log.info("%s: %d warning(s) (%s) while encoding the DICOM-SEG; not shown, as they may quote patient "
-                     "attributes", scan.case_id, len(caught), kinds)
-        return seg
+        with counted_warnings(scan.case_id, "DICOM-SEG"):
+            return self._build(scan, mask)
 
     def _build(self, scan, mask: nib.Nifti1Image):
         import highdicom as hd
@@ -323,13 +344,13 @@ class DicomSegWriter(MaskWriter):
         if unknown:
             raise OutputError(f"{scan.path}: mask values {unknown} are not classes of model {self.model.name}")
         planes = series_planes(scan.path, scan.series)
-        order = _planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
+        order = planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
         step_mm = float(np.linalg.norm(np.asarray(mask.affine, float)[:3, 2]))
-        for_uid = _frame_of_reference(planes[order[0]].path, scan.case_id)
+        for_uid = frame_of_reference(planes[order[0]].path, scan.case_id)
         sources: dict[Path, pydicom.Dataset] = {}
         for plane in (planes[i] for i in order):
             if plane.path not in sources:
-                sources[plane.path] = _minimal_source(plane.path, for_uid, step_mm)
+                sources[plane.path] = minimal_source(plane.path, for_uid, step_mm)
         multi_frame = planes[order[0]].frame is not None
         if multi_frame:
             source_images = list(sources.values())
@@ -373,7 +394,7 @@ class DicomSegWriter(MaskWriter):
         )
 
 
-def _planes_of_slices(folder: Path, planes, affine_ras: np.ndarray, shape: tuple[int, ...],
+def planes_of_slices(folder: Path, planes, affine_ras: np.ndarray, shape: tuple[int, ...],
                       lps_to_ras: np.ndarray) -> list[int]:
     """For each slice k of a mask (NIfTI, RAS affine), the index of the source plane at its position.
 
@@ -390,8 +411,8 @@ def _planes_of_slices(folder: Path, planes, affine_ras: np.ndarray, shape: tuple
         if distances[best] > _PLANE_TOLERANCE * step:
             raise DicomSeriesError(
                 folder, f"mask slice {k} at {np.round(where, 3).tolist()} mm (LPS) lies on no source image "
-                f"(nearest {distances[best]:.3f} mm away): the mask is not on the series' grid, no DICOM-SEG written")
+                f"(nearest {distances[best]:.3f} mm away): the mask is not on the series' grid, no DICOM output written")
         order.append(best)
     if len(set(order)) != len(order):
-        raise DicomSeriesError(folder, "two mask slices map to one source image: no DICOM-SEG written")
+        raise DicomSeriesError(folder, "two mask slices map to one source image: no DICOM output written")
     return order

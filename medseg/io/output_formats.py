@@ -206,3 +206,7 @@ register_output_format(OutputFormat(
     "DICOM Segmentation (binary) referencing the source series (DICOM inputs)",
     needs_dicom=True, requires_module="highdicom", extra="dicom", in_auto=True, route="seg",
     media_type="application/dicom", store_to_pacs=True))
+register_output_format(OutputFormat(
+    "rtstruct", _rtstruct_writers, (".rtstruct.dcm",),
+    "DICOM RT Structure Set: one ROI per class, planar contours in patient coordinates (DICOM inputs)",
+    needs_dicom=True, route="rtstruct", media_type="application/dicom", store_to_pacs=True))

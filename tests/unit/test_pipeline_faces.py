@@ -250,3 +250,35 @@ def test_a_registered_format_reaches_the_cli_predict_and_the_service(count_forma
         assert _wait(client, job)["status"] == "done"
         got = client.get(f"/v1/jobs/{job}/count", headers=_auth())
     assert got.status_code == 200 and got.text == count
+
+
+def test_service_serves_predicts_rtstruct_for_a_dicom_upload(one_channel_run, tmp_path):
+    import pydicom
+
+    from medseg.inference.runner import predict_paths
+
+    series = tmp_path / "in" / "series"
+    write_series(series, count=6, step=(0.0, 0.0, 3.0))
+    summary = predict_paths(one_channel_run, [series], tmp_path / "predicted", device="cpu", output_format="all")
+    assert not summary.failed
+    want = pydicom.dcmread(tmp_path / "predicted" / "series.rtstruct.dcm")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f"upload/{f.name}")
+    with _client(one_channel_run, tmp_path / "data") as client:
+        r = client.post("/v1/segmentations", files={"scan": ("s.zip", archive.getvalue())}, headers=_auth())
+        job = r.json()["job_id"]
+        assert r.json()["links"]["rtstruct"] == f"/v1/jobs/{job}/rtstruct"
+        assert _wait(client, job)["status"] == "done"
+        got = client.get(f"/v1/jobs/{job}/rtstruct", headers=_auth())
+    assert got.status_code == 200 and got.headers["content-type"] == "application/dicom"
+    served = pydicom.dcmread(io.BytesIO(got.content))
+    assert served.SOPClassUID == want.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
+    assert [r.ROIName for r in served.StructureSetROISequence] == [r.ROIName for r in want.StructureSetROISequence]
+
+    def contours(ds):
+        return [[(c.ContourImageSequence[0].ReferencedSOPInstanceUID, list(c.ContourData))
+                 for c in getattr(roi, "ContourSequence", [])] for roi in ds.ROIContourSequence]
+
+    assert contours(served) == contours(want)
