@@ -96,6 +96,31 @@ def test_a_study_is_segmented_and_its_seg_stored_once(server, shared_data, train
     assert len(_series_on_server(server, study)) == before + 1
 
 
+def test_every_storable_format_asked_for_is_stored_once(server, trained_run, tmp_path):
+    """The store step reads the output-format registry: a SEG and an RTSTRUCT, each under its derived UIDs."""
+    import pydicom
+
+    from tests.unit.dicom_synth import write_series
+
+    study = "1.2.826.0.1.3680043.8.498.79"
+    write_series(tmp_path / "ct", count=6, step=(0.0, 0.0, 3.0), StudyInstanceUID=study)
+    upload_folder(server, tmp_path / "ct")
+    args = ["predict", "--model", str(trained_run), "--dicomweb", server.dicomweb_url, "--study", study,
+            "--device", "cpu", "--output-format", "dicom-seg,rtstruct"]
+    run = _medseg(*args, "--output", str(tmp_path / "out"), env_auth=server.auth)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 segmentation(s) stored" in run.stdout
+    modalities = sorted(s["00080060"]["Value"][0] for s in _series_on_server(server, study))
+    assert modalities == ["CT", "RTSTRUCT", "SEG"]
+    local = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".dcm"))
+    assert len(local) == 2 and any(n.endswith(".rtstruct.dcm") for n in local)
+    rtstruct = pydicom.dcmread(next((tmp_path / "out").glob("*.rtstruct.dcm")))
+    assert rtstruct.StudyInstanceUID == study
+    again = _medseg(*args, "--output", str(tmp_path / "out2"), env_auth=server.auth)
+    assert again.returncode == 0 and "0 segmentation(s) stored, 1 already on the server" in again.stdout
+    assert len(_series_on_server(server, study)) == 3
+
+
 def test_wrong_credentials_another_modality_and_an_unknown_study_are_named(server, trained_run, tmp_path):
     from tests.unit.dicom_synth import write_series
 
