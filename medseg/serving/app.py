@@ -64,6 +64,9 @@ class ServeSettings:
     poll_s: float = 0.5
     #: Uploads read through the scan checks at once (each holds one scan in memory).
     max_concurrent_checks: int = 2
+    #: Seconds now, for the job store's leases (UNIX time) and the rate limiter; None: the real clocks.
+    #: Tests pass one they advance by hand, so nothing waits on the wall clock.
+    clock: Callable[[], float] | None = None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -129,10 +132,10 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     data_dir = Path(settings.data_dir)
     # It will hold patient scans: a new data folder is the service user's alone.
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s)
+    store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s, clock=settings.clock or time.time)
     audit = AuditLog(data_dir / "audit.log")
     metrics = ServiceMetrics(store.counts)
-    limiter = RateLimiter(settings.rate_per_minute)
+    limiter = RateLimiter(settings.rate_per_minute, clock=settings.clock or time.monotonic)
     pool = WorkerPool(store, data_dir, settings.model, settings.device, settings.workers, metrics, audit,
                       poll_s=settings.poll_s) if settings.workers > 0 and start_workers else None
     checks = anyio.Semaphore(settings.max_concurrent_checks)

@@ -14,7 +14,7 @@ import hmac
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -76,7 +76,9 @@ class RateLimiter:
     Per process: with N replicas a client gets up to N times the rate (docs/serving.md).
     """
 
-    def __init__(self, per_minute: float, burst: int | None = None):
+    def __init__(self, per_minute: float, burst: int | None = None, clock: Callable[[], float] = time.monotonic):
+        #: Seconds now (any origin); tests pass a clock they advance by hand.
+        self.clock = clock
         self.rate = per_minute / 60.0
         self.burst = float(burst if burst is not None else max(1, int(per_minute)))
         self._buckets: dict[str, tuple[float, float]] = {}
@@ -86,7 +88,7 @@ class RateLimiter:
         """Take one request from ``key``'s bucket: (allowed, seconds until the next one would be)."""
         if self.rate <= 0:
             return True, 0.0
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             level, last = self._buckets.get(key, (self.burst, now))
             level = min(self.burst, level + (now - last) * self.rate)

@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -118,9 +118,11 @@ def _owner_is_dead(owner: str | None) -> bool:
 class JobStore:
     """The SQLite job table at ``path`` (created when missing). Safe to use from threads and processes."""
 
-    def __init__(self, path: Path, lease_s: float = 30.0):
+    def __init__(self, path: Path, lease_s: float = 30.0, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.lease_s = float(lease_s)
+        #: UNIX seconds now; tests pass a clock they advance by hand, so leases expire without waiting.
+        self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
@@ -162,7 +164,7 @@ class JobStore:
             if active >= max_queue:
                 raise QueueFull(f"{active} jobs queued or running (limit {max_queue})")
             db.execute("INSERT INTO jobs (id, token_id, status, input_kind, input_sha256, created) VALUES (?,?,?,?,?,?)",
-                       (job_id, token_id, JobStatus.QUEUED, input_kind, input_sha256, time.time()))
+                       (job_id, token_id, JobStatus.QUEUED, input_kind, input_sha256, self.clock()))
         job = self.get(job_id)
         assert job is not None
         return job
@@ -196,11 +198,11 @@ class JobStore:
     def recover(self) -> list[Job]:
         """Requeue or fail the jobs of dead workers now (a claim does this too); returns those it took back."""
         with self._transaction() as db:
-            return self._recover(db, time.time())
+            return self._recover(db, self.clock())
 
     def claim(self, owner: str) -> Job | None:
         """The oldest queued job, now running under ``owner``'s lease; None when nothing is queued."""
-        now = time.time()
+        now = self.clock()
         with self._transaction() as db:
             self._recover(db, now)
             row = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY created, id LIMIT 1",
@@ -216,7 +218,7 @@ class JobStore:
         """Extend the lease; False when the job is no longer this owner's (it was taken back)."""
         with self._transaction() as db:
             cur = db.execute("UPDATE jobs SET lease_until=? WHERE id=? AND status=? AND lease_owner=?",
-                             (time.time() + self.lease_s, job_id, JobStatus.RUNNING, owner))
+                             (self.clock() + self.lease_s, job_id, JobStatus.RUNNING, owner))
             return cur.rowcount == 1
 
     def release(self, job_id: str, owner: str) -> bool:
@@ -231,7 +233,7 @@ class JobStore:
         with self._transaction() as db:
             cur = db.execute("UPDATE jobs SET status=?, finished=?, mask_sha256=?, lease_owner=NULL, lease_until=NULL "
                              "WHERE id=? AND status=? AND lease_owner=?",
-                             (JobStatus.DONE, time.time(), mask_sha256, job_id, JobStatus.RUNNING, owner))
+                             (JobStatus.DONE, self.clock(), mask_sha256, job_id, JobStatus.RUNNING, owner))
             return cur.rowcount == 1
 
     def fail(self, job_id: str, owner: str, error_class: str, message: str) -> bool:
@@ -239,7 +241,7 @@ class JobStore:
         with self._transaction() as db:
             cur = db.execute("UPDATE jobs SET status=?, finished=?, error_class=?, error=?, lease_owner=NULL, "
                              "lease_until=NULL WHERE id=? AND status=? AND lease_owner=?",
-                             (JobStatus.FAILED, time.time(), error_class, message, job_id, JobStatus.RUNNING, owner))
+                             (JobStatus.FAILED, self.clock(), error_class, message, job_id, JobStatus.RUNNING, owner))
             return cur.rowcount == 1
 
     def counts(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ from medseg.inference.runner import predict_paths  # noqa: E402
 from medseg.models.bundle import load_bundle  # noqa: E402
 from medseg.serving import auth as auth_module  # noqa: E402
 from medseg.serving.app import ServeSettings, create_app  # noqa: E402
+from medseg.serving.audit import AuditLog  # noqa: E402
 from medseg.serving.auth import TokenSet, token_id  # noqa: E402
 from medseg.serving.jobs import MAX_ATTEMPTS, JobStatus, JobStore, QueueFull, new_job_id  # noqa: E402
 from medseg.serving.server import check_security  # noqa: E402
@@ -76,6 +77,29 @@ def scan_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve_scan") / "phantom.nii.gz"
     nib.save(img, path)
     return path
+
+
+class FakeClock:
+    """A clock the test advances by hand (UNIX-like seconds): leases and rate limits without waiting."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _until(condition, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true (a worker thread is involved); fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def _settings(model_run: Path, data_dir: Path, **overrides) -> ServeSettings:
@@ -270,11 +294,23 @@ def test_a_full_queue_answers_429_and_stores_nothing_for_it(model_run, scan_file
     assert len(list((tmp_path / "jobs").iterdir())) == 2
 
 
-def test_per_token_rate_limit(model_run, tmp_path):
-    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, rate_per_minute=2))) as client:
+def test_per_token_rate_limit(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    settings = _settings(model_run, tmp_path, workers=0, rate_per_minute=2, clock=clock)
+    with TestClient(create_app(settings)) as client:
         codes = [client.get(f"/v1/jobs/{new_job_id()}", headers=_auth()).status_code for _ in range(3)]
         assert codes == [404, 404, 429]
         assert client.get(f"/v1/jobs/{new_job_id()}", headers=_auth(OTHER)).status_code == 404  # its own bucket
+        # An upload over the limit is refused before its body is stored, and says when to come back.
+        r = _post(client, scan_file.read_bytes())
+        assert r.status_code == 429 and r.headers["retry-after"] == "30" and "rate limit" in r.json()["error"]
+        clock.advance(29.9)
+        assert _post(client, scan_file.read_bytes()).status_code == 429  # 2 a minute: one back after 30 s
+        clock.advance(0.1)
+        assert _post(client, scan_file.read_bytes()).status_code == 202
+        assert _post(client, scan_file.read_bytes()).status_code == 429
+    assert len(JobStore(tmp_path / "jobs.sqlite").all()) == 1
+    assert [e["outcome"] for e in AuditLog(tmp_path / "audit.log").entries()] == ["queued"]
 
 
 def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, tmp_path):
@@ -290,17 +326,19 @@ def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, 
 
 
 def test_a_dead_workers_job_is_retried_once_then_failed(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite", lease_s=0.2)
+    clock = FakeClock()
+    store = JobStore(tmp_path / "jobs.sqlite", lease_s=30, clock=clock)
     job_id = new_job_id()
     store.submit(job_id, "tid", "nifti", "0" * 64, max_queue=10)
     first = store.claim("elsewhere:1:a")
     assert first is not None and first.attempts == 1
+    clock.advance(29.9)
     assert store.claim("elsewhere:2:b") is None  # the lease is live: nobody else takes it
-    time.sleep(0.3)  # the first worker stops renewing (it died)
+    clock.advance(0.2)  # the first worker stopped renewing (it died) and its lease ran out
     second = store.claim("elsewhere:2:b")
     assert second is not None and second.id == job_id and second.attempts == 2
     assert not store.complete(job_id, "elsewhere:1:a", "f" * 64)  # the dead worker's late result is refused
-    time.sleep(0.3)
+    clock.advance(30.1)
     assert store.claim("elsewhere:3:c") is None
     failed = store.get(job_id)
     assert failed.status == JobStatus.FAILED and failed.error_class == "WorkerLost" and failed.attempts == MAX_ATTEMPTS
@@ -329,9 +367,10 @@ def test_a_job_left_running_by_a_killed_server_is_finished_by_the_next(model_run
 
 def test_health_readiness_and_metrics(model_run, scan_file, tmp_path):
     with TestClient(create_app(_settings(model_run, tmp_path / "bad", model=tmp_path / "no_model"))) as client:
-        time.sleep(0.2)
         assert client.get("/healthz").status_code == 200
-        r = client.get("/readyz")
+        # The model loads in a background thread: "loading" first, then "failed to load" for good.
+        r = _until(lambda: (r := client.get("/readyz")).json().get("error") != "model loading" and r,
+                   what="the model load to end")
         assert r.status_code == 503 and "failed to load" in r.json()["error"]
     with TestClient(create_app(_settings(model_run, tmp_path / "ok"))) as client:
         job = _post(client, scan_file.read_bytes()).json()["job_id"]
