@@ -243,7 +243,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model=args.run, data_dir=args.data_dir, tokens=TokenSet.from_sources(token_file=args.token_file),
         insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
         workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
-        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease)
+        request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease,
+        job_store=args.job_store)
     serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
           forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
     return 0
@@ -448,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")
     p.add_argument("--lease", type=float, default=30, help="seconds a worker's claim on a job lasts without renewal")
+    p.add_argument("--job-store", default=None, metavar="URL",
+                   help="postgresql://user@host:port/db shared by replicas on several machines (default: SQLite in --data-dir)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (CORS off by default)")
     p.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS")
     p.add_argument("--ssl-keyfile", type=Path, default=None, help="TLS private key (PEM)")

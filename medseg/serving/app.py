@@ -31,7 +31,7 @@ from medseg.errors import MedsegError
 from medseg.io.scans import load_scan
 from medseg.serving.audit import AuditLog
 from medseg.serving.auth import RateLimiter, TokenSet
-from medseg.serving.jobs import ACTIVE, Job, JobStatus, JobStore, QueueFull, new_job_id
+from medseg.serving.jobs import ACTIVE, Job, JobStatus, QueueFull, SqlJobStore, new_job_id, open_job_store
 from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from medseg.serving.uploads import UploadError, ZipLimits, extract_zip, receive_scan, sniff
 from medseg.serving.worker import INPUT, MASK, REPORT, SEG, WorkerPool, job_dir
@@ -67,6 +67,8 @@ class ServeSettings:
     #: Seconds now, for the job store's leases (UNIX time) and the rate limiter; None: the real clocks.
     #: Tests pass one they advance by hand, so nothing waits on the wall clock.
     clock: Callable[[], float] | None = None
+    #: ``--job-store``: None for SQLite in ``data_dir``, or a ``postgresql://`` URL shared by machines.
+    job_store: str | None = None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -111,7 +113,7 @@ class _ObserveMiddleware:
                                        "token_id": state.get("token_id"), "job_id": state.get("job_id")})
 
 
-def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> None:
+def _clean_incoming(data_dir: Path, store: SqlJobStore, older_than_s: float) -> None:
     """Remove what a killed server left half-received: staged uploads, and job folders whose row was never
     written. Only entries older than ``older_than_s``: a live replica may be receiving younger ones."""
     now = time.time()
@@ -132,7 +134,7 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     data_dir = Path(settings.data_dir)
     # It will hold patient scans: a new data folder is the service user's alone.
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s, clock=settings.clock or time.time)
+    store = open_job_store(settings.job_store, data_dir, lease_s=settings.lease_s, clock=settings.clock or time.time)
     audit = AuditLog(data_dir / "audit.log")
     metrics = ServiceMetrics(store.counts)
     limiter = RateLimiter(settings.rate_per_minute, clock=settings.clock or time.monotonic)

@@ -29,7 +29,7 @@ from medseg.inference.statistics import ScanStatistics, assess_scan
 from medseg.io.mask_writers import DicomSegWriter, MaskWriter, NiftiMaskWriter, seg_available
 from medseg.io.scans import Scan, find_scans, load_scan
 from medseg.serving.audit import AuditLog
-from medseg.serving.jobs import Job, JobStore, worker_identity
+from medseg.serving.jobs import Job, SqlJobStore, worker_identity
 from medseg.serving.metrics import ServiceMetrics
 
 log = logging.getLogger("medseg.serving")
@@ -128,7 +128,7 @@ def segmentation_report(mask: nib.Nifti1Image, options: ReportOptions,
 class WorkerPool:
     """``threads`` workers in this process sharing one loaded model; started by :meth:`start`."""
 
-    def __init__(self, store: JobStore, data_dir: Path, model: Path, device: str | None, threads: int,
+    def __init__(self, store: SqlJobStore, data_dir: Path, model: Path, device: str | None, threads: int,
                  metrics: ServiceMetrics, audit: AuditLog, poll_s: float = 0.5,
                  load: Callable[[Path, str | None], Predictor] | None = None):
         self.store = store

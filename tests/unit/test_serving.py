@@ -34,7 +34,7 @@ from medseg.serving import auth as auth_module  # noqa: E402
 from medseg.serving.app import ServeSettings, create_app  # noqa: E402
 from medseg.serving.audit import AuditLog  # noqa: E402
 from medseg.serving.auth import TokenSet, token_id  # noqa: E402
-from medseg.serving.jobs import MAX_ATTEMPTS, JobStatus, JobStore, QueueFull, new_job_id  # noqa: E402
+from medseg.serving.jobs import JobStore, new_job_id  # noqa: E402
 from medseg.serving.server import check_security  # noqa: E402
 from medseg.serving.uploads import UploadError, receive_scan  # noqa: E402
 from tests.conftest import REPO_ROOT, TINY_SPEC, tiny_config  # noqa: E402
@@ -325,33 +325,6 @@ def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, 
         assert client.get("/v1/jobs/..%2F..%2Fjobs.sqlite", headers=_auth()).status_code == 404
 
 
-def test_a_dead_workers_job_is_retried_once_then_failed(tmp_path):
-    clock = FakeClock()
-    store = JobStore(tmp_path / "jobs.sqlite", lease_s=30, clock=clock)
-    job_id = new_job_id()
-    store.submit(job_id, "tid", "nifti", "0" * 64, max_queue=10)
-    first = store.claim("elsewhere:1:a")
-    assert first is not None and first.attempts == 1
-    clock.advance(29.9)
-    assert store.claim("elsewhere:2:b") is None  # the lease is live: nobody else takes it
-    clock.advance(0.2)  # the first worker stopped renewing (it died) and its lease ran out
-    second = store.claim("elsewhere:2:b")
-    assert second is not None and second.id == job_id and second.attempts == 2
-    assert not store.complete(job_id, "elsewhere:1:a", "f" * 64)  # the dead worker's late result is refused
-    clock.advance(30.1)
-    assert store.claim("elsewhere:3:c") is None
-    failed = store.get(job_id)
-    assert failed.status == JobStatus.FAILED and failed.error_class == "WorkerLost" and failed.attempts == MAX_ATTEMPTS
-    again = new_job_id()
-    store.submit(again, "tid", "nifti", "0" * 64, max_queue=10)
-    assert store.claim("here:1:a").attempts == 1
-    assert store.release(again, "here:1:a")  # a graceful shutdown gives it back, attempt unspent
-    assert store.get(again).status == JobStatus.QUEUED and store.claim("here:2:b").attempts == 1
-    with pytest.raises(QueueFull):
-        for _ in range(10):
-            store.submit(new_job_id(), "tid", "nifti", "0" * 64, max_queue=10)
-
-
 def test_a_job_left_running_by_a_killed_server_is_finished_by_the_next(model_run, scan_file, tmp_path):
     data = scan_file.read_bytes()
     with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
@@ -530,32 +503,6 @@ def test_leftovers_of_a_killed_upload_are_removed_at_start(model_run, tmp_path):
     with TestClient(create_app(_settings(model_run, tmp_path, workers=0, request_timeout_s=60))):
         pass
     assert not staged.exists() and not orphan.exists() and young.exists()
-
-
-def test_workers_sharing_one_store_claim_each_job_exactly_once(tmp_path):
-    import threading
-
-    path = tmp_path / "jobs.sqlite"
-    ids = [new_job_id() for _ in range(30)]
-    for job_id in ids:
-        JobStore(path).submit(job_id, "tid", "nifti", "0" * 64, max_queue=100)
-    claimed: list[str] = []
-    lock = threading.Lock()
-
-    def worker(n: int) -> None:
-        store = JobStore(path)  # its own connections, as another server process would have
-        while (job := store.claim(f"elsewhere:{n}:x")) is not None:
-            assert store.complete(job.id, f"elsewhere:{n}:x", "f" * 64)
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(claimed) == sorted(ids)
-    assert JobStore(path).counts()["done"] == 30
 
 
 def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monkeypatch):
