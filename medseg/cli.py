@@ -244,7 +244,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
         workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
         request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease,
-        job_store=args.job_store)
+        job_store=args.job_store, retention_hours=args.retention_hours,
+        result_retention_hours=args.result_retention_hours)
     serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
           forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
     return 0
@@ -449,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")
     p.add_argument("--lease", type=float, default=30, help="seconds a worker's claim on a job lasts without renewal")
+    p.add_argument("--retention-hours", type=float, default=None, metavar="H",
+                   help="delete a job's uploaded scan H hours after the job finished (default: keep until DELETE)")
+    p.add_argument("--result-retention-hours", type=float, default=None, metavar="H",
+                   help="delete a job's results (mask, SEG, report) H hours after it finished (default: keep)")
     p.add_argument("--job-store", default=None, metavar="URL",
                    help="postgresql://user@host:port/db shared by replicas on several machines (default: SQLite in --data-dir)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (CORS off by default)")

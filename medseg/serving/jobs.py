@@ -12,6 +12,7 @@ several machines share a PostgreSQL store (:class:`PostgresJobStore`: row locks,
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -111,6 +112,14 @@ class Job:
             if getattr(self, key) is not None:
                 record[key] = getattr(self, key)
         return record
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` has the form of our job ids (32 lower-case hex digits): nothing else reaches a path."""
+    return isinstance(text, str) and _JOB_ID.fullmatch(text) is not None
 
 
 def new_job_id() -> str:

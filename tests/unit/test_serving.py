@@ -532,3 +532,178 @@ def test_logs_are_one_json_object_per_line_with_the_extra_fields():
     entry = json.loads(JsonFormatter().format(record))
     assert entry["msg"] == "job finished" and entry["job_id"] == "abc" and entry["duration_s"] == 1.5
     assert entry["level"] == "info" and "color_message" not in entry
+
+
+# --- data lifecycle: DELETE, listing, retention, patient identifiers ---------------------------------
+
+
+def _job_files(data_dir: Path, job_id: str) -> list[Path]:
+    folder = data_dir / "jobs" / job_id
+    return sorted(p for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_delete_removes_the_upload_and_every_result_and_keeps_ids_times_and_hashes(model_run, scan_file, tmp_path):
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        done = _wait(client, job)
+        assert done["status"] == "done" and len(_job_files(tmp_path, job)) >= 3  # input/, scan, mask, report
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth(OTHER)).status_code == 404  # not theirs
+        assert client.delete(f"/v1/jobs/{job}").status_code == 401
+        assert _job_files(tmp_path, job)
+        r = client.delete(f"/v1/jobs/{job}", headers=_auth())
+        assert r.status_code == 204 and r.content == b""
+        assert not (tmp_path / "jobs" / job).exists()
+        state = client.get(f"/v1/jobs/{job}", headers=_auth()).json()
+        assert state["status"] == "deleted" and state["deleted"] >= state["finished"]
+        assert (state["input_sha256"], state["mask_sha256"]) == (done["input_sha256"], done["mask_sha256"])
+        for route in ("mask", "seg", "report"):
+            r = client.get(f"/v1/jobs/{job}/{route}", headers=_auth())
+            assert r.status_code == 410 and "deleted" in r.json()["error"]
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204  # again: nothing to do
+    row = JobStore(tmp_path / "jobs.sqlite").get(job)
+    assert row.error is None and row.error_class is None and row.lease_owner is None
+    deletes = [e for e in AuditLog(tmp_path / "audit.log").entries() if e["action"] == "delete"]
+    assert [(e["token_id"], e["outcome"]) for e in deletes] == [(token_id(TOKEN), "deleted_done"),
+                                                                 (token_id(TOKEN), "already_deleted")]
+    assert deletes[0]["input_sha256"] == done["input_sha256"] and deletes[0]["result_sha256"] == done["mask_sha256"]
+
+
+def test_deleting_a_running_job_cancels_it_and_its_worker_writes_nothing_back(model_run, scan_file, tmp_path,
+                                                                              monkeypatch):
+    import threading
+
+    from medseg.inference.predictor import Predictor
+
+    started, release = threading.Event(), threading.Event()
+    real = Predictor.predict_image
+
+    def held(self, *args, **kwargs):
+        started.set()
+        assert release.wait(60), "the test never released the prediction"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_image", held)
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        assert started.wait(60)
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "running"
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204
+        assert not (tmp_path / "jobs" / job).exists()
+        release.set()  # the worker finishes its prediction: the store refuses its result, its files go
+        finished = _until(lambda: [e for e in AuditLog(tmp_path / "audit.log").entries()
+                                   if e["action"] == "job_finished"], what="the worker to finish")
+        assert finished[0]["outcome"] == "cancelled" and "result_sha256" in finished[0]
+        assert 'medseg_jobs_finished_total{result="cancelled"} 1.0' in client.get("/metrics").text
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "deleted"
+    assert not (tmp_path / "jobs" / job).exists()
+    assert JobStore(tmp_path / "jobs.sqlite").get(job).mask_sha256 is None
+
+
+def test_a_token_lists_its_own_jobs_newest_first_in_pages(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, clock=clock))) as client:
+        mine = []
+        for _ in range(3):
+            mine.append(_post(client, data).json()["job_id"])
+            clock.advance(1)
+        theirs = _post(client, data, token=OTHER).json()["job_id"]
+        first = client.get("/v1/jobs?limit=2", headers=_auth()).json()
+        assert [j["job_id"] for j in first["jobs"]] == mine[::-1][:2]
+        assert first["jobs"][0]["status"] == "queued" and first["next"] == f"/v1/jobs?limit=2&after={mine[1]}"
+        second = client.get(first["next"], headers=_auth()).json()
+        assert [j["job_id"] for j in second["jobs"]] == [mine[0]] and second["next"] is None
+        assert [j["job_id"] for j in client.get("/v1/jobs", headers=_auth(OTHER)).json()["jobs"]] == [theirs]
+        # Paging from another token's job id, a malformed id, a silly limit, or no token: refused.
+        for query in (f"after={theirs}", "after=../x", "limit=0", "limit=501"):
+            assert client.get(f"/v1/jobs?{query}", headers=_auth()).status_code == 400, query
+        assert client.get("/v1/jobs").status_code == 401
+
+
+def test_retention_removes_uploads_then_results_and_survives_a_restart(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    settings = _settings(model_run, tmp_path, clock=clock, retention_hours=1.0, result_retention_hours=2.5,
+                         purge_interval_s=3600)
+    with TestClient(create_app(settings)) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        assert _wait(client, job)["status"] == "done"
+        retention = client.app.state.retention
+        assert "medseg_replicas 1.0" in client.get("/metrics").text  # this process's pool, beaten at load
+        clock.advance(3599)
+        assert retention.purge_once() == {"input": 0, "results": 0}
+        before = client.get("/metrics").text
+        assert 'medseg_jobs_stored{part="input"} 1.0' in before and 'medseg_jobs_stored{part="results"} 1.0' in before
+        clock.advance(2)
+        assert retention.purge_once() == {"input": 1, "results": 0}
+        assert not (tmp_path / "jobs" / job / "input").exists()
+        assert (tmp_path / "jobs" / job).is_dir() and client.get(f"/v1/jobs/{job}/mask", headers=_auth()).status_code == 200
+        text = client.get("/metrics").text
+        for expected in ('medseg_stored_bytes{part="input"} 0.0', 'medseg_jobs_stored{part="input"} 0.0',
+                         'medseg_jobs_stored{part="results"} 1.0', 'medseg_jobs_purged{part="input"} 1.0',
+                         'medseg_jobs_purged{part="results"} 0.0'):
+            assert expected in text, expected
+        assert retention.purge_once() == {"input": 0, "results": 0}  # marked in the store: never twice
+    clock.advance(2 * 3600)  # the service is down while the results fall due; the next start purges them
+    with TestClient(create_app(settings)) as client:
+        _until(lambda: not (tmp_path / "jobs" / job).exists(), what="the results purge after the restart")
+        r = client.get(f"/v1/jobs/{job}/mask", headers=_auth())
+        assert r.status_code == 410 and "retention" in r.json()["error"]
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["results_purged"] == clock.now
+        text = client.get("/metrics").text
+        assert 'medseg_jobs_purged{part="results"} 1.0' in text and 'medseg_stored_bytes{part="results"} 0.0' in text
+
+
+CANARIES = {"PatientName": "ZZCANARYNAMEQUUXSRV", "PatientID": "CANARYPIDSRV4242", "PatientBirthDate": "19230405",
+            "AccessionNumber": "CANARYACCSRV77", "InstitutionName": "CANARY SERVICE INSTITUTE",
+            "ReferringPhysicianName": "CANARYDOCSRV^ZED"}
+
+
+def test_patient_identifiers_of_a_dicom_upload_stay_only_in_the_upload_and_the_seg(model_run, tmp_path, caplog):
+    """Canary values in the patient tags of a DICOM zip: the job record, report, logs, audit log, metrics and
+    every response hold none of them; after DELETE (one job) and retention (another) nothing of either is left."""
+    caplog.set_level(logging.DEBUG)
+    series = tmp_path / "series"
+    write_series(series, count=8, step=(0.0, 0.0, 3.0), **CANARIES)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f"{CANARIES['PatientID']}/{CANARIES['PatientName']}_{f.name}")
+    canaries = [v for v in CANARIES.values()] + ["CANARY"]
+    data_dir, clock = tmp_path / "data", FakeClock()
+    settings = _settings(model_run, data_dir, clock=clock, retention_hours=0.0, result_retention_hours=0.0,
+                         purge_interval_s=3600)
+    responses = []
+    with TestClient(create_app(settings)) as client:
+        client.app.state.retention.hours = {"input": None, "results": None}  # purged by hand below
+        jobs = []
+        for _ in range(2):
+            r = _post(client, archive.getvalue(), name=f"{CANARIES['PatientName']}.zip")
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["job_id"])
+            responses.append(r)
+        for job in jobs:
+            assert _wait(client, job)["status"] == "done"
+            responses += [client.get(f"/v1/jobs/{job}", headers=_auth()), client.get(f"/v1/jobs/{job}/report", headers=_auth()),
+                          client.get(f"/v1/jobs/{job}/mask", headers=_auth())]
+        seg = client.get(f"/v1/jobs/{jobs[0]}/seg", headers=_auth())
+        if hd is not None:  # the SEG carries the patient module: the one result that needs it
+            assert seg.status_code == 200 and CANARIES["PatientID"].encode() in seg.content
+        responses += [client.get("/v1/jobs", headers=_auth()), client.get("/metrics"), client.get("/readyz")]
+        report = json.loads((data_dir / "jobs" / jobs[0] / "report.json").read_text())
+        responses.append(client.delete(f"/v1/jobs/{jobs[0]}", headers=_auth()))
+        client.app.state.retention.hours = {"input": 0.0, "results": 0.0}
+        clock.advance(1)
+        assert client.app.state.retention.purge_once() == {"input": 1, "results": 1}
+        responses += [client.get(f"/v1/jobs/{j}", headers=_auth()) for j in jobs]
+        responses.append(client.get("/metrics"))
+    seen = "\n".join([json.dumps(report), *(f"{r.status_code} {r.headers} {r.content!r}" for r in responses),
+                      *(f"{rec.getMessage()} {vars(rec)}" for rec in caplog.records),
+                      *(repr(j) for j in JobStore(data_dir / "jobs.sqlite").all())])
+    for canary in canaries:
+        assert canary not in seen and canary.lower() not in seen.lower(), canary
+    assert all(not (data_dir / "jobs" / j).exists() for j in jobs)
+    left = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in left if p.parent == data_dir) == sorted(p.name for p in left)  # store + audit only
+    for path in left:  # the store (its WAL too) and the audit log: no canary in their bytes
+        content = path.read_bytes()
+        assert not any(c.encode() in content for c in canaries), path.name
