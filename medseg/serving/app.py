@@ -67,6 +67,8 @@ class ServeSettings:
     device: str | None = "auto"
     rate_per_minute: float = 120.0
     request_timeout_s: float = 300.0
+    #: Seconds past ``request_timeout_s`` after which any request not yet answered gets 504.
+    response_grace_s: float = 30.0
     cors_origins: list[str] = field(default_factory=list)
     lease_s: float = 30.0
     poll_s: float = 0.5
@@ -365,5 +367,5 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_ObserveMiddleware, metrics=metrics, timeout_s=settings.request_timeout_s + 30)
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, timeout_s=settings.request_timeout_s + settings.response_grace_s)
     return app

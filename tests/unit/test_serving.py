@@ -707,3 +707,105 @@ def test_patient_identifiers_of_a_dicom_upload_stay_only_in_the_upload_and_the_s
     for path in left:  # the store (its WAL too) and the audit log: no canary in their bytes
         content = path.read_bytes()
         assert not any(c.encode() in content for c in canaries), path.name
+
+
+# --- attacks: another token on every job route, the 504 deadline, job ids that are not ours ------------
+
+JOB_ROUTES = [("GET", ""), ("GET", "/mask"), ("GET", "/seg"), ("GET", "/report"), ("DELETE", "")]
+
+
+def test_another_token_gets_404_on_every_job_route_and_changes_nothing(model_run, tmp_path):
+    series = tmp_path / "series"
+    write_series(series, count=8, step=(0.0, 0.0, 3.0))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f.name)
+    with TestClient(create_app(_settings(model_run, tmp_path / "data"))) as client:
+        job = _post(client, archive.getvalue()).json()["job_id"]
+        assert _wait(client, job)["status"] == "done"
+        # Every route the app has under /v1/jobs/{job_id} is in the list (a new route must be added here).
+        routes = {(m, r.path.removeprefix("/v1/jobs/{job_id}")) for r in client.app.routes
+                  for m in getattr(r, "methods", ()) if r.path.startswith("/v1/jobs/{job_id}")}
+        assert routes == set(JOB_ROUTES)
+        files = _job_files(tmp_path / "data", job)
+        unknown = new_job_id()
+        for method, suffix in JOB_ROUTES:
+            theirs = client.request(method, f"/v1/jobs/{job}{suffix}", headers=_auth(OTHER))
+            missing = client.request(method, f"/v1/jobs/{unknown}{suffix}", headers=_auth(OTHER))
+            assert theirs.status_code == missing.status_code == 404, (method, suffix)
+            assert theirs.content == missing.content  # indistinguishable from a job that does not exist
+            assert client.request(method, f"/v1/jobs/{job}{suffix}").status_code == 401
+        assert client.get("/v1/jobs", headers=_auth(OTHER)).json()["jobs"] == []
+        assert _job_files(tmp_path / "data", job) == files
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "done"
+        for method, suffix in JOB_ROUTES:  # and the owner gets each
+            assert client.request(method, f"/v1/jobs/{job}{suffix}", headers=_auth()).status_code == (
+                204 if method == "DELETE" else 200 if hd is not None or suffix != "/seg" else 404), (method, suffix)
+    fetches = [e for e in AuditLog(tmp_path / "data" / "audit.log").entries() if e["action"].startswith("fetch")]
+    assert {e["token_id"] for e in fetches} == {token_id(TOKEN)}  # the refused requests fetched nothing
+
+
+def test_a_request_not_answered_in_time_gets_504_and_leaves_nothing(model_run, scan_file, tmp_path):
+    # No scan-check slot ever frees (0 slots): the upload waits until the response deadline passes.
+    settings = _settings(model_run, tmp_path, workers=0, max_concurrent_checks=0, request_timeout_s=0.5,
+                         response_grace_s=0.5)
+    with TestClient(create_app(settings)) as client:
+        r = _post(client, scan_file.read_bytes())
+        assert r.status_code == 504 and "not answered within 1 s" in r.json()["error"]
+        assert 'medseg_http_requests_total{method="POST",route="/v1/segmentations",status="504"} 1.0' in (
+            client.get("/metrics").text)
+    _nothing_stored(tmp_path)
+
+
+@pytest.mark.parametrize("crafted", ["...", "%2e%2e", "EVILX", "0123456789ABCDEF0123456789ABCDEF",
+                                     "0123456789abcdef0123456789abcdef0", "0123456789abcdef0123456789abcde",
+                                     "0123456789abcdef0123456789abcdeg", "0123456789abcdef0123456789abcde%00"])
+def test_a_job_id_that_is_not_ours_never_reaches_the_store_or_the_file_system(model_run, tmp_path, monkeypatch,
+                                                                              crafted):
+    import urllib.parse
+
+    text = urllib.parse.unquote(crafted)
+    touched: list[str] = []
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def spy(real):
+        def stat(path, *args, **kwargs):
+            touched.append(os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else str(path))
+            return real(path, *args, **kwargs)
+        return stat
+
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        store = client.app.state.store
+        asked: list[str] = []
+        real_get = store.get
+        monkeypatch.setattr(store, "get", lambda job_id: asked.append(job_id) or real_get(job_id))
+        monkeypatch.setattr(os, "stat", spy(real_stat))
+        monkeypatch.setattr(os, "lstat", spy(real_lstat))
+        _AUDITED.clear()
+        _AUDITED.append("on")
+        try:
+            for method, suffix in JOB_ROUTES:
+                r = client.request(method, f"/v1/jobs/{crafted}{suffix}", headers=_auth())
+                assert r.status_code == 404, (method, suffix, r.status_code)
+            assert client.get(f"/v1/jobs?after={crafted}", headers=_auth()).status_code == 400
+        finally:
+            _AUDITED.clear()
+        opened = list(_OPENED)
+        _OPENED.clear()
+    assert asked == []
+    assert not [p for p in touched + opened if text in Path(p).name or text in p.split(os.sep)], (touched, opened)
+
+
+_AUDITED: list[str] = []  # non-empty while a test records file-system events
+_OPENED: list[str] = []
+
+
+def _audit_hook(event: str, args: tuple) -> None:
+    if _AUDITED and event in ("open", "os.listdir", "os.scandir", "os.mkdir", "os.rename", "os.remove", "os.rmdir",
+                              "shutil.rmtree", "os.chmod", "os.truncate"):
+        if args and isinstance(args[0], str | bytes | os.PathLike):
+            _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit_hook)
