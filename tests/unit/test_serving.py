@@ -187,6 +187,30 @@ def test_tokens_come_from_env_and_file_and_short_ones_are_refused(tmp_path, monk
         TokenSet.from_sources(env="", token_file=tmp_path / "missing")
 
 
+def test_a_changed_token_file_takes_effect_without_a_restart(model_run, tmp_path):
+    """Revoking a token is editing the file: the next request sees it (no restart); a file removed leaves
+    only the environment's tokens; a too-short token in an edited file is skipped, the others stay valid."""
+    file = tmp_path / "tokens"
+    file.write_text(f"{TOKEN}\n{OTHER}\n")
+    tokens = TokenSet.from_sources(env="env-token-0123456789", token_file=file)
+    with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0, tokens=tokens))) as client:
+        def status(token: str) -> int:
+            return client.get("/v1/jobs", headers=_auth(token)).status_code
+
+        assert [status(TOKEN), status(OTHER), status("env-token-0123456789")] == [200, 200, 200]
+        replacement = tmp_path / "tokens.new"
+        replacement.write_text(f"{TOKEN}\n")  # OTHER revoked, the file replaced as an editor or a script would
+        os.replace(replacement, file)
+        assert [status(TOKEN), status(OTHER)] == [200, 401]
+        with file.open("a") as f:  # edited in place: a new token appended, and a typo
+            f.write(f"{OTHER}-new\nshort\n")
+        assert [status(TOKEN), status(f"{OTHER}-new"), status("short")] == [200, 200, 401]
+        file.unlink()
+        assert [status(TOKEN), status("env-token-0123456789")] == [401, 200]
+        file.write_text(f"{OTHER}\n")
+        assert [status(TOKEN), status(OTHER)] == [401, 200]
+
+
 def test_server_refuses_to_start_without_a_token_unless_insecure_local_on_loopback(model_run, tmp_path):
     none = _settings(model_run, tmp_path, tokens=TokenSet([]))
     with pytest.raises(MedsegError, match="no API token"):
@@ -547,6 +571,11 @@ def test_delete_removes_the_upload_and_every_result_and_keeps_ids_times_and_hash
         job = _post(client, scan_file.read_bytes()).json()["job_id"]
         done = _wait(client, job)
         assert done["status"] == "done" and len(_job_files(tmp_path, job)) >= 3  # input/, scan, mask, report
+        # The record names the model that ran the job, as its report does.
+        bundle = load_bundle(model_run)
+        assert done["model"] == {"name": bundle.spec.name, "weights_sha256": bundle.spec.provenance.weights_sha256}
+        assert len(done["model"]["weights_sha256"]) == 64
+        assert client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()["model"] == done["model"]
         assert client.delete(f"/v1/jobs/{job}", headers=_auth(OTHER)).status_code == 404  # not theirs
         assert client.delete(f"/v1/jobs/{job}").status_code == 401
         assert _job_files(tmp_path, job)
@@ -809,3 +838,24 @@ def _audit_hook(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_audit_hook)
+
+
+def test_two_servers_sharing_a_postgresql_store_run_each_job_once(model_run, scan_file, tmp_path, postgres_url):
+    """``--job-store postgresql://``: an API-only server and a worker server (stand-ins for two machines)
+    share one store and one data folder; the job runs once, its mask is fetched through either, and DELETE
+    through one is seen by the other."""
+    from tests.postgres_server import fresh_database
+
+    url = fresh_database(postgres_url)
+    api = create_app(_settings(model_run, tmp_path, workers=0, job_store=url))
+    worker = create_app(_settings(model_run, tmp_path, job_store=url))
+    with TestClient(api) as front, TestClient(worker) as back:
+        job = _post(front, scan_file.read_bytes()).json()["job_id"]
+        state = _wait(front, job)
+        assert state["status"] == "done" and state["attempts"] == 1
+        assert front.get(f"/v1/jobs/{job}/mask", headers=_auth()).content == back.get(
+            f"/v1/jobs/{job}/mask", headers=_auth()).content
+        assert "medseg_replicas 1.0" in front.get("/metrics").text  # the worker server's pool, seen by both
+        assert back.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204
+        assert front.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "deleted"
+    assert not (tmp_path / "jobs.sqlite").exists() and not (tmp_path / "jobs" / job).exists()
