@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -83,6 +84,8 @@ class ServeSettings:
     #: many hours after it finished (None: keep until DELETE).
     retention_hours: float | None = None
     result_retention_hours: float | None = None
+    #: ``--ray``: the jobs run on Ray Serve replicas (medseg.serving.ray_serve.RayScaling), not in this process.
+    ray: Any = None
     #: Seconds between two retention rounds (each replica runs them; a round is idempotent).
     purge_interval_s: float = 60.0
 
@@ -156,8 +159,10 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
                              replicas=store.live_replicas)
     retention = Retention(store, data_dir, settings.retention_hours, settings.result_retention_hours)
     limiter = RateLimiter(settings.rate_per_minute, clock=settings.clock or time.monotonic)
+    use_ray = settings.ray is not None and start_workers
     pool = WorkerPool(store, data_dir, settings.model, settings.device, settings.workers, metrics, audit,
-                      poll_s=settings.poll_s) if settings.workers > 0 and start_workers else None
+                      poll_s=settings.poll_s) if settings.workers > 0 and start_workers and not use_ray else None
+    ray_state: dict[str, Any] = {}
     checks = anyio.Semaphore(settings.max_concurrent_checks)
     zip_limits = ZipLimits(max_bytes=settings.max_scan_bytes)
 
@@ -169,12 +174,23 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
             log.warning("jobs of dead workers taken back", extra={"event": "jobs_recovered", "count": len(taken_back)})
         if pool is not None:
             pool.start()
+        if use_ray:
+            from medseg.serving import ray_serve
+
+            handle, started = await run_in_threadpool(ray_serve.deploy, settings.ray, settings.model, data_dir,
+                                                      settings.job_store, settings.lease_s, settings.device)
+            dispatcher = ray_serve.RayDispatcher(store, handle, max_inflight=settings.max_queue, poll_s=settings.poll_s)
+            dispatcher.start()
+            ray_state.update(dispatcher=dispatcher, started=started)
         if retention.enabled:
             retention.start(settings.purge_interval_s)
         yield
         retention.stop()
         if pool is not None:
             pool.stop()
+        if ray_state:
+            ray_state["dispatcher"].stop()
+            await run_in_threadpool(ray_serve.shutdown, ray_state["started"])
 
     app = FastAPI(title="medseg", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.pool, app.state.audit, app.state.metrics = (
@@ -261,6 +277,8 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
                                       "input_kind": kind})
         if pool is not None:
             pool.wake()
+        if ray_state:
+            ray_state["dispatcher"].wake()
         return JSONResponse({"job_id": job_id, "status": "queued", "links": {
             "self": f"/v1/jobs/{job_id}", "mask": f"/v1/jobs/{job_id}/mask", "report": f"/v1/jobs/{job_id}/report"}},
             status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
@@ -361,7 +379,10 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         if pool is not None and not pool.ready.is_set():
             reason = "model failed to load" if pool.load_error else "model loading"
             return _error(503, reason)
-        return JSONResponse({"status": "ready", "workers": settings.workers if pool is not None else 0})
+        if use_ray and not ray_state:
+            return _error(503, "ray serve deployment starting")
+        return JSONResponse({"status": "ready", "workers": settings.workers if pool is not None else 0,
+                             "replicas": await run_in_threadpool(store.live_replicas)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

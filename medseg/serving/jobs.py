@@ -257,14 +257,19 @@ class SqlJobStore:
         with self._transaction() as db:
             return self._recover(db, self.clock())
 
-    def claim(self, owner: str, model_name: str | None = None, model_sha256: str | None = None) -> Job | None:
-        """The oldest queued job, now running under ``owner``'s lease and recorded as run by the model
-        ``model_name`` (weights ``model_sha256``); None when nothing is queued."""
+    def claim(self, owner: str, model_name: str | None = None, model_sha256: str | None = None,
+              job_id: str | None = None) -> Job | None:
+        """The oldest queued job (or ``job_id`` if it is queued), now running under ``owner``'s lease and
+        recorded as run by the model ``model_name`` (weights ``model_sha256``); None when there is none."""
         now = self.clock()
         with self._transaction() as db:
             self._recover(db, now)
-            row = db.execute(f"SELECT id FROM jobs WHERE status = ? ORDER BY created, id LIMIT 1{self._LOCK}",
-                             (str(JobStatus.QUEUED),)).fetchone()
+            if job_id is None:
+                row = db.execute(f"SELECT id FROM jobs WHERE status = ? ORDER BY created, id LIMIT 1{self._LOCK}",
+                                 (str(JobStatus.QUEUED),)).fetchone()
+            else:
+                row = db.execute(f"SELECT id FROM jobs WHERE status = ? AND id = ?{self._LOCK}",
+                                 (str(JobStatus.QUEUED), job_id)).fetchone()
             if row is None:
                 return None
             job_id = dict(row)["id"]
@@ -272,6 +277,13 @@ class SqlJobStore:
                        "started=COALESCE(started, ?), model_name=?, model_sha256=? WHERE id=?",
                        (str(JobStatus.RUNNING), owner, now + self.lease_s, now, model_name, model_sha256, job_id))
         return self.get(job_id)
+
+    def queued_ids(self, limit: int) -> list[str]:
+        """The ids of the oldest ``limit`` queued jobs, oldest first."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT id FROM jobs WHERE status = ? ORDER BY created, id LIMIT ?",
+                              (str(JobStatus.QUEUED), limit)).fetchall()
+            return [dict(r)["id"] for r in rows]
 
     def renew(self, job_id: str, owner: str) -> bool:
         """Extend the lease; False when the job is no longer this owner's (taken back, or deleted)."""

@@ -216,20 +216,26 @@ class WorkerPool:
                 except Exception:  # a busy store now and then: the next beat renews
                     log.warning("lease renewal failed", extra={"event": "lease_renew_failed", "job_id": job_id})
 
+    def run_one(self, owner: str, job_id: str | None = None) -> str | None:
+        """Claim the oldest queued job (or ``job_id``, when it is still queued) and run it; its id, or None
+        when there was nothing to claim. Used by the worker threads and by Ray Serve replicas."""
+        try:
+            model = self.report_options.model or {}
+            job = self.store.claim(owner, model.get("name"), model.get("weights_sha256"), job_id=job_id)
+        except Exception:
+            log.exception("claiming a job failed", extra={"event": "claim_failed"})
+            return None
+        if job is None:
+            return None
+        self.run_job(job, owner)
+        return job.id
+
     def _loop(self) -> None:
         owner = worker_identity()
         while not self._stop.is_set():
-            try:
-                model = self.report_options.model or {}
-                job = self.store.claim(owner, model.get("name"), model.get("weights_sha256"))
-            except Exception:
-                log.exception("claiming a job failed", extra={"event": "claim_failed"})
-                job = None
-            if job is None:
+            if self.run_one(owner) is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
-                continue
-            self.run_job(job, owner)
 
     def _cancelled_or_lost(self, job: Job) -> str:
         """The store refused this worker's outcome. When its owner deleted the job meanwhile, remove what

@@ -546,6 +546,26 @@ def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monk
     assert seen["ssl_certfile"] == Path("c.pem") and settings.cors_origins == []
 
 
+def test_medseg_serve_ray_options_become_the_scaling_settings(model_run, tmp_path, monkeypatch):
+    import medseg.serving.server as server_module
+    from medseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda settings, **kw: seen.update(settings=settings))
+    monkeypatch.setenv("MEDSEG_API_TOKENS", TOKEN)
+    assert main(["serve", str(model_run), "--ray", "auto", "--min-replicas", "2", "--max-replicas", "4",
+                 "--ray-cpus-per-replica", "3", "--ray-downscale-delay", "30", "--retention-hours", "0.5",
+                 "--job-store", "postgresql://medseg@db:5432/medseg"]) == 0
+    settings = seen["settings"]
+    config = settings.ray.autoscaling_config()
+    assert (config["min_replicas"], config["max_replicas"], config["downscale_delay_s"]) == (2, 4, 30.0)
+    assert config["target_ongoing_requests"] == 1 and settings.ray.cpus_per_replica == 3
+    assert (settings.retention_hours, settings.job_store) == (0.5, "postgresql://medseg@db:5432/medseg")
+    # Replica bounds without --ray, or min above max: refused before anything starts.
+    assert main(["serve", str(model_run), "--max-replicas", "3"]) == 2
+    assert main(["serve", str(model_run), "--ray", "auto", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
 def test_logs_are_one_json_object_per_line_with_the_extra_fields():
     import json
 
