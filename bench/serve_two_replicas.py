@@ -38,23 +38,25 @@ from tests.postgres_server import free_port, fresh_database, postgres  # noqa: E
 TOKEN = "bench-token-0123456789abcdef"
 
 
-def start_server(model: Path, port: int, data_dir: Path, store_url: str, token_file: Path, lease_s: float,
-                 log: Path) -> subprocess.Popen:
+def start_server(model: Path, port: int, data_dir: Path, store_url: str | None, token_file: Path, lease_s: float,
+                 log: Path, extra: list[str] | None = None) -> subprocess.Popen:
+    """A ``medseg serve`` process on loopback, returned once /readyz answers 200."""
     cmd = [sys.executable, "-m", "medseg", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--token-file", str(token_file), "--job-store", store_url,
-           "--max-queue", "1000", "--rate-limit", "0", "--workers", "1", "--device", "cpu", "--lease", str(lease_s)]
+           "--data-dir", str(data_dir), "--token-file", str(token_file), "--max-queue", "1000", "--rate-limit", "0",
+           "--workers", "1", "--device", "cpu", "--lease", str(lease_s),
+           *(["--job-store", store_url] if store_url else []), *(extra or [])]
     process = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ})
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
             raise RuntimeError(f"server on {port} exited: see {log}")
         time.sleep(0.2)
-    raise RuntimeError(f"server on {port} not ready in 180 s")
+    raise RuntimeError(f"server on {port} not ready in 300 s")
 
 
 def main() -> None:
