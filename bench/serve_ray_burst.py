@@ -52,7 +52,7 @@ def run_variant(name: str, model: Path, scans: list[Path], predicted: Path, work
     port, data_dir, token_file = free_port(), work / name / "data", work / "tokens"
     extra = ["--ray", "auto", "--min-replicas", "1", "--max-replicas", str(max_replicas)]
     t_start = time.perf_counter()
-    server = start_server(model, port, data_dir, None, token_file, 5.0, work / f"{name}.log", extra)
+    server = start_server(model, port, data_dir, None, token_file, 30.0, work / f"{name}.log", extra)
     ready_s = time.perf_counter() - t_start
     timeline, accepted, killed = [], {}, None
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def run_variant(name: str, model: Path, scans: list[Path], predicted: Path, work
                 pid = int(jobs[first].lease_owner.split(":")[1])
                 os.kill(pid, signal.SIGKILL)  # the Ray Serve replica process running the first job
                 killed = {"job": first, "pid": pid, "at_s": round(now, 1)}
-            if all(jobs[i].status in ("done", "failed") for i in accepted) or now > 900:
+            if all(jobs[i].status in ("done", "failed") for i in accepted) or now > 420:
                 break
             time.sleep(1)
         t_done = time.perf_counter() - t0
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--uploads", type=int, default=8)
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40], help="phantom scans' voxels")
+    parser.add_argument("--variants", nargs="+", default=["elastic", "fixed"], choices=["elastic", "fixed"])
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_ray_burst.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -132,15 +133,15 @@ def main() -> None:
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
         scans.append(path)
     predict_paths(args.model, scans, work / "predicted", device="cpu")
-    results = [run_variant("elastic", args.model, scans, work / "predicted", work, 2, kill=True, idle_wait_s=180),
-               run_variant("fixed", args.model, scans, work / "predicted", work, 1, kill=False, idle_wait_s=0)]
+    settings = {"elastic": (2, True, 180.0), "fixed": (1, False, 0.0)}
+    results = [run_variant(name, args.model, scans, work / "predicted", work, *settings[name]) for name in args.variants]
     record = {
         "what": "burst of uploads to medseg serve --ray auto (local cluster), elastic 1..2 replicas vs 1 fixed",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "command": f"PYTHONPATH=$PWD python bench/serve_ray_burst.py --model RUN --uploads {args.uploads} "
-                   f"--shape {' '.join(map(str, args.shape))}",
+                   f"--shape {' '.join(map(str, args.shape))} --variants {' '.join(args.variants)}",
         "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "repeats": 1, "variants": results,

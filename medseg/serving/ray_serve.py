@@ -89,6 +89,8 @@ class RayDispatcher:
         self.handle = handle
         self.poll_s = poll_s
         self._max = max_inflight
+        #: Seconds a job whose request failed waits before it is sent again.
+        self._retry_s = max(5.0, poll_s)
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,15 +111,20 @@ class RayDispatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _send(self, job_id: str) -> None:
+        failed = False
         try:
             self.handle.remote(job_id).result()
         except Exception as exc:  # a replica died mid-job: its lease runs out, the job is queued and sent again
+            failed = True
             log.warning("replica request failed", extra={"event": "replica_request_failed", "job_id": job_id,
                                                          "error_class": type(exc).__name__})
+            # Not at once: while Serve replaces a dead replica, requests can fail as fast as they are sent.
+            self._stop.wait(self._retry_s)
         finally:
             with self._lock:
                 self._inflight.pop(job_id, None)
-            self._wake.set()
+            if not failed:
+                self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
