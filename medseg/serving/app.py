@@ -190,7 +190,8 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
             pool.stop()
         if ray_state:
             ray_state["dispatcher"].stop()
-            await run_in_threadpool(ray_serve.shutdown, ray_state["started"])
+            await run_in_threadpool(ray_serve.shutdown, ray_serve.app_name(data_dir, settings.job_store),
+                                    ray_state["started"])
 
     app = FastAPI(title="medseg", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.pool, app.state.audit, app.state.metrics = (

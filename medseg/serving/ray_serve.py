@@ -12,6 +12,7 @@ sent through the store's claim, so leases, retries and the audit are the single-
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +25,14 @@ from medseg.serving.jobs import SqlJobStore, open_job_store, worker_identity
 
 log = logging.getLogger("medseg.serving")
 
-APP_NAME = "medseg"
+APP_PREFIX = "medseg"
+
+
+def app_name(data_dir: Path, job_store: str | None) -> str:
+    """The Serve application of one service: named for its data folder and store, so two services joining
+    one Ray cluster never replace each other's replicas (all replicas of one service share it)."""
+    key = f"{Path(data_dir).resolve()}|{job_store or ''}"
+    return f"{APP_PREFIX}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 @dataclass(frozen=True)
@@ -161,21 +169,22 @@ def deploy(scaling: RayScaling, model: Path, data_dir: Path, job_store: str | No
         JobRunner, name="medseg_jobs", max_ongoing_requests=1, autoscaling_config=scaling.autoscaling_config(),
         ray_actor_options={"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus},
         graceful_shutdown_timeout_s=5)
-    handle = serve.run(runner.bind(str(model), str(data_dir), job_store, lease_s, plan.device), name=APP_NAME,
+    name = app_name(data_dir, job_store)
+    handle = serve.run(runner.bind(str(model), str(data_dir), job_store, lease_s, plan.device), name=name,
                        route_prefix=None, blocking=False)
-    log.info("ray serve deployment running", extra={"event": "ray_deployed", "device": plan.device,
+    log.info("ray serve deployment running", extra={"event": "ray_deployed", "app": name, "device": plan.device,
                                                    "min_replicas": scaling.min_replicas,
                                                    "max_replicas": scaling.max_replicas})
     return handle, started
 
 
-def shutdown(started: bool) -> None:
-    """Remove the deployment; stop the local cluster this process started."""
+def shutdown(name: str, started: bool) -> None:
+    """Remove the application ``name``; stop the local cluster this process started."""
     import ray
     from ray import serve
 
     try:
-        serve.delete(APP_NAME)
+        serve.delete(name)
     except Exception:  # noqa: BLE001 - shutting down anyway
         pass
     if started:
