@@ -329,12 +329,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from medseg.serving.auth import TokenSet
     from medseg.serving.server import serve
 
+    ray = None
+    if args.ray is not None:
+        from medseg.serving.ray_serve import RayScaling
+
+        ray = RayScaling(address=args.ray, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         cpus_per_replica=args.ray_cpus_per_replica, upscale_delay_s=args.ray_upscale_delay,
+                         downscale_delay_s=args.ray_downscale_delay)
+        ray.autoscaling_config()  # refuse a bad min/max before anything starts
+    elif (args.min_replicas, args.max_replicas) != (1, 2):
+        raise MedsegError("--min-replicas and --max-replicas need --ray auto|ADDRESS")
     settings = ServeSettings(
         model=args.run, data_dir=args.data_dir, tokens=TokenSet.from_sources(token_file=args.token_file),
         insecure_local=args.insecure_local, max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * MiB),
         workers=args.workers, device=args.device, rate_per_minute=args.rate_limit,
         request_timeout_s=args.request_timeout, cors_origins=args.cors_origin, lease_s=args.lease,
-        output_format=args.output_format, max_memory_gib=args.max_memory_gib)
+        output_format=args.output_format, max_memory_gib=args.max_memory_gib,
+        job_store=args.job_store, retention_hours=args.retention_hours,
+        result_retention_hours=args.result_retention_hours, ray=ray)
     serve(settings, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
           forwarded_allow_ips=args.forwarded_allow_ips, root_path=args.root_path or "")
     return 0
@@ -603,6 +615,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=float, default=120, help="requests per minute per token and process (0: none)")
     p.add_argument("--request-timeout", type=float, default=300, help="seconds to receive an upload / answer a request")
     p.add_argument("--lease", type=float, default=30, help="seconds a worker's claim on a job lasts without renewal")
+    p.add_argument("--retention-hours", type=float, default=None, metavar="H",
+                   help="delete a job's uploaded scan H hours after the job finished (default: keep until DELETE)")
+    p.add_argument("--result-retention-hours", type=float, default=None, metavar="H",
+                   help="delete a job's results (mask, SEG, report) H hours after it finished (default: keep)")
+    p.add_argument("--ray", metavar="auto|ADDRESS", default=None,
+                   help="run the jobs on Ray Serve replicas that scale with the backlog (pip install 'medseg[ray]'); "
+                        "auto joins this machine's cluster (or RAY_ADDRESS), else starts a local one")
+    p.add_argument("--min-replicas", type=int, default=1, help="with --ray: replicas kept when idle")
+    p.add_argument("--max-replicas", type=int, default=2, help="with --ray: replicas at most (one job each at a time)")
+    p.add_argument("--ray-cpus-per-replica", type=int, default=1,
+                   help="with --ray on a cluster without GPUs: CPUs per replica (with GPUs: one GPU each)")
+    p.add_argument("--ray-upscale-delay", type=float, default=5.0,
+                   help="with --ray: seconds the backlog must exceed the replicas before one is added")
+    p.add_argument("--ray-downscale-delay", type=float, default=60.0,
+                   help="with --ray: seconds of less demand before an idle replica is removed (about 70 s from "
+                        "the last job with the default)")
+    p.add_argument("--job-store", default=None, metavar="URL",
+                   help="postgresql://user@host:port/db shared by replicas on several machines (default: SQLite in --data-dir)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow browser calls from ORIGIN (CORS off by default)")
     p.add_argument("--ssl-certfile", type=Path, default=None, help="TLS certificate (PEM), with --ssl-keyfile: serve HTTPS")
     p.add_argument("--ssl-keyfile", type=Path, default=None, help="TLS private key (PEM)")

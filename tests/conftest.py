@@ -77,3 +77,19 @@ def trained_run(phantom_manifest, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "tiny3d"
     train(tiny_config(phantom_manifest, run_dir, epochs=6), device="cpu")
     return run_dir
+
+
+# --- a real PostgreSQL server for the job-store suite ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A PostgreSQL server of the tests' own (tests/postgres_server.py), for the whole session; skipped with
+    the reason when the server binaries (Debian ``postgresql``) or psycopg are missing."""
+    from tests.postgres_server import postgres, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres() as url:
+        yield url

@@ -12,13 +12,13 @@ import asyncio
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -32,7 +32,17 @@ from medseg.io.scans import load_volume
 from medseg.models.bundle import read_bundle_spec
 from medseg.serving.audit import AuditLog
 from medseg.serving.auth import RateLimiter, TokenSet
-from medseg.serving.jobs import ACTIVE, Job, JobStatus, JobStore, QueueFull, new_job_id
+from medseg.serving.jobs import (
+    ACTIVE,
+    Job,
+    JobStatus,
+    QueueFull,
+    SqlJobStore,
+    is_job_id,
+    new_job_id,
+    open_job_store,
+)
+from medseg.serving.lifecycle import Retention, remove_job_files, storage
 from medseg.serving.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from medseg.serving.uploads import FIELD, UploadError, ZipLimits, extract_zip, receive_scan, sniff
 from medseg.serving.worker import INPUT, WorkerPool, job_dir, result_path
@@ -40,7 +50,6 @@ from medseg.serving.worker import INPUT, WorkerPool, job_dir, result_path
 log = logging.getLogger("medseg.serving")
 
 MiB = 1024 * 1024
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 LOCAL_TOKEN_ID = "insecure-local"
 
 
@@ -60,6 +69,8 @@ class ServeSettings:
     device: str | None = "auto"
     rate_per_minute: float = 120.0
     request_timeout_s: float = 300.0
+    #: Seconds past ``request_timeout_s`` after which any request not yet answered gets 504.
+    response_grace_s: float = 30.0
     cors_origins: list[str] = field(default_factory=list)
     lease_s: float = 30.0
     poll_s: float = 0.5
@@ -69,6 +80,19 @@ class ServeSettings:
     output_format: str = "all"
     #: ``medseg predict``'s ``--max-memory-gib`` (None: ``$MEDSEG_MAX_MEMORY_GIB``, the cgroup limit, MemAvailable).
     max_memory_gib: float | None = None
+    #: Seconds now, for the job store's leases (UNIX time) and the rate limiter; None: the real clocks.
+    #: Tests pass one they advance by hand, so nothing waits on the wall clock.
+    clock: Callable[[], float] | None = None
+    #: ``--job-store``: None for SQLite in ``data_dir``, or a ``postgresql://`` URL shared by machines.
+    job_store: str | None = None
+    #: ``--retention-hours`` / ``--result-retention-hours``: remove a finished job's upload / results this
+    #: many hours after it finished (None: keep until DELETE).
+    retention_hours: float | None = None
+    result_retention_hours: float | None = None
+    #: ``--ray``: the jobs run on Ray Serve replicas (medseg.serving.ray_serve.RayScaling), not in this process.
+    ray: Any = None
+    #: Seconds between two retention rounds (each replica runs them; a round is idempotent).
+    purge_interval_s: float = 60.0
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -113,14 +137,14 @@ class _ObserveMiddleware:
                                        "token_id": state.get("token_id"), "job_id": state.get("job_id")})
 
 
-def _clean_incoming(data_dir: Path, store: JobStore, older_than_s: float) -> None:
+def _clean_incoming(data_dir: Path, store: SqlJobStore, older_than_s: float) -> None:
     """Remove what a killed server left half-received: staged uploads, and job folders whose row was never
     written. Only entries older than ``older_than_s``: a live replica may be receiving younger ones."""
     now = time.time()
     incoming = data_dir / "incoming"
     stale = list(incoming.iterdir()) if incoming.is_dir() else []
     jobs = data_dir / "jobs"
-    stale += [d for d in (jobs.iterdir() if jobs.is_dir() else []) if store.get(d.name) is None]
+    stale += [d for d in (jobs.iterdir() if jobs.is_dir() else []) if not is_job_id(d.name) or store.get(d.name) is None]
     for entry in stale:
         try:
             if now - entry.stat().st_mtime > older_than_s:
@@ -174,14 +198,18 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
     data_dir = Path(settings.data_dir)
     # It will hold patient scans: a new data folder is the service user's alone.
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = JobStore(data_dir / "jobs.sqlite", lease_s=settings.lease_s)
+    store = open_job_store(settings.job_store, data_dir, lease_s=settings.lease_s, clock=settings.clock or time.time)
     audit = AuditLog(data_dir / "audit.log")
-    metrics = ServiceMetrics(store.counts)
-    limiter = RateLimiter(settings.rate_per_minute)
+    metrics = ServiceMetrics(store.counts, storage=lambda: storage(data_dir), purged=store.purged_counts,
+                             replicas=store.live_replicas)
+    retention = Retention(store, data_dir, settings.retention_hours, settings.result_retention_hours)
+    limiter = RateLimiter(settings.rate_per_minute, clock=settings.clock or time.monotonic)
+    use_ray = settings.ray is not None and start_workers
     pool = WorkerPool(store, data_dir, settings.model, settings.device, settings.workers, metrics, audit,
                       poll_s=settings.poll_s, output_format=settings.output_format,
-                      max_memory_gib=settings.max_memory_gib) if settings.workers > 0 and start_workers else None
+                      max_memory_gib=settings.max_memory_gib) if settings.workers > 0 and start_workers and not use_ray else None
     channels = _model_channels(settings.model)
+    ray_state: dict[str, Any] = {}
     checks = anyio.Semaphore(settings.max_concurrent_checks)
     zip_limits = ZipLimits(max_bytes=settings.max_scan_bytes)
 
@@ -193,15 +221,32 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
             log.warning("jobs of dead workers taken back", extra={"event": "jobs_recovered", "count": len(taken_back)})
         if pool is not None:
             pool.start()
+        if use_ray:
+            from medseg.serving import ray_serve
+
+            handle, started = await run_in_threadpool(ray_serve.deploy, settings.ray, settings.model, data_dir,
+                                                      settings.job_store, settings.lease_s, settings.device,
+                                                      settings.output_format, settings.max_memory_gib)
+            dispatcher = ray_serve.RayDispatcher(store, handle, max_inflight=settings.max_queue, poll_s=settings.poll_s)
+            dispatcher.start()
+            ray_state.update(dispatcher=dispatcher, started=started)
+        if retention.enabled:
+            retention.start(settings.purge_interval_s)
         yield
+        retention.stop()
         if pool is not None:
             pool.stop()
+        if ray_state:
+            ray_state["dispatcher"].stop()
+            await run_in_threadpool(ray_serve.shutdown, ray_serve.app_name(data_dir, settings.job_store),
+                                    ray_state["started"])
 
     app = FastAPI(title="medseg", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.pool, app.state.audit, app.state.metrics = (
         settings, store, pool, audit, metrics)
+    app.state.retention = retention
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
 
     def authenticate(request: Request) -> str | JSONResponse:
@@ -219,8 +264,11 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         return tid
 
     def own_job(request: Request, job_id: str, tid: str):
-        request.state.job_id = job_id if _JOB_ID.match(job_id) else None
-        job = store.get(job_id) if _JOB_ID.match(job_id) else None
+        # Anything but one of our ids is "no such job" before it reaches the store or the file system.
+        if not is_job_id(job_id):
+            return None
+        request.state.job_id = job_id
+        job = store.get(job_id)
         return job if job is not None and job.token_id == tid else None
 
     @app.post("/v1/segmentations", status_code=202)
@@ -276,6 +324,8 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
                                       "input_kind": kind})
         if pool is not None:
             pool.wake()
+        if ray_state:
+            ray_state["dispatcher"].wake()
         return JSONResponse({"job_id": job_id, "status": "queued", "links": {
             "self": f"/v1/jobs/{job_id}", **{f.route: f"/v1/jobs/{job_id}/{f.route}" for f in routed_formats()
                                              if f.accepts(kind)}, "report": f"/v1/jobs/{job_id}/report"}},
@@ -299,6 +349,9 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         if isinstance(found, Response):
             return found
         job, tid = found
+        if job.status == JobStatus.DELETED or (job.status == JobStatus.DONE and job.results_purged is not None):
+            gone = "deleted by its owner" if job.status == JobStatus.DELETED else "removed by the retention period"
+            return JSONResponse({"error": f"the job's results were {gone}", **job.public()}, status_code=410)
         if job.status != JobStatus.DONE:
             return JSONResponse({"error": f"job is {job.status}, not done", **job.public()}, status_code=409)
         response = await run_in_threadpool(respond, result_path(data_dir, job_id, name))
@@ -333,6 +386,39 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
 
         return await _result(request, job_id, "report", respond)
 
+    @app.delete("/v1/jobs/{job_id}")
+    async def delete_job(request: Request, job_id: str) -> Response:
+        """Cancel the job if it is queued or running, remove its upload and every result; the record keeps
+        only ids, times and hashes. Deleting a deleted job again is a no-op (204)."""
+        found = await authorised_job(request, job_id)
+        if isinstance(found, Response):
+            return found
+        job, tid = found
+        before = await run_in_threadpool(store.delete, job_id)
+        await run_in_threadpool(remove_job_files, data_dir, job_id)
+        outcome = "already_deleted" if before is None or before.status == JobStatus.DELETED else f"deleted_{before.status}"
+        audit.record("delete", tid, job_id, outcome, input_sha256=job.input_sha256, result_sha256=job.mask_sha256)
+        log.info("job deleted", extra={"event": "job_deleted", "job_id": job_id, "token_id": tid, "outcome": outcome})
+        return Response(status_code=204)
+
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request, limit: int = 50, after: str | None = None) -> Response:
+        """The caller's jobs, newest first; ``after`` (a job id from the previous page) pages on."""
+        tid = authenticate(request)
+        if isinstance(tid, Response):
+            return tid
+        if not 1 <= limit <= 500:
+            return _error(400, "limit must be 1 to 500")
+        previous = None
+        if after is not None:
+            previous = await run_in_threadpool(store.get, after) if is_job_id(after) else None
+            if previous is None or previous.token_id != tid:
+                return _error(400, "after: not one of your job ids")
+        jobs = await run_in_threadpool(store.list_for, tid, limit, previous)
+        more = len(jobs) == limit
+        return JSONResponse({"jobs": [j.public() for j in jobs],
+                             "next": f"/v1/jobs?limit={limit}&after={jobs[-1].id}" if more else None})
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -346,11 +432,14 @@ def create_app(settings: ServeSettings, start_workers: bool = True) -> FastAPI:
         if pool is not None and not pool.ready.is_set():
             reason = "model failed to load" if pool.load_error else "model loading"
             return _error(503, reason)
-        return JSONResponse({"status": "ready", "workers": settings.workers if pool is not None else 0})
+        if use_ray and not ray_state:
+            return _error(503, "ray serve deployment starting")
+        return JSONResponse({"status": "ready", "workers": settings.workers if pool is not None else 0,
+                             "replicas": await run_in_threadpool(store.live_replicas)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(_ObserveMiddleware, metrics=metrics, timeout_s=settings.request_timeout_s + 30)
+    app.add_middleware(_ObserveMiddleware, metrics=metrics, timeout_s=settings.request_timeout_s + settings.response_grace_s)
     return app

@@ -35,10 +35,46 @@ class _QueueCollector:
         yield family
 
 
+class _StorageCollector:
+    """Read at scrape time: what the data folder holds, what retention removed, live replicas."""
+
+    def __init__(self, storage: Callable[[], object] | None, purged: Callable[[], dict[str, int]] | None,
+                 replicas: Callable[[], int] | None):
+        self._storage, self._purged, self._replicas = storage, purged, replicas
+
+    def collect(self):
+        try:
+            if self._storage is not None:
+                held = self._storage()
+                size = GaugeMetricFamily("medseg_stored_bytes", "Bytes in the data folder's job folders: uploads "
+                                         "(part=input) and results (part=results)", labels=["part"])
+                jobs = GaugeMetricFamily("medseg_jobs_stored", "Jobs whose upload (part=input) / results "
+                                         "(part=results) are still stored", labels=["part"])
+                for part, n in held.bytes.items():
+                    size.add_metric([part], n)
+                for part, n in held.jobs.items():
+                    jobs.add_metric([part], n)
+                yield size
+                yield jobs
+            if self._purged is not None:
+                purged = GaugeMetricFamily("medseg_jobs_purged", "Jobs whose upload (part=input) / results "
+                                           "(part=results) retention has removed, all time (kept in the store)",
+                                           labels=["part"])
+                for part, n in self._purged().items():
+                    purged.add_metric([part], n)
+                yield purged
+            if self._replicas is not None:
+                yield GaugeMetricFamily("medseg_replicas", "Worker pools (replicas) with a heartbeat younger than "
+                                        "one lease, on every machine sharing the job store", value=self._replicas())
+        except Exception:  # a locked or missing store must not break the scrape
+            return
+
+
 class ServiceMetrics:
     """The service's metrics; ``render()`` gives the Prometheus text exposition."""
 
-    def __init__(self, queue_counts: Callable[[], dict[str, int]]):
+    def __init__(self, queue_counts: Callable[[], dict[str, int]], storage: Callable[[], object] | None = None,
+                 purged: Callable[[], dict[str, int]] | None = None, replicas: Callable[[], int] | None = None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("medseg_http_requests", "HTTP requests by route template, method and status",
@@ -54,6 +90,7 @@ class ServiceMetrics:
         self.model = Info("medseg_model", "The model this process serves", registry=r)
         self.model_loaded = Gauge("medseg_model_loaded", "1 once the model is loaded in this process", registry=r)
         r.register(_QueueCollector(queue_counts))
+        r.register(_StorageCollector(storage, purged, replicas))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

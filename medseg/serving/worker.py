@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from medseg.inference.predictor import Predictor
 from medseg.inference.runner import predictor_channels, prepare_batch
 from medseg.io.output_formats import output_format
 from medseg.serving.audit import AuditLog
-from medseg.serving.jobs import Job, JobStore, worker_identity
+from medseg.serving.jobs import Job, JobStatus, SqlJobStore, is_job_id, worker_identity
 from medseg.serving.metrics import ServiceMetrics
 
 log = logging.getLogger("medseg.serving")
@@ -35,7 +36,9 @@ CASE_ID = "scan"
 
 
 def job_dir(data_dir: Path, job_id: str) -> Path:
-    """Where a job's upload and results live."""
+    """Where a job's upload and results live. Only a job id of ours (32 hex digits) becomes a path."""
+    if not is_job_id(job_id):
+        raise ValueError("not a job id (32 lower-case hex digits)")
     return Path(data_dir) / "jobs" / job_id
 
 
@@ -75,7 +78,7 @@ class _JobFailed(Exception):
 class WorkerPool:
     """``threads`` workers in this process sharing one loaded model; started by :meth:`start`."""
 
-    def __init__(self, store: JobStore, data_dir: Path, model: Path, device: str | None, threads: int,
+    def __init__(self, store: SqlJobStore, data_dir: Path, model: Path, device: str | None, threads: int,
                  metrics: ServiceMetrics, audit: AuditLog, poll_s: float = 0.5,
                  load: Callable[[Path, str | None], Predictor] | None = None, output_format: str = "all",
                  max_memory_gib: float | None = None):
@@ -99,6 +102,8 @@ class WorkerPool:
         self._running: dict[str, str] = {}  # job id -> owner, for the heartbeat
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        #: This pool in the store's replica table (``medseg_replicas``), beaten with the leases.
+        self.replica_id = worker_identity()
 
     def start(self) -> None:
         """Load the model in the background, then start the worker and heartbeat threads."""
@@ -122,6 +127,10 @@ class WorkerPool:
         for job_id, owner in running.items():
             if self.store.release(job_id, owner):
                 log.info("job released at shutdown", extra={"event": "job_released", "job_id": job_id})
+        try:
+            self.store.drop_replica(self.replica_id)
+        except Exception:  # the store is down: the entry ages out after one lease
+            pass
 
     def _main(self) -> None:
         try:
@@ -135,6 +144,7 @@ class WorkerPool:
         self.metrics.model.info({"name": bundle.spec.name, "weights_sha256": bundle.spec.provenance.weights_sha256 or "",
                                  "device": str(self.predictor.device), "labels": ",".join(bundle.label_names.values())})
         self.metrics.model_loaded.set(1)
+        self.store.beat_replica(self.replica_id)
         self.ready.set()
         log.info("model loaded", extra={"event": "model_loaded", "device": str(self.predictor.device)})
         workers = [threading.Thread(target=self._loop, name=f"medseg-worker-{i}", daemon=True) for i in range(self.threads)]
@@ -145,6 +155,10 @@ class WorkerPool:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.store.lease_s / 3):
+            try:
+                self.store.beat_replica(self.replica_id)
+            except Exception:
+                log.warning("replica heartbeat failed", extra={"event": "replica_beat_failed"})
             with self._lock:
                 running = dict(self._running)
             for job_id, owner in running.items():
@@ -153,19 +167,35 @@ class WorkerPool:
                 except Exception:  # a busy store now and then: the next beat renews
                     log.warning("lease renewal failed", extra={"event": "lease_renew_failed", "job_id": job_id})
 
+    def run_one(self, owner: str, job_id: str | None = None) -> str | None:
+        """Claim the oldest queued job (or ``job_id``, when it is still queued) and run it; its id, or None
+        when there was nothing to claim. Used by the worker threads and by Ray Serve replicas."""
+        try:
+            model = self.reporter.options.model or {}
+            job = self.store.claim(owner, model.get("name"), model.get("weights_sha256"), job_id=job_id)
+        except Exception:
+            log.exception("claiming a job failed", extra={"event": "claim_failed"})
+            return None
+        if job is None:
+            return None
+        self.run_job(job, owner)
+        return job.id
+
     def _loop(self) -> None:
         owner = worker_identity()
         while not self._stop.is_set():
-            try:
-                job = self.store.claim(owner)
-            except Exception:
-                log.exception("claiming a job failed", extra={"event": "claim_failed"})
-                job = None
-            if job is None:
+            if self.run_one(owner) is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
-                continue
-            self.run_job(job, owner)
+
+    def _cancelled_or_lost(self, job: Job) -> str:
+        """The store refused this worker's outcome. When its owner deleted the job meanwhile, remove what
+        this worker wrote (the DELETE removed the rest): ``cancelled``; else another attempt owns it."""
+        current = self.store.get(job.id)
+        if current is not None and current.status == JobStatus.DELETED:
+            shutil.rmtree(job_dir(self.data_dir, job.id), ignore_errors=True)
+            return "cancelled"
+        return "lease_lost"
 
     def run_job(self, job: Job, owner: str) -> None:
         """Predict one claimed job; record done or failed (error class and message for its owner)."""
@@ -188,13 +218,13 @@ class WorkerPool:
                 raise _JobFailed(outcome.error or outcome.status, outcome.message)
             digest = file_sha256(outcome.target)
             ok = self.store.complete(job.id, owner, digest)
-            result, error_class = ("done", None) if ok else ("lease_lost", None)
+            result, error_class = ("done", None) if ok else (self._cancelled_or_lost(job), None)
         except Exception as exc:
             error_class = exc.error if isinstance(exc, _JobFailed) else type(exc).__name__
             # The message goes to the job's owner only; our own storage paths are not theirs to see.
             message = str(exc).replace(str(folder / INPUT / CASE_ID), "scan").replace(str(folder), "job")
-            self.store.fail(job.id, owner, error_class, message)
-            result, digest = "failed", None
+            result = "failed" if self.store.fail(job.id, owner, error_class, message) else self._cancelled_or_lost(job)
+            digest = None
             self.metrics.failures.labels(error_class).inc()
         finally:
             with self._lock:

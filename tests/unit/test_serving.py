@@ -32,8 +32,9 @@ from medseg.inference.runner import predict_paths  # noqa: E402
 from medseg.models.bundle import load_bundle  # noqa: E402
 from medseg.serving import auth as auth_module  # noqa: E402
 from medseg.serving.app import ServeSettings, create_app  # noqa: E402
+from medseg.serving.audit import AuditLog  # noqa: E402
 from medseg.serving.auth import TokenSet, token_id  # noqa: E402
-from medseg.serving.jobs import MAX_ATTEMPTS, JobStatus, JobStore, QueueFull, new_job_id  # noqa: E402
+from medseg.serving.jobs import JobStore, new_job_id  # noqa: E402
 from medseg.serving.server import check_security  # noqa: E402
 from medseg.serving.uploads import UploadError, receive_scan  # noqa: E402
 from tests.conftest import REPO_ROOT, TINY_SPEC, tiny_config  # noqa: E402
@@ -76,6 +77,29 @@ def scan_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve_scan") / "phantom.nii.gz"
     nib.save(img, path)
     return path
+
+
+class FakeClock:
+    """A clock the test advances by hand (UNIX-like seconds): leases and rate limits without waiting."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _until(condition, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true (a worker thread is involved); fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")
 
 
 def _settings(model_run: Path, data_dir: Path, **overrides) -> ServeSettings:
@@ -161,6 +185,30 @@ def test_tokens_come_from_env_and_file_and_short_ones_are_refused(tmp_path, monk
         TokenSet(["short"])
     with pytest.raises(MedsegError, match="cannot read the token file"):
         TokenSet.from_sources(env="", token_file=tmp_path / "missing")
+
+
+def test_a_changed_token_file_takes_effect_without_a_restart(model_run, tmp_path):
+    """Revoking a token is editing the file: the next request sees it (no restart); a file removed leaves
+    only the environment's tokens; a too-short token in an edited file is skipped, the others stay valid."""
+    file = tmp_path / "tokens"
+    file.write_text(f"{TOKEN}\n{OTHER}\n")
+    tokens = TokenSet.from_sources(env="env-token-0123456789", token_file=file)
+    with TestClient(create_app(_settings(model_run, tmp_path / "d", workers=0, tokens=tokens))) as client:
+        def status(token: str) -> int:
+            return client.get("/v1/jobs", headers=_auth(token)).status_code
+
+        assert [status(TOKEN), status(OTHER), status("env-token-0123456789")] == [200, 200, 200]
+        replacement = tmp_path / "tokens.new"
+        replacement.write_text(f"{TOKEN}\n")  # OTHER revoked, the file replaced as an editor or a script would
+        os.replace(replacement, file)
+        assert [status(TOKEN), status(OTHER)] == [200, 401]
+        with file.open("a") as f:  # edited in place: a new token appended, and a typo
+            f.write(f"{OTHER}-new\nshort\n")
+        assert [status(TOKEN), status(f"{OTHER}-new"), status("short")] == [200, 200, 401]
+        file.unlink()
+        assert [status(TOKEN), status("env-token-0123456789")] == [401, 200]
+        file.write_text(f"{OTHER}\n")
+        assert [status(TOKEN), status(OTHER)] == [401, 200]
 
 
 def test_server_refuses_to_start_without_a_token_unless_insecure_local_on_loopback(model_run, tmp_path):
@@ -270,11 +318,23 @@ def test_a_full_queue_answers_429_and_stores_nothing_for_it(model_run, scan_file
     assert len(list((tmp_path / "jobs").iterdir())) == 2
 
 
-def test_per_token_rate_limit(model_run, tmp_path):
-    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, rate_per_minute=2))) as client:
+def test_per_token_rate_limit(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    settings = _settings(model_run, tmp_path, workers=0, rate_per_minute=2, clock=clock)
+    with TestClient(create_app(settings)) as client:
         codes = [client.get(f"/v1/jobs/{new_job_id()}", headers=_auth()).status_code for _ in range(3)]
         assert codes == [404, 404, 429]
         assert client.get(f"/v1/jobs/{new_job_id()}", headers=_auth(OTHER)).status_code == 404  # its own bucket
+        # An upload over the limit is refused before its body is stored, and says when to come back.
+        r = _post(client, scan_file.read_bytes())
+        assert r.status_code == 429 and r.headers["retry-after"] == "30" and "rate limit" in r.json()["error"]
+        clock.advance(29.9)
+        assert _post(client, scan_file.read_bytes()).status_code == 429  # 2 a minute: one back after 30 s
+        clock.advance(0.1)
+        assert _post(client, scan_file.read_bytes()).status_code == 202
+        assert _post(client, scan_file.read_bytes()).status_code == 429
+    assert len(JobStore(tmp_path / "jobs.sqlite").all()) == 1
+    assert [e["outcome"] for e in AuditLog(tmp_path / "audit.log").entries()] == ["queued"]
 
 
 def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, tmp_path):
@@ -287,31 +347,6 @@ def test_jobs_survive_a_restart_and_belong_to_their_token(model_run, scan_file, 
         assert client.get(f"/v1/jobs/{ids[0]}", headers=_auth(OTHER)).status_code == 404
         assert client.get(f"/v1/jobs/{ids[0]}/mask", headers=_auth(OTHER)).status_code == 404
         assert client.get("/v1/jobs/..%2F..%2Fjobs.sqlite", headers=_auth()).status_code == 404
-
-
-def test_a_dead_workers_job_is_retried_once_then_failed(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite", lease_s=0.2)
-    job_id = new_job_id()
-    store.submit(job_id, "tid", "nifti", "0" * 64, max_queue=10)
-    first = store.claim("elsewhere:1:a")
-    assert first is not None and first.attempts == 1
-    assert store.claim("elsewhere:2:b") is None  # the lease is live: nobody else takes it
-    time.sleep(0.3)  # the first worker stops renewing (it died)
-    second = store.claim("elsewhere:2:b")
-    assert second is not None and second.id == job_id and second.attempts == 2
-    assert not store.complete(job_id, "elsewhere:1:a", "f" * 64)  # the dead worker's late result is refused
-    time.sleep(0.3)
-    assert store.claim("elsewhere:3:c") is None
-    failed = store.get(job_id)
-    assert failed.status == JobStatus.FAILED and failed.error_class == "WorkerLost" and failed.attempts == MAX_ATTEMPTS
-    again = new_job_id()
-    store.submit(again, "tid", "nifti", "0" * 64, max_queue=10)
-    assert store.claim("here:1:a").attempts == 1
-    assert store.release(again, "here:1:a")  # a graceful shutdown gives it back, attempt unspent
-    assert store.get(again).status == JobStatus.QUEUED and store.claim("here:2:b").attempts == 1
-    with pytest.raises(QueueFull):
-        for _ in range(10):
-            store.submit(new_job_id(), "tid", "nifti", "0" * 64, max_queue=10)
 
 
 def test_a_job_left_running_by_a_killed_server_is_finished_by_the_next(model_run, scan_file, tmp_path):
@@ -329,9 +364,10 @@ def test_a_job_left_running_by_a_killed_server_is_finished_by_the_next(model_run
 
 def test_health_readiness_and_metrics(model_run, scan_file, tmp_path):
     with TestClient(create_app(_settings(model_run, tmp_path / "bad", model=tmp_path / "no_model"))) as client:
-        time.sleep(0.2)
         assert client.get("/healthz").status_code == 200
-        r = client.get("/readyz")
+        # The model loads in a background thread: "loading" first, then "failed to load" for good.
+        r = _until(lambda: (r := client.get("/readyz")).json().get("error") != "model loading" and r,
+                   what="the model load to end")
         assert r.status_code == 503 and "failed to load" in r.json()["error"]
     with TestClient(create_app(_settings(model_run, tmp_path / "ok"))) as client:
         job = _post(client, scan_file.read_bytes()).json()["job_id"]
@@ -493,32 +529,6 @@ def test_leftovers_of_a_killed_upload_are_removed_at_start(model_run, tmp_path):
     assert not staged.exists() and not orphan.exists() and young.exists()
 
 
-def test_workers_sharing_one_store_claim_each_job_exactly_once(tmp_path):
-    import threading
-
-    path = tmp_path / "jobs.sqlite"
-    ids = [new_job_id() for _ in range(30)]
-    for job_id in ids:
-        JobStore(path).submit(job_id, "tid", "nifti", "0" * 64, max_queue=100)
-    claimed: list[str] = []
-    lock = threading.Lock()
-
-    def worker(n: int) -> None:
-        store = JobStore(path)  # its own connections, as another server process would have
-        while (job := store.claim(f"elsewhere:{n}:x")) is not None:
-            assert store.complete(job.id, f"elsewhere:{n}:x", "f" * 64)
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(claimed) == sorted(ids)
-    assert JobStore(path).counts()["done"] == 30
-
-
 def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monkeypatch):
     import medseg.serving.server as server_module
     from medseg.cli import main
@@ -536,6 +546,26 @@ def test_medseg_serve_passes_its_options_to_the_server(model_run, tmp_path, monk
     assert seen["ssl_certfile"] == Path("c.pem") and settings.cors_origins == []
 
 
+def test_medseg_serve_ray_options_become_the_scaling_settings(model_run, tmp_path, monkeypatch):
+    import medseg.serving.server as server_module
+    from medseg.cli import main
+
+    seen = {}
+    monkeypatch.setattr(server_module, "serve", lambda settings, **kw: seen.update(settings=settings))
+    monkeypatch.setenv("MEDSEG_API_TOKENS", TOKEN)
+    assert main(["serve", str(model_run), "--ray", "auto", "--min-replicas", "2", "--max-replicas", "4",
+                 "--ray-cpus-per-replica", "3", "--ray-downscale-delay", "30", "--retention-hours", "0.5",
+                 "--job-store", "postgresql://medseg@db:5432/medseg"]) == 0
+    settings = seen["settings"]
+    config = settings.ray.autoscaling_config()
+    assert (config["min_replicas"], config["max_replicas"], config["downscale_delay_s"]) == (2, 4, 30.0)
+    assert config["target_ongoing_requests"] == 1 and settings.ray.cpus_per_replica == 3
+    assert (settings.retention_hours, settings.job_store) == (0.5, "postgresql://medseg@db:5432/medseg")
+    # Replica bounds without --ray, or min above max: refused before anything starts.
+    assert main(["serve", str(model_run), "--max-replicas", "3"]) == 2
+    assert main(["serve", str(model_run), "--ray", "auto", "--min-replicas", "3", "--max-replicas", "2"]) == 2
+
+
 def test_logs_are_one_json_object_per_line_with_the_extra_fields():
     import json
 
@@ -546,3 +576,306 @@ def test_logs_are_one_json_object_per_line_with_the_extra_fields():
     entry = json.loads(JsonFormatter().format(record))
     assert entry["msg"] == "job finished" and entry["job_id"] == "abc" and entry["duration_s"] == 1.5
     assert entry["level"] == "info" and "color_message" not in entry
+
+
+# --- data lifecycle: DELETE, listing, retention, patient identifiers ---------------------------------
+
+
+def _job_files(data_dir: Path, job_id: str) -> list[Path]:
+    folder = data_dir / "jobs" / job_id
+    return sorted(p for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_delete_removes_the_upload_and_every_result_and_keeps_ids_times_and_hashes(model_run, scan_file, tmp_path):
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        done = _wait(client, job)
+        assert done["status"] == "done" and len(_job_files(tmp_path, job)) >= 3  # input/, scan, mask, report
+        # The record names the model that ran the job, as its report does.
+        bundle = load_bundle(model_run)
+        assert done["model"] == {"name": bundle.spec.name, "weights_sha256": bundle.spec.provenance.weights_sha256}
+        assert len(done["model"]["weights_sha256"]) == 64
+        assert client.get(f"/v1/jobs/{job}/report", headers=_auth()).json()["model"] == done["model"]
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth(OTHER)).status_code == 404  # not theirs
+        assert client.delete(f"/v1/jobs/{job}").status_code == 401
+        assert _job_files(tmp_path, job)
+        r = client.delete(f"/v1/jobs/{job}", headers=_auth())
+        assert r.status_code == 204 and r.content == b""
+        assert not (tmp_path / "jobs" / job).exists()
+        state = client.get(f"/v1/jobs/{job}", headers=_auth()).json()
+        assert state["status"] == "deleted" and state["deleted"] >= state["finished"]
+        assert (state["input_sha256"], state["mask_sha256"]) == (done["input_sha256"], done["mask_sha256"])
+        for route in ("mask", "seg", "report"):
+            r = client.get(f"/v1/jobs/{job}/{route}", headers=_auth())
+            assert r.status_code == 410 and "deleted" in r.json()["error"]
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204  # again: nothing to do
+    row = JobStore(tmp_path / "jobs.sqlite").get(job)
+    assert row.error is None and row.error_class is None and row.lease_owner is None
+    deletes = [e for e in AuditLog(tmp_path / "audit.log").entries() if e["action"] == "delete"]
+    assert [(e["token_id"], e["outcome"]) for e in deletes] == [(token_id(TOKEN), "deleted_done"),
+                                                                 (token_id(TOKEN), "already_deleted")]
+    assert deletes[0]["input_sha256"] == done["input_sha256"] and deletes[0]["result_sha256"] == done["mask_sha256"]
+
+
+def test_deleting_a_running_job_cancels_it_and_its_worker_writes_nothing_back(model_run, scan_file, tmp_path,
+                                                                              monkeypatch):
+    import threading
+
+    from medseg.inference.predictor import Predictor
+
+    started, release = threading.Event(), threading.Event()
+    real = Predictor.predict_image
+
+    def held(self, *args, **kwargs):
+        started.set()
+        assert release.wait(60), "the test never released the prediction"
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_image", held)
+    with TestClient(create_app(_settings(model_run, tmp_path))) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        assert started.wait(60)
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "running"
+        assert client.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204
+        assert not (tmp_path / "jobs" / job).exists()
+        release.set()  # the worker finishes its prediction: the store refuses its result, its files go
+        finished = _until(lambda: [e for e in AuditLog(tmp_path / "audit.log").entries()
+                                   if e["action"] == "job_finished"], what="the worker to finish")
+        assert finished[0]["outcome"] == "cancelled"
+        assert 'medseg_jobs_finished_total{result="cancelled"} 1.0' in client.get("/metrics").text
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "deleted"
+    assert not (tmp_path / "jobs" / job).exists()
+    assert JobStore(tmp_path / "jobs.sqlite").get(job).mask_sha256 is None
+
+
+def test_a_token_lists_its_own_jobs_newest_first_in_pages(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    data = scan_file.read_bytes()
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0, clock=clock))) as client:
+        mine = []
+        for _ in range(3):
+            mine.append(_post(client, data).json()["job_id"])
+            clock.advance(1)
+        theirs = _post(client, data, token=OTHER).json()["job_id"]
+        first = client.get("/v1/jobs?limit=2", headers=_auth()).json()
+        assert [j["job_id"] for j in first["jobs"]] == mine[::-1][:2]
+        assert first["jobs"][0]["status"] == "queued" and first["next"] == f"/v1/jobs?limit=2&after={mine[1]}"
+        second = client.get(first["next"], headers=_auth()).json()
+        assert [j["job_id"] for j in second["jobs"]] == [mine[0]] and second["next"] is None
+        assert [j["job_id"] for j in client.get("/v1/jobs", headers=_auth(OTHER)).json()["jobs"]] == [theirs]
+        # Paging from another token's job id, a malformed id, a silly limit, or no token: refused.
+        for query in (f"after={theirs}", "after=../x", "limit=0", "limit=501"):
+            assert client.get(f"/v1/jobs?{query}", headers=_auth()).status_code == 400, query
+        assert client.get("/v1/jobs").status_code == 401
+
+
+def test_retention_removes_uploads_then_results_and_survives_a_restart(model_run, scan_file, tmp_path):
+    clock = FakeClock()
+    settings = _settings(model_run, tmp_path, clock=clock, retention_hours=1.0, result_retention_hours=2.5,
+                         purge_interval_s=3600)
+    with TestClient(create_app(settings)) as client:
+        job = _post(client, scan_file.read_bytes()).json()["job_id"]
+        assert _wait(client, job)["status"] == "done"
+        retention = client.app.state.retention
+        assert "medseg_replicas 1.0" in client.get("/metrics").text  # this process's pool, beaten at load
+        clock.advance(3599)
+        assert retention.purge_once() == {"input": 0, "results": 0}
+        before = client.get("/metrics").text
+        assert 'medseg_jobs_stored{part="input"} 1.0' in before and 'medseg_jobs_stored{part="results"} 1.0' in before
+        clock.advance(2)
+        assert retention.purge_once() == {"input": 1, "results": 0}
+        assert not (tmp_path / "jobs" / job / "input").exists()
+        assert (tmp_path / "jobs" / job).is_dir() and client.get(f"/v1/jobs/{job}/mask", headers=_auth()).status_code == 200
+        text = client.get("/metrics").text
+        for expected in ('medseg_stored_bytes{part="input"} 0.0', 'medseg_jobs_stored{part="input"} 0.0',
+                         'medseg_jobs_stored{part="results"} 1.0', 'medseg_jobs_purged{part="input"} 1.0',
+                         'medseg_jobs_purged{part="results"} 0.0'):
+            assert expected in text, expected
+        assert retention.purge_once() == {"input": 0, "results": 0}  # marked in the store: never twice
+    clock.advance(2 * 3600)  # the service is down while the results fall due; the next start purges them
+    with TestClient(create_app(settings)) as client:
+        _until(lambda: not (tmp_path / "jobs" / job).exists(), what="the results purge after the restart")
+        r = client.get(f"/v1/jobs/{job}/mask", headers=_auth())
+        assert r.status_code == 410 and "retention" in r.json()["error"]
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["results_purged"] == clock.now
+        text = client.get("/metrics").text
+        assert 'medseg_jobs_purged{part="results"} 1.0' in text and 'medseg_stored_bytes{part="results"} 0.0' in text
+
+
+CANARIES = {"PatientName": "ZZCANARYNAMEQUUXSRV", "PatientID": "CANARYPIDSRV4242", "PatientBirthDate": "19230405",
+            "AccessionNumber": "CANARYACCSRV77", "InstitutionName": "CANARY SERVICE INSTITUTE",
+            "ReferringPhysicianName": "CANARYDOCSRV^ZED"}
+
+
+def test_patient_identifiers_of_a_dicom_upload_stay_only_in_the_upload_and_the_seg(model_run, tmp_path, caplog):
+    """Canary values in the patient tags of a DICOM zip: the job record, report, logs, audit log, metrics and
+    every response hold none of them; after DELETE (one job) and retention (another) nothing of either is left."""
+    caplog.set_level(logging.DEBUG)
+    series = tmp_path / "series"
+    write_series(series, count=8, step=(0.0, 0.0, 3.0), **CANARIES)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f"{CANARIES['PatientID']}/{CANARIES['PatientName']}_{f.name}")
+    canaries = [v for v in CANARIES.values()] + ["CANARY"]
+    data_dir, clock = tmp_path / "data", FakeClock()
+    settings = _settings(model_run, data_dir, clock=clock, retention_hours=0.0, result_retention_hours=0.0,
+                         purge_interval_s=3600)
+    responses = []
+    with TestClient(create_app(settings)) as client:
+        client.app.state.retention.hours = {"input": None, "results": None}  # purged by hand below
+        jobs = []
+        for _ in range(2):
+            r = _post(client, archive.getvalue(), name=f"{CANARIES['PatientName']}.zip")
+            assert r.status_code == 202, r.text
+            jobs.append(r.json()["job_id"])
+            responses.append(r)
+        for job in jobs:
+            assert _wait(client, job)["status"] == "done"
+            responses += [client.get(f"/v1/jobs/{job}", headers=_auth()), client.get(f"/v1/jobs/{job}/report", headers=_auth()),
+                          client.get(f"/v1/jobs/{job}/mask", headers=_auth())]
+        seg = client.get(f"/v1/jobs/{jobs[0]}/seg", headers=_auth())
+        if hd is not None:  # the SEG carries the patient module: the one result that needs it
+            assert seg.status_code == 200 and CANARIES["PatientID"].encode() in seg.content
+        responses += [client.get("/v1/jobs", headers=_auth()), client.get("/metrics"), client.get("/readyz")]
+        report = json.loads((data_dir / "jobs" / jobs[0] / "output" / "scan.report.json").read_text())
+        responses.append(client.delete(f"/v1/jobs/{jobs[0]}", headers=_auth()))
+        client.app.state.retention.hours = {"input": 0.0, "results": 0.0}
+        clock.advance(1)
+        assert client.app.state.retention.purge_once() == {"input": 1, "results": 1}
+        responses += [client.get(f"/v1/jobs/{j}", headers=_auth()) for j in jobs]
+        responses.append(client.get("/metrics"))
+    seen = "\n".join([json.dumps(report), *(f"{r.status_code} {r.headers} {r.content!r}" for r in responses),
+                      *(f"{rec.getMessage()} {vars(rec)}" for rec in caplog.records),
+                      *(repr(j) for j in JobStore(data_dir / "jobs.sqlite").all())])
+    for canary in canaries:
+        assert canary not in seen and canary.lower() not in seen.lower(), canary
+    assert all(not (data_dir / "jobs" / j).exists() for j in jobs)
+    left = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in left if p.parent == data_dir) == sorted(p.name for p in left)  # store + audit only
+    for path in left:  # the store (its WAL too) and the audit log: no canary in their bytes
+        content = path.read_bytes()
+        assert not any(c.encode() in content for c in canaries), path.name
+
+
+# --- attacks: another token on every job route, the 504 deadline, job ids that are not ours ------------
+
+JOB_ROUTES = [("GET", ""), ("GET", "/mask"), ("GET", "/seg"), ("GET", "/rtstruct"), ("GET", "/report"), ("DELETE", "")]
+
+
+def test_another_token_gets_404_on_every_job_route_and_changes_nothing(model_run, tmp_path):
+    series = tmp_path / "series"
+    write_series(series, count=8, step=(0.0, 0.0, 3.0))
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(series.iterdir()):
+            zf.write(f, f.name)
+    with TestClient(create_app(_settings(model_run, tmp_path / "data"))) as client:
+        job = _post(client, archive.getvalue()).json()["job_id"]
+        assert _wait(client, job)["status"] == "done"
+        # Every route the app has under /v1/jobs/{job_id} is in the list (a new route must be added here).
+        routes = {(m, r.path.removeprefix("/v1/jobs/{job_id}")) for r in client.app.routes
+                  for m in getattr(r, "methods", ()) if r.path.startswith("/v1/jobs/{job_id}")}
+        assert routes == set(JOB_ROUTES)
+        files = _job_files(tmp_path / "data", job)
+        unknown = new_job_id()
+        for method, suffix in JOB_ROUTES:
+            theirs = client.request(method, f"/v1/jobs/{job}{suffix}", headers=_auth(OTHER))
+            missing = client.request(method, f"/v1/jobs/{unknown}{suffix}", headers=_auth(OTHER))
+            assert theirs.status_code == missing.status_code == 404, (method, suffix)
+            assert theirs.content == missing.content  # indistinguishable from a job that does not exist
+            assert client.request(method, f"/v1/jobs/{job}{suffix}").status_code == 401
+        assert client.get("/v1/jobs", headers=_auth(OTHER)).json()["jobs"] == []
+        assert _job_files(tmp_path / "data", job) == files
+        assert client.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "done"
+        for method, suffix in JOB_ROUTES:  # and the owner gets each
+            assert client.request(method, f"/v1/jobs/{job}{suffix}", headers=_auth()).status_code == (
+                204 if method == "DELETE" else 200 if hd is not None or suffix != "/seg" else 404), (method, suffix)
+    fetches = [e for e in AuditLog(tmp_path / "data" / "audit.log").entries() if e["action"].startswith("fetch")]
+    assert {e["token_id"] for e in fetches} == {token_id(TOKEN)}  # the refused requests fetched nothing
+
+
+def test_a_request_not_answered_in_time_gets_504_and_leaves_nothing(model_run, scan_file, tmp_path):
+    # No scan-check slot ever frees (0 slots): the upload waits until the response deadline passes.
+    settings = _settings(model_run, tmp_path, workers=0, max_concurrent_checks=0, request_timeout_s=0.5,
+                         response_grace_s=0.5)
+    with TestClient(create_app(settings)) as client:
+        r = _post(client, scan_file.read_bytes())
+        assert r.status_code == 504 and "not answered within 1 s" in r.json()["error"]
+        assert 'medseg_http_requests_total{method="POST",route="/v1/segmentations",status="504"} 1.0' in (
+            client.get("/metrics").text)
+    _nothing_stored(tmp_path)
+
+
+@pytest.mark.parametrize("crafted", ["...", "%2e%2e", "EVILX", "0123456789ABCDEF0123456789ABCDEF",
+                                     "0123456789abcdef0123456789abcdef0", "0123456789abcdef0123456789abcde",
+                                     "0123456789abcdef0123456789abcdeg", "0123456789abcdef0123456789abcde%00"])
+def test_a_job_id_that_is_not_ours_never_reaches_the_store_or_the_file_system(model_run, tmp_path, monkeypatch,
+                                                                              crafted):
+    import urllib.parse
+
+    text = urllib.parse.unquote(crafted)
+    touched: list[str] = []
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def spy(real):
+        def stat(path, *args, **kwargs):
+            touched.append(os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else str(path))
+            return real(path, *args, **kwargs)
+        return stat
+
+    with TestClient(create_app(_settings(model_run, tmp_path, workers=0))) as client:
+        store = client.app.state.store
+        asked: list[str] = []
+        real_get = store.get
+        monkeypatch.setattr(store, "get", lambda job_id: asked.append(job_id) or real_get(job_id))
+        monkeypatch.setattr(os, "stat", spy(real_stat))
+        monkeypatch.setattr(os, "lstat", spy(real_lstat))
+        _AUDITED.clear()
+        _AUDITED.append("on")
+        try:
+            for method, suffix in JOB_ROUTES:
+                r = client.request(method, f"/v1/jobs/{crafted}{suffix}", headers=_auth())
+                assert r.status_code == 404, (method, suffix, r.status_code)
+            assert client.get(f"/v1/jobs?after={crafted}", headers=_auth()).status_code == 400
+        finally:
+            _AUDITED.clear()
+        opened = list(_OPENED)
+        _OPENED.clear()
+    assert asked == []
+    assert not [p for p in touched + opened if text in Path(p).name or text in p.split(os.sep)], (touched, opened)
+
+
+_AUDITED: list[str] = []  # non-empty while a test records file-system events
+_OPENED: list[str] = []
+
+
+def _audit_hook(event: str, args: tuple) -> None:
+    if _AUDITED and event in ("open", "os.listdir", "os.scandir", "os.mkdir", "os.rename", "os.remove", "os.rmdir",
+                              "shutil.rmtree", "os.chmod", "os.truncate"):
+        if args and isinstance(args[0], str | bytes | os.PathLike):
+            _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit_hook)
+
+
+def test_two_servers_sharing_a_postgresql_store_run_each_job_once(model_run, scan_file, tmp_path, postgres_url):
+    """``--job-store postgresql://``: an API-only server and a worker server (stand-ins for two machines)
+    share one store and one data folder; the job runs once, its mask is fetched through either, and DELETE
+    through one is seen by the other."""
+    from tests.postgres_server import fresh_database
+
+    url = fresh_database(postgres_url)
+    api = create_app(_settings(model_run, tmp_path, workers=0, job_store=url))
+    worker = create_app(_settings(model_run, tmp_path, job_store=url))
+    with TestClient(api) as front, TestClient(worker) as back:
+        job = _post(front, scan_file.read_bytes()).json()["job_id"]
+        state = _wait(front, job)
+        assert state["status"] == "done" and state["attempts"] == 1
+        assert front.get(f"/v1/jobs/{job}/mask", headers=_auth()).content == back.get(
+            f"/v1/jobs/{job}/mask", headers=_auth()).content
+        assert "medseg_replicas 1.0" in front.get("/metrics").text  # the worker server's pool, seen by both
+        assert back.delete(f"/v1/jobs/{job}", headers=_auth()).status_code == 204
+        assert front.get(f"/v1/jobs/{job}", headers=_auth()).json()["status"] == "deleted"
+    assert not (tmp_path / "jobs.sqlite").exists() and not (tmp_path / "jobs" / job).exists()
