@@ -6,7 +6,9 @@ so what is validated is what is shipped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, overload
 
@@ -22,13 +24,16 @@ from torch import nn
 from medseg.data.transforms import IMAGE, intensity_transforms, preprocessing
 from medseg.errors import CheckpointError
 from medseg.inference.backends import build_backend
+from medseg.inference.precision import PrecisionChoice, choose_precision
 from medseg.inference.qc import PredictionUncertainty, prediction_uncertainty
 from medseg.inference.resampling import GridPlan
+from medseg.inference.timing import StageTimes
 from medseg.io.channels import check_channel_count
 from medseg.io.nifti import mask_like
 from medseg.io.scans import Scan, ScanReader, load_scan
 from medseg.models.bundle import ModelBundle, load_bundle
 
+log = logging.getLogger(__name__)
 
 def resolve_device(device: str | None) -> torch.device:
     """``auto`` (or None) picks CUDA when present, else CPU."""
@@ -65,6 +70,8 @@ class Predictor:
         self.mirror_axes = list(self.settings.mirror_axes if mirror_axes is None else mirror_axes)
         self.label_names = bundle.label_names
         self.device = device
+        #: The network's precision and why (:mod:`medseg.inference.precision`); from_checkpoint sets it.
+        self.precision = PrecisionChoice("float32", "as built")
         self.preprocess = preprocessing(bundle.spec.preprocessing, keys=(IMAGE,), load=False)
         self.intensity = mt.Compose(intensity_transforms(bundle.spec.preprocessing.intensity))
         #: False sends every scan through MONAI's Spacingd/Invertd (the reference the fast path is tested against).
@@ -88,7 +95,8 @@ class Predictor:
         config); keep-largest-component applies to the classes every member chose. ``mirror`` True flips
         over every spatial axis at test time, False never, None as each bundle says. ``backend`` runs each
         bundle's checked export (``RUN/exports/``, or ``model_file`` for one model) instead of its weights
-        (:mod:`medseg.inference.backends`); ``precision`` bfloat16 for backends torch and openvino.
+        (:mod:`medseg.inference.backends`); ``precision`` bfloat16 for backends torch and openvino, ``auto``
+        by the parity rule of :mod:`medseg.inference.precision`.
         """
         paths = [Path(model_path)] if isinstance(model_path, str | Path) else [Path(p) for p in model_path]
         if not paths:
@@ -110,8 +118,13 @@ class Predictor:
         axes = None if mirror is None else (list(range(first.network.spatial_dims)) if mirror else [])
         if model_file is not None and len(bundles) > 1:
             raise CheckpointError("--model-file names one exported model; an ensemble finds each member's export")
-        networks = [build_backend(b, backend, model_file, precision) for b in bundles]  # type: ignore[arg-type]
-        return cls(networks, ensemble, resolve_device(device), mirror_axes=axes)
+        target = resolve_device(device)
+        choice = choose_precision(precision, [b.spec for b in bundles], target, backend)
+        log.info("network precision %s (%s)", choice.runtime, choice.reason)
+        networks = [build_backend(b, backend, model_file, choice.runtime) for b in bundles]
+        predictor = cls(networks, ensemble, target, mirror_axes=axes)
+        predictor.precision = choice
+        return predictor
 
     def _forward_with(self, model: nn.Module):
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +143,7 @@ class Predictor:
         ensemble's models and the mirrored copies (each flip along one axis, undone after)."""
         image = image.to(self.device)
         dtype = _AUTOCAST_DTYPES.get(self.settings.precision)
-        use_amp = self.device.type == "cuda" and dtype is not None
+        use_amp = self.device.type == "cuda" and dtype is not None and self.precision.cuda_autocast
         probs: torch.Tensor | None = None
         with torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
             for model in self.models:
@@ -151,55 +164,71 @@ class Predictor:
         return GridPlan.for_scan(affine, shape, pre.orientation, pre.spacing)
 
     @overload
-    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: Literal[False] = False) -> nib.Nifti1Image: ...
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: Literal[False] = False,
+                      times: StageTimes | None = None) -> nib.Nifti1Image: ...
 
     @overload
-    def predict_image(self, reference: nib.Nifti1Image,
-                      with_uncertainty: Literal[True]) -> tuple[nib.Nifti1Image, PredictionUncertainty]: ...
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: Literal[True],
+                      times: StageTimes | None = None) -> tuple[nib.Nifti1Image, PredictionUncertainty]: ...
 
-    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: bool = False
+    def predict_image(self, reference: nib.Nifti1Image, with_uncertainty: bool = False,
+                      times: StageTimes | None = None
                       ) -> nib.Nifti1Image | tuple[nib.Nifti1Image, PredictionUncertainty]:
         """Label map (uint8) for an in-memory scan, with exactly its shape, affine and header geometry.
 
         ``with_uncertainty`` also returns the entropy summary of the probabilities on the model's grid
         (:func:`medseg.inference.qc.prediction_uncertainty`), for the QC flags. A multi-channel scan is one
-        4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it.
+        4D image (X, Y, Z, channel), as :func:`medseg.io.channels.load_channels` stacks it. ``times`` gets
+        the seconds of stages resample_in, network, resample_out and statistics (:mod:`medseg.inference.timing`).
         """
+        def stage(name: str):
+            return times.stage(name) if times is not None else nullcontext()
+
         check_channel_count(reference, self.bundle.network.in_channels)
         array, meta = ScanReader().get_data(reference)
         plan = self.plan(reference.affine, array.shape) if array.ndim == 3 else None  # one channel: fast path
         uncertainty = None
         if plan is None:
-            labels, uncertainty = self._labels_monai(array, meta, with_uncertainty)
+            labels, uncertainty = self._labels_monai(array, meta, with_uncertainty, times)
         else:
             # Same steps as the MONAI path (reorient, resample linearly, intensity, network, linear inverse,
             # argmax), in slabs: the float32 scan and the K x scan-sized probabilities never exist.
-            image = self.intensity({IMAGE: plan.scan_to_model(array).unsqueeze(0)})[IMAGE]
-            probs = self.probabilities(torch.as_tensor(image).unsqueeze(0))[0]
+            with stage("resample_in"):
+                image = torch.as_tensor(self.intensity({IMAGE: plan.scan_to_model(array).unsqueeze(0)})[IMAGE])
+            with stage("network"):
+                probs = self.probabilities(image.unsqueeze(0))[0]
             del image
-            uncertainty = prediction_uncertainty(probs) if with_uncertainty else None
-            probs = probs.half() if probs.device.type == "cpu" else probs  # halves the model-grid memory
-            labels = plan.labels_on_scan(probs)
+            with stage("statistics"):
+                uncertainty = prediction_uncertainty(probs) if with_uncertainty else None
+            with stage("resample_out"):
+                probs = probs.half() if probs.device.type == "cpu" else probs  # halves the model-grid memory
+                labels = plan.labels_on_scan(probs)
             del probs
-        if self.settings.keep_largest_component:
-            keep_largest_components(labels, self.settings.keep_largest_component)
-        if plan is not None:
-            labels = plan.oriented_to_scan(labels)
-        mask = mask_like(labels, reference)
+        with stage("resample_out"):
+            if self.settings.keep_largest_component:
+                keep_largest_components(labels, self.settings.keep_largest_component)
+            if plan is not None:
+                labels = plan.oriented_to_scan(labels)
+            mask = mask_like(labels, reference)
         return (mask, uncertainty) if uncertainty is not None else mask
 
-    def _labels_monai(self, array: np.ndarray, meta: dict, with_uncertainty: bool = False
-                      ) -> tuple[np.ndarray, PredictionUncertainty | None]:
+    def _labels_monai(self, array: np.ndarray, meta: dict, with_uncertainty: bool = False,
+                      times: StageTimes | None = None) -> tuple[np.ndarray, PredictionUncertainty | None]:
         """Labels on the scan grid through MONAI's Spacingd/Invertd (dense affine-grid resampling)."""
-        data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
-        image = data[IMAGE]
-        probs = self.probabilities(image.unsqueeze(0))[0].cpu()
-        uncertainty = prediction_uncertainty(probs.as_tensor() if isinstance(probs, MetaTensor) else probs) \
-            if with_uncertainty else None
-        data["pred"] = MetaTensor(probs, meta=dict(image.meta))
-        # Invert orientation and resampling: probabilities go back to the source grid (linear), then argmax.
-        inverted = mt.Invertd("pred", transform=self.preprocess, orig_keys=IMAGE, nearest_interp=False)(data)["pred"]
-        return torch.argmax(inverted, dim=0).numpy().astype(np.uint8), uncertainty
+        times = times if times is not None else StageTimes()
+        with times.stage("resample_in"):
+            data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
+            image = data[IMAGE]
+        with times.stage("network"):
+            probs = self.probabilities(image.unsqueeze(0))[0].cpu()
+        with times.stage("statistics"):
+            uncertainty = prediction_uncertainty(probs.as_tensor() if isinstance(probs, MetaTensor) else probs) \
+                if with_uncertainty else None
+        with times.stage("resample_out"):
+            data["pred"] = MetaTensor(probs, meta=dict(image.meta))
+            # Invert orientation and resampling: probabilities go back to the source grid (linear), then argmax.
+            inverted = mt.Invertd("pred", transform=self.preprocess, orig_keys=IMAGE, nearest_interp=False)(data)["pred"]
+            return torch.argmax(inverted, dim=0).numpy().astype(np.uint8), uncertainty
 
     def predict_scan(self, scan: Scan | Path) -> nib.Nifti1Image:
         """Read a scan (NIfTI file or DICOM series) and return its label map on the scan's grid."""

@@ -12,7 +12,7 @@ import logging
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +32,7 @@ from medseg.inference.statistics import (
     merge_statistics,
     training_modality,
 )
+from medseg.inference.timing import StageTimes
 from medseg.io.mask_writers import (
     NIFTI_SUFFIX,
     MaskWriter,
@@ -76,9 +77,13 @@ class PredictSummary:
     claimed: list[Path] = field(default_factory=list)
     #: QC flags (docs/qc.md) of the scans written in this run that raised any, by mask.
     flagged: dict[Path, list[str]] = field(default_factory=dict)
+    #: Seconds per stage, added over the scans (medseg.inference.timing).
+    times: StageTimes = field(default_factory=StageTimes)
 
     def add(self, outcome: ScanOutcome) -> None:
         """Count one scan's outcome."""
+        for stage, seconds in outcome.times.items():
+            self.times.add(stage, seconds)
         if outcome.qc_flags:
             self.flagged[outcome.target] = list(outcome.qc_flags)
         if outcome.status == "failed":
@@ -106,6 +111,8 @@ class PredictSummary:
             lines.append(f"  FAILED {f.path}: {f.error}: {f.message}")
         if self.failed:
             lines.append(f"  failures listed in {self.output_dir / FAILURES}")
+        if self.times.total > 0:
+            lines.append(f"  seconds per stage, all scans (read and write overlap the network): {self.times.describe()}")
         return "\n".join(lines)
 
 
@@ -237,6 +244,8 @@ class ScanOutcome:
     error: str = ""
     message: str = ""
     qc_flags: list[str] = field(default_factory=list)
+    #: Seconds per stage of this scan (StageTimes.as_record; plain data, so Ray actors can return it).
+    times: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -356,13 +365,16 @@ def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
     return None if scan.kind != "nifti" or grid is None else nifti_header_size(scan.path, *grid)
 
 
-def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
+def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch,
+                        times: StageTimes | None = None) -> nib.Nifti1Image:
     """Read a scan, refusing first (:class:`~medseg.errors.ScanTooLargeError`) one whose prediction would not
-    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting."""
+    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting.
+    ``times`` gets the seconds of the read (stage ``read``)."""
     size = header_size(predictor, scan)
     if size is not None:
         batch.memory().check(scan.path, size)
-    image = load_scan(scan)
+    with times.stage("read") if times is not None else nullcontext():
+        image = load_scan(scan)
     grid = _grid_of(predictor)
     if size is None and grid is not None:
         batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine, *grid))
@@ -386,9 +398,12 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
 
 
 def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Future[nib.Nifti1Image] | None = None,
-             writer: ThreadPoolExecutor | None = None) -> ScanOutcome | Future[ScanOutcome]:
-    """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
-    ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
+             writer: ThreadPoolExecutor | None = None, times: StageTimes | None = None
+             ) -> ScanOutcome | Future[ScanOutcome]:
+    """:func:`predict_one`, optionally with the scan already being read (``loaded``, its read timed into
+    ``times``) and the outputs written by ``writer`` in the background: the claim on the mask then passes
+    to the writing job, which releases it."""
+    times = times if times is not None else StageTimes()
     target = batch.target(scan)
     if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
@@ -404,29 +419,34 @@ def _predict(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Futu
             for path in [target, *(w.path(target.parent, scan.case_id) for w in writers)]:
                 for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
                     tmp.unlink(missing_ok=True)
-            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
+            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch, times)
             stats: ScanStatistics | None = None
             if not (batch.statistics or batch.preview):
-                mask = predictor.predict_image(image)
+                mask = predictor.predict_image(image, times=times)
             else:
-                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
-                stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
+                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True, times=times)
+                with times.stage("statistics"):
+                    stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
         except Exception as exc:
             return _failed(scan, target, exc)
 
         def write() -> ScanOutcome:
             try:
-                if stats is None:
-                    write_outputs(scan, image, mask, target, writers)
-                    return ScanOutcome(scan.path, target, "written")
-                if batch.statistics:
-                    # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its
-                    # row, so every mask present has its statistics.
-                    merge_statistics(batch.output_dir, [stats])
-                write_outputs(scan, image, mask, target, writers)
-                if batch.preview:
-                    write_scan_preview(predictor, scan, image, mask, stats, batch)
-                return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags)
+                with times.stage("write"):
+                    if stats is None:
+                        write_outputs(scan, image, mask, target, writers)
+                        flags: list[str] = []
+                    else:
+                        if batch.statistics:
+                            # Before the mask: a run killed in between redoes this scan (no mask yet) and
+                            # replaces its row, so every mask present has its statistics.
+                            merge_statistics(batch.output_dir, [stats])
+                        write_outputs(scan, image, mask, target, writers)
+                        if batch.preview:
+                            write_scan_preview(predictor, scan, image, mask, stats, batch)
+                        flags = stats.all_flags
+                log.debug("%s: %s", scan.case_id, times.describe())
+                return ScanOutcome(scan.path, target, "written", qc_flags=flags, times=times.as_record())
             except Exception as exc:
                 return _failed(scan, target, exc)
 
@@ -504,10 +524,10 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                                                        model_file=model_file, precision=precision)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
     with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
-        ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None
+        ahead: tuple[Scan, Future[nib.Nifti1Image], StageTimes] | None = None
         writing: tuple[Future[ScanOutcome], int] | None = None  # the last write job and the bytes it holds
         for index, scan in enumerate(tqdm(batch.scans, desc="predict", unit="scan", disable=None)):
-            loaded = ahead[1] if ahead is not None and ahead[0] is scan else None
+            loaded, times = (ahead[1], ahead[2]) if ahead is not None and ahead[0] is scan else (None, StageTimes())
             ahead = None
             budget = batch.memory().bytes
             size = header_size(predictor, scan) if batch.todo(scan) else None
@@ -522,8 +542,10 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                 fits = budget is None or (need is not None and upcoming is not None
                                           and need + held + 2 * upcoming.scan_bytes <= budget)
                 if fits:  # read while this one is predicted (a gzip read briefly holds the file twice)
-                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch))
-            result = _predict(predictor, scan, batch, loaded, writer)
+                    next_times = StageTimes()
+                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch, next_times),
+                             next_times)
+            result = _predict(predictor, scan, batch, loaded, writer, times)
             if writing is not None:
                 writing[0].result()  # at most one write pending: its memory stays bounded
                 writing = None
