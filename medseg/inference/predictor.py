@@ -7,7 +7,8 @@ so what is validated is what is shipped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal, overload
@@ -138,23 +139,43 @@ class Predictor:
         return self._forward_with(self.model)(x)
 
     @torch.no_grad()
-    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, image: torch.Tensor, times: StageTimes | None = None) -> torch.Tensor:
         """Softmax class probabilities (B, K, ...) for a preprocessed batch (B, 1, ...), averaged over the
-        ensemble's models and the mirrored copies (each flip along one axis, undone after)."""
+        ensemble's models and the mirrored copies (each flip along one axis, undone after). ``times`` gets the
+        network's forward calls as ``network`` and the rest (window cutting, Gaussian-weighted stitching,
+        flips, softmax) as ``sliding_window``."""
         image = image.to(self.device)
         dtype = _AUTOCAST_DTYPES.get(self.settings.precision)
         use_amp = self.device.type == "cuda" and dtype is not None and self.precision.cuda_autocast
         probs: torch.Tensor | None = None
+        start = time.perf_counter()
+        forward_s = 0.0
+
+        def timed(net: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                nonlocal forward_s
+                t = time.perf_counter()
+                out = net(x)
+                if out.device.type == "cuda":
+                    torch.cuda.synchronize(out.device)  # kernels are asynchronous: count them here
+                forward_s += time.perf_counter() - t
+                return out
+            return run
+
         with torch.autocast(self.device.type, dtype=dtype, enabled=use_amp):
             for model in self.models:
-                forward = self._forward_with(model)
+                forward = self._forward_with(model) if times is None else timed(self._forward_with(model))
                 for axis in [None, *self.mirror_axes]:
                     flip = [] if axis is None else [axis + 2]
                     p = _softmax_(self.inferer(torch.flip(image, flip) if flip else image, forward).float())
                     p = torch.flip(p, flip) if flip else p
                     probs = p if probs is None else probs + p
         assert probs is not None
-        return probs / (len(self.models) * (1 + len(self.mirror_axes)))
+        probs = probs / (len(self.models) * (1 + len(self.mirror_axes)))
+        if times is not None:
+            times.add("network", forward_s)
+            times.add("sliding_window", time.perf_counter() - start - forward_s)
+        return probs
 
     def plan(self, affine: np.ndarray, shape: Sequence[int]) -> GridPlan | None:
         """The separable scan <-> model grid plan for a scan, or None when the MONAI path must be taken."""
@@ -195,8 +216,7 @@ class Predictor:
             # argmax), in slabs: the float32 scan and the K x scan-sized probabilities never exist.
             with stage("resample_in"):
                 image = torch.as_tensor(self.intensity({IMAGE: plan.scan_to_model(array).unsqueeze(0)})[IMAGE])
-            with stage("network"):
-                probs = self.probabilities(image.unsqueeze(0))[0]
+            probs = self.probabilities(image.unsqueeze(0), times)[0]
             del image
             with stage("statistics"):
                 uncertainty = prediction_uncertainty(probs) if with_uncertainty else None
@@ -219,8 +239,7 @@ class Predictor:
         with times.stage("resample_in"):
             data = self.preprocess({IMAGE: MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)})
             image = data[IMAGE]
-        with times.stage("network"):
-            probs = self.probabilities(image.unsqueeze(0))[0].cpu()
+        probs = self.probabilities(image.unsqueeze(0), times)[0].cpu()
         with times.stage("statistics"):
             uncertainty = prediction_uncertainty(probs.as_tensor() if isinstance(probs, MetaTensor) else probs) \
                 if with_uncertainty else None

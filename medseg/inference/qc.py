@@ -71,10 +71,12 @@ def prediction_uncertainty(probs: torch.Tensor) -> PredictionUncertainty:
     n = int(foreground.sum())
     if n == 0:
         return PredictionUncertainty(0, None, None)
-    p = probs[:, foreground].double().clamp_min(1e-12)
-    entropy = -(p * p.log()).sum(dim=0) / np.log(probs.shape[0])
-    low = float((top[foreground] < LOW_CONFIDENCE_PROBABILITY).double().mean())
-    return PredictionUncertainty(n, float(entropy.mean()), low)
+    # Per-voxel entropy in float32, summed in float64: the mean matches an all-float64 computation to about
+    # 1e-9, in half the memory and about 0.8x the time (docs/benchmarks.md).
+    p = probs[:, foreground].float().clamp_min_(1e-12)
+    entropy = -float((p * p.log()).sum(dtype=torch.float64)) / n / np.log(probs.shape[0])
+    low = int(torch.count_nonzero(top[foreground] < LOW_CONFIDENCE_PROBABILITY)) / n
+    return PredictionUncertainty(n, entropy, low)
 
 
 def ras_spacing(affine: np.ndarray) -> list[float]:

@@ -4,7 +4,8 @@ The stages of one scan, in pipeline order (:data:`STAGES`):
 
 - ``read``: reading the file and decompressing it (gzip NIfTI, DICOM decoding), with the header checks;
 - ``resample_in``: reorientation, resampling to the model's spacing and intensity normalisation;
-- ``network``: the sliding-window network calls (mirrored copies and ensemble members included) and softmax;
+- ``network``: the network's forward calls (mirrored copies and ensemble members included);
+- ``sliding_window``: cutting the windows, Gaussian-weighted stitching, flips and softmax around those calls;
 - ``resample_out``: probabilities back onto the scan's grid, argmax, keep-largest-component, the mask image;
 - ``statistics``: the uncertainty summary, per-class statistics and QC flags;
 - ``write``: compressing and writing the outputs (mask, SEG, sidecars, statistics rows, preview).
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 #: Stage names in pipeline order; other names are allowed (listed after these).
-STAGES: tuple[str, ...] = ("read", "resample_in", "network", "resample_out", "statistics", "write")
+STAGES: tuple[str, ...] = ("read", "resample_in", "network", "sliding_window", "resample_out", "statistics", "write")
 
 
 class StageTimes:
