@@ -36,6 +36,7 @@ from medseg.models.bundle import ModelBundle, load_bundle
 
 log = logging.getLogger(__name__)
 
+
 def resolve_device(device: str | None) -> torch.device:
     """``auto`` (or None) picks CUDA when present, else CPU."""
     if device in (None, "auto"):
