@@ -48,7 +48,7 @@ def scans(tmp_path_factory):
 def serial(trained_run, scans, tmp_path_factory):
     """The reference: the same scans predicted serially, in this process."""
     out = tmp_path_factory.mktemp("serial")
-    predict_paths(trained_run, [scans], out, device="cpu")
+    predict_paths(trained_run, [scans], out, device="cpu", precision="auto")  # what the CLI runs by default
     return out
 
 
