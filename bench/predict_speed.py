@@ -78,8 +78,9 @@ def _resample_z(img: nib.Nifti1Image, slices: int) -> tuple[np.ndarray, np.ndarr
     return np.round(out).astype(np.int16), affine
 
 
-def prepare(work: Path, channels: list[int] | None) -> tuple[Path, list[Path]]:
-    """The model bundle (same weights for both pipelines) and the scans, built once into ``work``."""
+def benchmark_bundle(work: Path, channels: list[int] | None) -> Path:
+    """The ct_lung config's network, untrained and seeded (speed does not depend on the weights), as a bundle
+    in ``work`` (built once; ``channels`` for a lighter network of the same shape)."""
     from medseg.config import config_from_dict
     from medseg.models.bundle import ModelBundle, build_model
 
@@ -95,6 +96,12 @@ def prepare(work: Path, channels: list[int] | None) -> tuple[Path, list[Path]]:
     if not model.exists():
         bundle = ModelBundle.from_config(config, {0: "background", 1: "lesion"}, 1)
         bundle.with_weights({k: v.clone() for k, v in net.state_dict().items()}).save(model)
+    return model
+
+
+def prepare(work: Path, channels: list[int] | None) -> tuple[Path, list[Path]]:
+    """The model bundle (same weights for both pipelines) and the scans, built once into ``work``."""
+    model = benchmark_bundle(work, channels)
     scans = work / "scans"
     scans.mkdir(exist_ok=True)
     lung = nib.load(LUNG)

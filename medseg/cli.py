@@ -186,7 +186,15 @@ def _cmd_calibrate_qc(args: argparse.Namespace) -> int:
     assert qc is not None
     print(f"QC limits written to {bundle.path}: modality {qc.modality}, spacing {qc.spacing_mm_low}-{qc.spacing_mm_high} mm, "
           f"max foreground entropy {qc.max_foreground_entropy}, max low-confidence share {qc.max_low_confidence_share}")
+    _print_parity(bundle.spec.precision_check.get("bfloat16"))
     return 0
+
+
+def _print_parity(parity) -> None:
+    if parity is not None:
+        print(f"bf16 parity check {'passed' if parity.passed else 'failed'} on {parity.cases} validation case(s): "
+              f"mean Dice change {parity.mean_dice_change:+.4f}, largest class change {parity.max_class_dice_change:.4f} "
+              f"(--precision auto runs {'bfloat16' if parity.passed else 'float32'} on bf16 CPUs)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -196,6 +204,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
                           min_dice=args.min_dice, calibration_patches=args.calibration_patches,
                           overwrite=args.overwrite)
     print(result.describe())
+    if not args.no_parity:
+        from medseg.deploy.parity import record_bf16_parity
+
+        _print_parity(record_bf16_parity(args.run, device="cpu"))  # older runs get the record --precision auto needs
     return 0
 
 
@@ -487,8 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the model's checked export (RUN/exports/, from `medseg export`) instead of its weights")
     p.add_argument("--model-file", type=Path, default=None,
                    help="the exported file to run (default: RUN/exports/model.onnx or model.torchscript.pt)")
-    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
-                   help="bfloat16: backends torch and openvino, on CPUs with bf16 instructions")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on a CPU with bf16 instructions when the model records a passed bf16 parity "
+                        "check (docs/deploy.md), autocast as trained on CUDA, else float32; bfloat16: backends torch "
+                        "and openvino")
     pacs = p.add_argument_group("a study on a PACS (DICOMweb), instead of --input; see docs/dicom.md")
     pacs.add_argument("--dicomweb", metavar="URL", default=None,
                       help="DICOMweb base URL, e.g. https://pacs.example.org/dicom-web; credentials come from "
@@ -523,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="least Dice of the export's mask vs eager, per class (default 0.99; 0.97 with --int8)")
     p.add_argument("--calibration-patches", type=int, default=16, help="training patches for --int8 calibration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    p.add_argument("--no-parity", action="store_true",
+                   help="skip the bf16 parity check on the validation cases that runs when the model records none")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("evaluate", help="compare predicted masks with reference labels")

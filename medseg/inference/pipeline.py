@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -29,6 +29,7 @@ from medseg.errors import MedsegError, OutputError
 from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import ScanStatistics, assess_scan, merge_statistics
+from medseg.inference.timing import StageTimes
 from medseg.io.mask_writers import MaskWriter, ModelInfo, NiftiMaskWriter
 from medseg.io.output_formats import NIFTI, done_suffix, formats_for, output_format
 from medseg.io.scans import Scan, load_scan
@@ -69,6 +70,8 @@ class ScanOutcome:
     message: str = ""
     qc_flags: list[str] = field(default_factory=list)
     output_failures: list[OutputFailure] = field(default_factory=list)
+    #: Seconds per stage of this scan (StageTimes.as_record; plain data, so Ray actors can return it).
+    times: dict[str, float] = field(default_factory=dict)
 
 
 def output_path(output_dir: Path, scan: Scan, output_format: str = "auto") -> Path:
@@ -211,13 +214,16 @@ def header_size(predictor: Predictor, scan: Scan) -> ScanSize | None:
     return None if scan.kind != "nifti" or grid is None else nifti_header_size(scan.path, *grid)
 
 
-def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch) -> nib.Nifti1Image:
+def load_for_prediction(predictor: Predictor, scan: Scan, batch: PredictBatch,
+                        times: StageTimes | None = None) -> nib.Nifti1Image:
     """Read a scan, refusing first (:class:`~medseg.errors.ScanTooLargeError`) one whose prediction would not
-    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting."""
+    fit in memory: NIfTI from the header before any voxel is read, DICOM once read, before predicting.
+    ``times`` gets the seconds of the read (stage ``read``)."""
     size = header_size(predictor, scan)
     if size is not None:
         batch.memory().check(scan.path, size)
-    image = load_scan(scan)
+    with times.stage("read") if times is not None else nullcontext():
+        image = load_scan(scan)
     grid = _grid_of(predictor)
     if size is None and grid is not None:
         batch.memory().check(scan.path, scan_size(image.shape, image.get_data_dtype().itemsize, image.affine, *grid))
@@ -241,9 +247,12 @@ def predict_one(predictor: Predictor, scan: Scan, batch: PredictBatch) -> ScanOu
 
 
 def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: Future[nib.Nifti1Image] | None = None,
-                 writer: ThreadPoolExecutor | None = None) -> ScanOutcome | Future[ScanOutcome]:
-    """:func:`predict_one`, optionally with the scan already being read (``loaded``) and the outputs written by
-    ``writer`` in the background: the claim on the mask then passes to the writing job, which releases it."""
+                 writer: ThreadPoolExecutor | None = None, times: StageTimes | None = None
+                 ) -> ScanOutcome | Future[ScanOutcome]:
+    """:func:`predict_one`, optionally with the scan already being read (``loaded``, its read timed into
+    ``times``) and the outputs written by ``writer`` in the background: the claim on the mask then passes to
+    the writing job, which releases it. ``times`` gets the seconds of every stage (medseg.inference.timing)."""
+    times = times if times is not None else StageTimes()
     target = batch.target(scan)
     if batch.done(scan):
         return ScanOutcome(scan.path, target, "skipped")
@@ -259,29 +268,32 @@ def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: 
             for path in [target, *(w.path(target.parent, scan.case_id) for _, ws in groups for w in ws)]:
                 for tmp in temporaries(path):  # a killed writer's; we hold the scan's claim, nobody writes them now
                     tmp.unlink(missing_ok=True)
-            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch)
+            image = loaded.result() if loaded is not None else load_for_prediction(predictor, scan, batch, times)
             stats: ScanStatistics | None = None
             if not (batch.statistics or batch.preview):
-                mask = predictor.predict_image(image)
+                mask = predictor.predict_image(image, times=times)
             else:
-                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True)
-                stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
+                mask, uncertainty = predictor.predict_image(image, with_uncertainty=True, times=times)
+                with times.stage("statistics"):
+                    stats = assess_scan(scan.case_id, image, mask, predictor.bundle, uncertainty)
         except Exception as exc:
             return _failed(scan, target, exc)
 
         def write() -> ScanOutcome:
             try:
-                if stats is not None and batch.statistics:
-                    # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces its
-                    # row, so every mask present has its statistics.
-                    merge_statistics(batch.output_dir, [stats])
-                failures = write_outputs(scan, image, mask, target, groups)
-                if stats is not None and batch.preview:
-                    write_scan_preview(predictor, scan, image, mask, stats, batch)
-                if batch.reporter is not None:
-                    batch.reporter(scan.case_id, mask, stats, batch.output_dir)
+                with times.stage("write"):
+                    if stats is not None and batch.statistics:
+                        # Before the mask: a run killed in between redoes this scan (no mask yet) and replaces
+                        # its row, so every mask present has its statistics.
+                        merge_statistics(batch.output_dir, [stats])
+                    failures = write_outputs(scan, image, mask, target, groups)
+                    if stats is not None and batch.preview:
+                        write_scan_preview(predictor, scan, image, mask, stats, batch)
+                    if batch.reporter is not None:
+                        batch.reporter(scan.case_id, mask, stats, batch.output_dir)
+                log.debug("%s: %s", scan.case_id, times.describe())
                 return ScanOutcome(scan.path, target, "written", qc_flags=stats.all_flags if stats else [],
-                                   output_failures=failures)
+                                   output_failures=failures, times=times.as_record())
             except Exception as exc:
                 return _failed(scan, target, exc)
 

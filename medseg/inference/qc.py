@@ -52,6 +52,10 @@ def uncertainty_limit(values: Sequence[float]) -> float | None:
     return float(max(top, q3 + UNCERTAINTY_FENCE_IQR * (q3 - q1)))
 
 
+#: Model-grid voxels per slab of :func:`prediction_uncertainty` (bounds its memory, about 16 B each).
+UNCERTAINTY_SLAB_VOXELS = 1 << 22
+
+
 @dataclass(frozen=True)
 class PredictionUncertainty:
     """Uncertainty of one prediction, on the model's grid: mean normalised entropy (0-1) over the predicted
@@ -64,16 +68,29 @@ class PredictionUncertainty:
 
 
 def prediction_uncertainty(probs: torch.Tensor) -> PredictionUncertainty:
-    """Summarise softmax probabilities (K, ...) of one scan; entropy is divided by log K, so 1 is uniform."""
-    top, winner = probs.max(dim=0)
-    foreground = winner > 0
-    n = int(foreground.sum())
+    """Summarise softmax probabilities (K, ...) of one scan; entropy is divided by log K, so 1 is uniform.
+
+    Slab by slab along the first spatial axis (UNCERTAINTY_SLAB_VOXELS at a time): the argmax and winning
+    probability of the whole grid (12 B per model voxel) never exist. Per-voxel entropy is float32, summed
+    in float64: the mean matches an all-float64 computation to about 1e-9.
+    """
+    n, entropy_sum, low = 0, 0.0, 0
+    plane = max(1, int(np.prod(probs.shape[2:])))
+    step = max(1, UNCERTAINTY_SLAB_VOXELS // plane)
+    for start in range(0, probs.shape[1], step):
+        slab = probs[:, start:start + step]
+        top, winner = slab.max(dim=0)
+        foreground = winner > 0
+        count = int(foreground.sum())
+        if count == 0:
+            continue
+        p = slab[:, foreground].float().clamp_min_(1e-12)
+        entropy_sum += float((p * p.log()).sum(dtype=torch.float64))
+        low += int(torch.count_nonzero(top[foreground] < LOW_CONFIDENCE_PROBABILITY))
+        n += count
     if n == 0:
         return PredictionUncertainty(0, None, None)
-    p = probs[:, foreground].double().clamp_min(1e-12)
-    entropy = -(p * p.log()).sum(dim=0) / np.log(probs.shape[0])
-    low = float((top[foreground] < LOW_CONFIDENCE_PROBABILITY).double().mean())
-    return PredictionUncertainty(n, float(entropy.mean()), low)
+    return PredictionUncertainty(n, -entropy_sum / n / float(np.log(probs.shape[0])), low / n)
 
 
 def intensity_percentiles(data: np.ndarray, percentiles: Sequence[float] = INTENSITY_PERCENTILES,

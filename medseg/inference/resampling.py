@@ -146,6 +146,11 @@ class GridPlan:
         Each class is interpolated back (linear) slab by slab and compared with the best so far, so
         memory holds the labels plus one slab per class, never K scan-sized arrays. Ties go to the lower
         class, as ``torch.argmax`` does. ``probabilities`` may be float16 and on any device.
+
+        Two classes take one interpolation instead of two: class 1 wins where the interpolated difference
+        p1 - p0 is above 0 (linear interpolation commutes with the difference; float rounding changed 1 of
+        12.6 million voxels for smooth synthetic probabilities on the lung CT's grid, none of the real CT's
+        mask through the pipeline; docs/benchmarks.md), about 1.6x less CPU time.
         """
         device = probabilities.device
         maps = [m.to(device) for m in self.to_scan]
@@ -155,6 +160,11 @@ class GridPlan:
         for z in range(0, n2, step):
             stop = min(z + step, n2)
             lo, hi, zmap = maps[2].window(z, stop)
+            if probabilities.shape[0] == 2:
+                d = probabilities[1, :, :, lo:hi].float() - probabilities[0, :, :, lo:hi].float()  # never in place
+                d = interpolate_axis(interpolate_axis(interpolate_axis(d, 2, zmap), 1, maps[1]), 0, maps[0])
+                labels[:, :, z:stop] = (d > 0).cpu().numpy()
+                continue
             best: torch.Tensor | None = None
             arg = torch.zeros((n0, n1, stop - z), dtype=torch.uint8, device=device)
             for k in range(probabilities.shape[0]):

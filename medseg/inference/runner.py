@@ -37,6 +37,7 @@ from medseg.inference.pipeline import (
 )
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import STATISTICS_CSV
+from medseg.inference.timing import StageTimes
 from medseg.io.output_formats import all_suffixes, check_formats
 from medseg.io.scans import Scan, find_scans
 from medseg.models.bundle import read_bundle_spec
@@ -78,9 +79,13 @@ class PredictSummary:
     claimed: list[Path] = field(default_factory=list)
     #: QC flags (docs/qc.md) of the scans written in this run that raised any, by mask.
     flagged: dict[Path, list[str]] = field(default_factory=dict)
+    #: Seconds per stage, added over the scans (medseg.inference.timing).
+    times: StageTimes = field(default_factory=StageTimes)
 
     def add(self, outcome: ScanOutcome) -> None:
         """Count one scan's outcome."""
+        for stage, seconds in outcome.times.items():
+            self.times.add(stage, seconds)
         if outcome.qc_flags:
             self.flagged[outcome.target] = list(outcome.qc_flags)
         for failure in outcome.output_failures:
@@ -112,6 +117,8 @@ class PredictSummary:
             lines.append(f"  FAILED {f.path}{what}: {f.error}: {f.message}")
         if self.failed:
             lines.append(f"  failures listed in {self.output_dir / FAILURES}")
+        if self.times.total > 0:
+            lines.append(f"  seconds per stage, all scans (read and write overlap the network): {self.times.describe()}")
         return "\n".join(lines)
 
 
@@ -322,10 +329,10 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                                                        model_file=model_file, precision=precision)
     results: list[ScanOutcome | Future[ScanOutcome]] = []
     with ThreadPoolExecutor(1, "medseg-read") as reader, ThreadPoolExecutor(1, "medseg-write") as writer:
-        ahead: tuple[Scan, Future[nib.Nifti1Image]] | None = None
+        ahead: tuple[Scan, Future[nib.Nifti1Image], StageTimes] | None = None
         writing: tuple[Future[ScanOutcome], int] | None = None  # the last write job and the bytes it holds
         for index, scan in enumerate(tqdm(batch.scans, desc="predict", unit="scan", disable=None)):
-            loaded = ahead[1] if ahead is not None and ahead[0] is scan else None
+            loaded, times = (ahead[1], ahead[2]) if ahead is not None and ahead[0] is scan else (None, StageTimes())
             ahead = None
             budget = batch.memory().bytes
             size = header_size(predictor, scan) if batch.todo(scan) else None
@@ -340,8 +347,10 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
                 fits = budget is None or (need is not None and upcoming is not None
                                           and need + held + 2 * upcoming.scan_bytes <= budget)
                 if fits:  # read while this one is predicted (a gzip read briefly holds the file twice)
-                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch))
-            result = predict_scan(predictor, scan, batch, loaded, writer)
+                    next_times = StageTimes()
+                    ahead = (following, reader.submit(load_for_prediction, predictor, following, batch, next_times),
+                             next_times)
+            result = predict_scan(predictor, scan, batch, loaded, writer, times)
             if writing is not None:
                 writing[0].result()  # at most one write pending: its memory stays bounded
                 writing = None

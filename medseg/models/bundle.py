@@ -151,6 +151,25 @@ class QCThresholds(_Spec):
     calibration: dict[str, Any] = Field(default_factory=dict, description="cases and rules the limits came from")
 
 
+class PrecisionParity(_Spec):
+    """A reduced-precision run of the network checked against float32 on the validation cases.
+
+    Dice is each mask's against the reference labels, per foreground class averaged over the cases; a change
+    is reduced minus float32 precision. ``medseg predict --precision auto`` reads ``passed`` through the rule
+    of :func:`medseg.inference.precision.parity_passes` (docs/deploy.md).
+    """
+
+    mean_dice_change: float = Field(description="mean foreground Dice, reduced minus float32")
+    max_class_dice_change: float = Field(ge=0, description="largest |Dice change| of one class")
+    per_class_dice_change: dict[str, float] = Field(default_factory=dict)
+    mean_dice_float32: float | None = None
+    voxel_agreement: float | None = Field(default=None, description="share of voxels where both masks agree")
+    cases: int = Field(ge=0)
+    device: str = "cpu"
+    passed: bool
+    date: str = ""
+
+
 class BundleSpec(_Spec):
     """Everything of a bundle but the weights; plain data, validated when read."""
 
@@ -168,6 +187,8 @@ class BundleSpec(_Spec):
     #: Classes reported lesion by lesion (the config's ``evaluate.lesion_classes``); None in bundles written
     #: before it was stored: read it with :func:`model_lesion_classes`.
     lesion_classes: list[int] | None = None
+    #: Parity checks of reduced precisions, by dtype name (``bfloat16``): the evidence ``--precision auto`` needs.
+    precision_check: dict[str, PrecisionParity] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> BundleSpec:

@@ -14,7 +14,8 @@ Rules (docs/qc.md), each from :mod:`medseg.inference.qc`:
 - weak model: mean validation Dice below ``DEFAULT_MIN_VALIDATION_DICE``.
 
 ``calibrate_run`` adds the section to a run folder's ``best.pt`` (``medseg calibrate-qc RUN``), so models
-trained before QC existed get it too; the trainer calls it at the end of every fit.
+trained before QC existed get it too; the trainer calls it at the end of every fit. The same pass records
+the bf16 parity check on the validation cases (:mod:`medseg.deploy.parity`) that ``--precision auto`` reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.data.manifest import Manifest, ManifestCase, load_manifest
+from medseg.deploy.parity import checked_precisions
 from medseg.errors import CheckpointError, ConfigError
 from medseg.inference.predictor import Predictor
 from medseg.inference.qc import (
@@ -127,6 +129,11 @@ def _split(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCas
     return [c for c in manifest.split(split, fold) if c.label]
 
 
+def validation_cases(manifest: Manifest, fold: int | None) -> list[ManifestCase]:
+    """The labelled validation cases of ``fold``: what QC limits and the bf16 parity check are set from."""
+    return _split(manifest, "val", fold)
+
+
 def calibrate_run(model: Path, manifest_path: Path | None = None, device: str | None = "cpu",
                   progress: bool = True) -> ModelBundle:
     """Add (or renew) the ``qc`` section of a run folder's best bundle (or a bundle file), from the manifest
@@ -145,12 +152,14 @@ def calibrate_run(model: Path, manifest_path: Path | None = None, device: str | 
 def calibrate_bundle_file(path: Path, manifest: Manifest, train_cases: Sequence[ManifestCase],
                           val_cases: Sequence[ManifestCase], device: str | None = "cpu",
                           progress: bool = True) -> ModelBundle:
-    """Calibrate the bundle at ``path`` on the given cases and rewrite it with its ``qc`` section (weights and
-    training state unchanged)."""
+    """Calibrate the bundle at ``path`` on the given cases and rewrite it with its ``qc`` section and a fresh bf16
+    parity check (:mod:`medseg.deploy.parity`; weights and training state unchanged)."""
     bundle = load_bundle(path)
     predictor = Predictor.from_checkpoint(path, device)
     qc = calibrate(predictor, manifest, train_cases, val_cases, progress)
-    calibrated = ModelBundle(bundle.spec.model_copy(update={"qc": qc}), bundle.weights, Path(path), bundle.training_state)
+    checks = checked_precisions(bundle, manifest, val_cases, device, progress)
+    calibrated = ModelBundle(bundle.spec.model_copy(update={"qc": qc, "precision_check": checks}), bundle.weights,
+                             Path(path), bundle.training_state)
     calibrated.save(Path(path), **bundle.training_state)
     log.info("QC limits written to %s", path)
     return calibrated

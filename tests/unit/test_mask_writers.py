@@ -232,7 +232,7 @@ class _FixedPredictor:
 
         self.bundle = ModelBundle.from_config(tiny_config(tmp_path / "none.json", tmp_path), NAMES, 1)
 
-    def predict_image(self, image):
+    def predict_image(self, image, **kwargs):
         return mask_like(_pattern(image.shape), image)
 
 

@@ -190,8 +190,8 @@ def test_a_mask_another_run_wrote_after_this_one_started_is_not_redone_even_with
 
         bundle = predictor.bundle
 
-        def predict_image(self, image, with_uncertainty=False):
-            result = predictor.predict_image(image, with_uncertainty=with_uncertainty)
+        def predict_image(self, image, with_uncertainty=False, times=None):
+            result = predictor.predict_image(image, with_uncertainty=with_uncertainty, times=times)
             if not (out / "b.nii.gz").exists():  # a comes first
                 nib.save(result[0] if with_uncertainty else result, out / "b.nii.gz")
             return result

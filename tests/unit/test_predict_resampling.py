@@ -238,3 +238,18 @@ def test_cli_max_memory_gib_reaches_the_batch(tmp_path, monkeypatch):
     assert main(["predict", "--model", str(tmp_path / "m"), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
                  "--max-memory-gib", "3.5"]) == 0
     assert seen["max_memory_gib"] == 3.5
+
+
+def test_two_classes_take_the_difference_shortcut_with_the_same_labels():
+    """A binary model's labels come from one interpolated difference p1 - p0; they equal the per-class
+    comparison (a third, all-zero class sends the same probabilities down that path), and the
+    probabilities passed in are left as they were."""
+    plan = GridPlan.for_scan(_affine("oblique"), (40, 36, 14), "RAS", SPACING)
+    logits = torch.randn((2, *plan.model_shape), generator=torch.Generator().manual_seed(7))
+    probs = torch.softmax(torch.nn.functional.avg_pool3d(logits[None], 3, 1, 1)[0] * 4, 0)
+    before = probs.clone()
+    binary = plan.labels_on_scan(probs)
+    torch.testing.assert_close(probs, before, atol=0, rtol=0)
+    per_class = plan.labels_on_scan(torch.cat([probs, torch.zeros_like(probs[:1])]))
+    assert 0.05 < binary.mean() < 0.95, "the test map must hold both classes"
+    assert (binary == per_class).mean() >= 0.9999

@@ -120,7 +120,7 @@ def test_statistics_files_merge_runs_and_replace_a_redone_scan(synthetic, tmp_pa
     assert not list(tmp_path.glob(".*")), "lock or temporary files left behind"
 
 
-def test_uncertainty_is_normalised_entropy_over_the_predicted_foreground():
+def test_uncertainty_is_normalised_entropy_over_the_predicted_foreground(monkeypatch):
     probs = torch.zeros(3, 4, 4, 4)
     probs[0] = 1.0
     assert prediction_uncertainty(probs).foreground_entropy is None  # nothing predicted
@@ -131,6 +131,10 @@ def test_uncertainty_is_normalised_entropy_over_the_predicted_foreground():
     assert u.foreground_voxels == 4
     assert u.foreground_entropy == pytest.approx(-(p * np.log(p)).sum() / np.log(3) / 2, rel=1e-6)
     assert u.low_confidence_share == pytest.approx(0.5)
+    monkeypatch.setattr("medseg.inference.qc.UNCERTAINTY_SLAB_VOXELS", 4)  # one x-plane per slab: the same summary
+    sliced = prediction_uncertainty(probs)
+    assert sliced.foreground_voxels == 4 and sliced.low_confidence_share == u.low_confidence_share
+    assert sliced.foreground_entropy == pytest.approx(u.foreground_entropy, rel=1e-12)
 
 
 def test_ras_spacing_follows_the_axes_not_the_array_order():
