@@ -199,7 +199,7 @@ def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[s
 
 
 def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
-    """Delete the masks' ``.name.tmp-*`` files that no live run is writing (their claim is free)."""
+    """Delete the masks' ``.name.tmp-*`` files and ``.name.lock`` files that no live run holds (their claim is free)."""
     removed: list[Path] = []
     targets = {temporary_target(p) for p in Path(output_dir).glob(".*.tmp-*")}
     for target in sorted(t for t in targets if t is not None and t.name.lower().endswith(NIFTI_SUFFIXES)):
@@ -210,6 +210,13 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
             for tmp in temporaries(target):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
+    # A run killed between a mask's rename and its claim's release leaves only the ``.name.lock``: a free
+    # claim on it is released at once, which unlinks it.
+    for lock in sorted(Path(output_dir).glob(".*.lock")):
+        held = claim(lock.parent / lock.name[1:-len(".lock")])
+        if held is not None:
+            held.release()
+            removed.append(lock)
     return removed
 
 
