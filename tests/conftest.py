@@ -132,3 +132,29 @@ def trained_run(phantom_manifest, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run") / "tiny3d"
     train(tiny_config(phantom_manifest, run_dir, epochs=6), device="cpu")
     return run_dir
+
+
+def figure_text_overflow(fig) -> list[str]:
+    """The texts of matplotlib figure ``fig`` that its Agg renderer draws past the figure's edges, and a
+    suptitle that overlaps an axes title, as "text: why" lines (empty when everything fits)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    problems = []
+    texts = list(fig.texts) + [ax.title for ax in fig.axes]
+    for text in texts:
+        if not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < 0 or box.x1 > width or box.y0 < 0 or box.y1 > height:
+            problems.append(f"{text.get_text()!r}: drawn at x {box.x0:.0f}..{box.x1:.0f}, y {box.y0:.0f}..{box.y1:.0f} "
+                            f"on a {width:.0f} x {height:.0f} px figure")
+    if fig.texts:
+        title = fig.texts[0].get_window_extent(renderer)
+        for ax in fig.axes:
+            if ax.title.get_text() and ax.title.get_window_extent(renderer).overlaps(title):
+                problems.append(f"{fig.texts[0].get_text()!r} overlaps the axes title {ax.title.get_text()!r}")
+    return problems
