@@ -76,6 +76,11 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     # box plots, lesion plot, worst and best overlays, and one picture of the false positive
     assert report.count("data:image/png;base64,") >= 5
     assert "id='lesion-1'" in report and "href='#lesion-1'" in report
+    # Two cases: b (Dice 0.875 and the lesion class) is the lower one, a (perfect) the higher; neither is
+    # called "worst", and the perfect case is not captioned as the lower one.
+    assert "lowest mean Dice (rank 1 of 2): b — mean Dice" in report
+    assert "highest mean Dice (rank 2 of 2): a — mean Dice 1.000" in report
+    assert "worst" not in report.lower() and "lowest mean Dice (rank 1 of 2): a" not in report
     assert "1 reference case(s) have no prediction (not scored): c</p>" in report
     assert "1 prediction(s) without reference (ignored): zzz</p>" in report
     assert "class_1" in result.describe() and "WARNING" in result.describe()
