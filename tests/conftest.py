@@ -158,3 +158,12 @@ def figure_text_overflow(fig) -> list[str]:
             if ax.title.get_text() and ax.title.get_window_extent(renderer).overlaps(title):
                 problems.append(f"{fig.texts[0].get_text()!r} overlaps the axes title {ax.title.get_text()!r}")
     return problems
+
+
+#: The only patient and study attributes a DICOM-SEG may carry (the type 1 and 2 attributes of the Patient and
+#: General Study modules, DICOM PS3.3 C.7.1.1 and C.7.2.1). Written here, not imported from medseg, so that
+#: widening medseg's own list (medseg.io.mask_writers.PATIENT_STUDY_TAGS) makes the PHI tests fail.
+SEG_ALLOWED_PATIENT_STUDY_TAGS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
