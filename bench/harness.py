@@ -154,6 +154,7 @@ def cell(stats: Mapping[str, Any], digits: int = 2, unit: str = "") -> str:
 def conditions(data: Mapping[str, Any]) -> str:
     """One line for docs/benchmarks.md saying how a record was measured."""
     m = data["machine"]
-    return (f"Measured {data['date']} at commit `{data['commit'][:12]}` with `{data['command']}`: {m['cores']} cores "
+    commit = data["commit"][:12] + ("-dirty" if data["commit"].endswith("-dirty") else "")
+    return (f"Measured {data['date']} at commit `{commit}` with `{data['command']}`: {m['cores']} cores "
             f"({m['cpu_model']}), {data['repeats']} interleaved repeats, median (min–max); load average "
             f"{data['load_average_before']} before, {data['load_average_after']} after.")
