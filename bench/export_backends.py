@@ -115,7 +115,6 @@ def pruned(bundle: ModelBundle, amount: float) -> nn.Module:
 
 def variants(bundle: ModelBundle, fp32: Path, int8: Path, prune_amount: float | None) -> dict[str, Callable[[], nn.Module]]:
     """Name -> factory of the network each variant runs (the Predictor around it is the same)."""
-    # The exported runtimes first, the slow-to-build eager variants last: a run cut short keeps the main figures.
     out: dict[str, Callable[[], nn.Module]] = {
         "eager fp32": lambda: MainOutput(bundle.build_network()).eval(),
         "onnxruntime fp32": lambda: OnnxRuntimeNetwork(fp32),

@@ -54,6 +54,12 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def describe_machine() -> str:
+    """:func:`machine` in words, for a docs line: "2 cores (AMD EPYC), Linux-..."."""
+    m = machine()
+    return f"{m['cores']} cores ({m['cpu_model']}), {m['platform']}"
+
+
 def load_average() -> list[float]:
     """The 1, 5 and 15 minute load averages, rounded to 0.01."""
     return [round(x, 2) for x in os.getloadavg()]
