@@ -57,3 +57,8 @@ def test_an_lps_scan_is_flipped_and_resampled_along_z_only():
     assert np.allclose(on_model[:, :, 0], scan[::-1, ::-1, 0]) and np.allclose(on_model[:, :, 2], scan[::-1, ::-1, 1])
     back = plan.oriented_to_scan(np.arange(8 * 6 * 4, dtype=np.uint8).reshape(8, 6, 4))
     assert np.array_equal(back, np.arange(8 * 6 * 4, dtype=np.uint8).reshape(8, 6, 4)[::-1, ::-1])
+
+
+def test_a_multichannel_shape_plans_on_its_three_spatial_axes():
+    plan = GridPlan.for_scan(np.eye(4), (8, 6, 4, 2), "RAS", None)  # (x, y, z, channels) as nibabel gives it
+    assert plan is not None and plan.scan_shape == (8, 6, 4) and plan.model_shape == (8, 6, 4)
