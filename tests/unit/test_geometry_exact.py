@@ -49,3 +49,8 @@ def test_a_float_label_map_with_nan_or_fractions_is_refused(value, message):
     data[2, 3, 4] = value
     with pytest.raises(ScanError, match=message):
         check_label_matches_image(*_pair(data), {0, 1, 2}, Path("label.nii.gz"))
+
+
+def test_a_3d_label_on_a_multichannel_image_grid_is_accepted():
+    image = nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), AFFINE)  # two channels on one grid
+    check_label_matches_image(image, nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), AFFINE), {0, 1}, Path("l.nii.gz"))
