@@ -1,6 +1,7 @@
 """Exported backends vs eager PyTorch on the CPU: seconds per scan end to end and the Dice change.
 
-Two parts, each one run over the same scans for every variant:
+Two parts; in each, every variant is built and warmed up, then all are timed over the same scans in
+interleaved repeats (bench/harness.py: A B C A B C ..., ``--repeats``, median and min-max):
 
 * ``ct``: the ct_lung network (untrained: seeded random weights; speed does not depend on the weights)
   on a real-sized chest CT: ../shared/data/lung_ct/lung1_ct.nii.gz (512x512x48, 5 mm slices)
@@ -14,14 +15,17 @@ Variants: eager fp32, ``torch.compile`` (inductor; compile time reported apart),
 (CPUs with bf16), ONNX Runtime fp32, OpenVINO fp32 and bf16, int8 (static, calibrated on training patches)
 under ONNX Runtime and OpenVINO, and (hippocampus) a 50 % L1-unstructured-pruned eager network.
 "End to end" is ``Predictor.predict_scan``: read, preprocess, sliding window, invert, keep-largest.
-Each variant predicts one scan first, untimed (warm-up, compilation), then every scan timed.
+Each variant predicts one scan (or, for the big CT, one batch of each window-batch size) untimed first
+(warm-up, compilation). Masks are compared with eager fp32's two ways, named apart in the table: the share
+of voxels with the same label, and the Dice (mean over classes).
 
 Usage::
 
     PYTHONPATH=$PWD python bench/export_backends.py --part ct --docs
     PYTHONPATH=$PWD python bench/export_backends.py --part hippocampus --hippo-run runs/mr_hippocampus --docs
 
-Results go to docs/benchmarks/export_backends.json (merged by part) and, with ``--docs``, to the section
+Results go to docs/benchmarks/export_backends.json (one record per part, with machine, load, command and
+commit) and, with ``--docs``, to the section
 of docs/benchmarks.md between the export-backends markers.
 """
 
@@ -30,24 +34,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import nibabel as nib
 import numpy as np
 import torch
-from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
+from docs_section import replace_section
 from scipy import ndimage
 from torch import nn
 
-from medseg.atomic import write_text_atomic
 from medseg.config import load_config
 from medseg.data.manifest import load_manifest
 from medseg.deploy.export import export_model, mask_agreement
@@ -114,7 +115,6 @@ def pruned(bundle: ModelBundle, amount: float) -> nn.Module:
 
 def variants(bundle: ModelBundle, fp32: Path, int8: Path, prune_amount: float | None) -> dict[str, Callable[[], nn.Module]]:
     """Name -> factory of the network each variant runs (the Predictor around it is the same)."""
-    # The exported runtimes first, the slow-to-build eager variants last: a run cut short keeps the main figures.
     out: dict[str, Callable[[], nn.Module]] = {
         "eager fp32": lambda: MainOutput(bundle.build_network()).eval(),
         "onnxruntime fp32": lambda: OnnxRuntimeNetwork(fp32),
@@ -153,11 +153,11 @@ def selected(all_variants: dict[str, Callable[[], nn.Module]], wanted: list[str]
     return keep
 
 
-def run_variant(bundle: ModelBundle, factory: Callable[[], nn.Module], scans: list[Path],
-                warm_batches: set[int] | None = None) -> dict:
-    """Build, warm up (untimed), then predict every scan timed; the masks come back too.
+def build_variant(bundle: ModelBundle, factory: Callable[[], nn.Module], warm_scan: Path | None,
+                  warm_batches: set[int] | None = None) -> tuple[Predictor, float, float]:
+    """The variant's predictor, built and warmed up (untimed by the repeats): (predictor, build s, warm-up s).
 
-    Warm-up is the first scan, or (big scans) zero batches of the sizes in ``warm_batches``: what a
+    Warm-up is one scan, or (big scans) zero batches of the sizes in ``warm_batches``: what a
     compiler specialises on is the batch shape, so one pass over each size compiles everything.
     """
     t0 = time.perf_counter()
@@ -169,16 +169,36 @@ def run_variant(bundle: ModelBundle, factory: Callable[[], nn.Module], scans: li
         with torch.no_grad():
             for size in sorted(warm_batches, reverse=True):
                 network(torch.zeros(size, bundle.network.in_channels, *bundle.inference.roi_size))
-    else:
-        predictor.predict_scan(scans[0])
-    warmup_s = time.perf_counter() - t0
-    seconds, masks = [], []
-    for scan in scans:
-        t0 = time.perf_counter()
-        mask = predictor.predict_scan(scan)
-        seconds.append(time.perf_counter() - t0)
-        masks.append(np.asarray(mask.dataobj))
-    return {"build_s": build_s, "warmup_s": warmup_s, "seconds": seconds, "masks": masks}
+    elif warm_scan is not None:
+        predictor.predict_scan(warm_scan)
+    return predictor, build_s, time.perf_counter() - t0
+
+
+def measure(bundle: ModelBundle, factories: dict[str, Callable[[], nn.Module]], scans: list[Path], repeats: int,
+            warm_scan: Path | None, warm_batches: set[int] | None = None) -> tuple[dict, dict[str, list[np.ndarray]]]:
+    """Every variant built and warmed up, then timed over ``scans`` in interleaved repeats (bench/harness.py):
+    the harness's results (``sec_per_scan`` per variant) and each variant's masks from its first repeat."""
+    built = {name: build_variant(bundle, factory, warm_scan, warm_batches) for name, factory in factories.items()}
+    masks: dict[str, list[np.ndarray]] = {}
+
+    def repeat(name: str) -> Callable[[int], dict]:
+        predictor = built[name][0]
+
+        def run(r: int) -> dict:
+            seconds, out = [], []
+            for scan in scans:
+                t0 = time.perf_counter()
+                mask = predictor.predict_scan(scan)
+                seconds.append(time.perf_counter() - t0)
+                out.append(np.asarray(mask.dataobj))
+            masks.setdefault(name, out)
+            return {"sec_per_scan": statistics.mean(seconds), "seconds": sum(seconds)}
+        return run
+
+    results = harness.run_interleaved({name: repeat(name) for name in built}, repeats, progress=log.info)
+    for name, (_, build_s, warmup_s) in built.items():
+        results["variants"][name] |= {"build_s": build_s, "warmup_s": warmup_s}
+    return results, masks
 
 
 def exports(run: Path, work: Path, scan: Path | None, calibration: int, needed: bool = True) -> tuple[Path, Path, dict]:
@@ -196,23 +216,27 @@ def exports(run: Path, work: Path, scan: Path | None, calibration: int, needed: 
     return fp32.path, int8.path, info
 
 
-def summarise(bundle: ModelBundle, runs: dict[str, dict], references: list[np.ndarray] | None) -> dict:
-    """Per variant: seconds per scan, speed-up over eager fp32, Dice (vs reference labels or vs eager)."""
+def summarise(bundle: ModelBundle, results: dict, masks: dict[str, list[np.ndarray]],
+              references: list[np.ndarray] | None) -> dict:
+    """Per variant: seconds per scan (median and range over the repeats), speed-up over eager fp32 (ratio of
+    medians), the share of voxels equal to eager fp32's mask, Dice with eager's mask (mean per-class Dice), and
+    with ``references`` the Dice against the reference labels and its change from eager fp32."""
     names = bundle.label_names
-    eager = runs["eager fp32"]
+    eager = masks["eager fp32"]
     out: dict[str, dict] = {}
-    for name, run in runs.items():
-        agree = [mask_agreement(m, e, names) for m, e in zip(run["masks"], eager["masks"], strict=True)]
+    for name, stats in results["variants"].items():
+        pairs = list(zip(masks[name], eager, strict=True))
+        dice_vs_eager = [statistics.mean(mask_agreement(m, e, names).values()) for m, e in pairs]
+        equal = [float((m == e).mean()) for m, e in pairs]
         row = {
-            "sec_per_scan_mean": statistics.mean(run["seconds"]),
-            "sec_per_scan_median": statistics.median(run["seconds"]),
-            "speedup_vs_eager": statistics.mean(eager["seconds"]) / statistics.mean(run["seconds"]),
-            "build_s": run["build_s"], "warmup_s": run["warmup_s"],
-            "agreement_with_eager_mean": statistics.mean(statistics.mean(a.values()) for a in agree),
-            "agreement_with_eager_min": min(min(a.values()) for a in agree),
+            "sec_per_scan": stats["sec_per_scan"],
+            "speedup_vs_eager": harness.ratio(results, "eager fp32", name, "sec_per_scan"),
+            "build_s": stats["build_s"], "warmup_s": stats["warmup_s"],
+            "voxels_equal_to_eager_mean": statistics.mean(equal), "voxels_equal_to_eager_min": min(equal),
+            "dice_vs_eager_mean": statistics.mean(dice_vs_eager), "dice_vs_eager_min": min(dice_vs_eager),
         }
         if references is not None:
-            dice = [mask_agreement(m, r, names) for m, r in zip(run["masks"], references, strict=True)]
+            dice = [mask_agreement(m, r, names) for m, r in zip(masks[name], references, strict=True)]
             per_class = {k: statistics.mean(d[k] for d in dice) for k in dice[0]}
             row["dice_per_class"] = per_class
             row["dice_mean"] = statistics.mean(per_class.values())
@@ -228,7 +252,7 @@ def _needs_exports(args: argparse.Namespace) -> bool:
     return not args.variants or any(w in name for w in args.variants for name in ("onnxruntime", "openvino", "int8"))
 
 
-def part_ct(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
+def part_ct(args: argparse.Namespace, work: Path) -> dict:
     scan = big_ct(args.ct_slices, work)
     run = ct_lung_run(work / "ct_lung")
     bundle = load_bundle(run)
@@ -236,24 +260,18 @@ def part_ct(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) 
     log.info("ct: %s, scan %s", bundle.spec.name, shape)
     # Parity on the middle 16 slices (80 mm) of the real CT: the checks cost 5 full-scan predictions.
     fp32, int8, info = exports(run, work, parity_crop(16, work), args.calibration, _needs_exports(args))
-    runs: dict[str, dict] = {}
-    recorder: BatchSizes | None = None
     head = {"scan_shape": shape, "network": "ct_lung (MONAI UNet 16-256, 2 res units; random weights)",
             "roi_size": bundle.inference.roi_size, "sw_batch_size": bundle.inference.sw_batch_size,
             "overlap": bundle.inference.overlap, "exports": info}
-    for name, factory in selected(variants(bundle, fp32, int8, None), args.variants).items():
-        log.info("ct: %s", name)
-        if recorder is None:  # eager fp32 comes first: it tells the window-batch sizes
-            recorder = BatchSizes(factory())
-            runs[name] = run_variant(bundle, lambda r=recorder: r, [scan], {bundle.inference.sw_batch_size})
-        else:
-            runs[name] = run_variant(bundle, factory, [scan], recorder.sizes)
-        log.info("ct: %s %.1f s", name, runs[name]["seconds"][0])
-        save(head | {"variants": summarise(bundle, runs, None)})  # a variant at a time: a cut run keeps its figures
-    return head | {"variants": summarise(bundle, runs, None)}
+    factories = selected(variants(bundle, fp32, int8, None), args.variants)
+    # Eager fp32 tells the window-batch sizes the sliding window uses; the others warm up on those sizes.
+    recorder = BatchSizes(MainOutput(bundle.build_network()).eval())
+    Predictor(recorder, bundle, CPU, mirror_axes=[]).predict_scan(scan)
+    results, masks = measure(bundle, factories, [scan], args.repeats, None, recorder.sizes)
+    return head | results | {"variants": summarise(bundle, results, masks, None)}
 
 
-def part_hippocampus(args: argparse.Namespace, work: Path, save: Callable[[dict], None]) -> dict:
+def part_hippocampus(args: argparse.Namespace, work: Path) -> dict:
     bundle = load_bundle(args.hippo_run)
     manifest = load_manifest(REPO / "data_manifests" / "hippocampus.json")
     cases = manifest.split("test")[: args.hippo_cases]
@@ -262,18 +280,9 @@ def part_hippocampus(args: argparse.Namespace, work: Path, save: Callable[[dict]
     fp32, int8, info = exports(args.hippo_run, work, scans[0], args.calibration, _needs_exports(args))
     head = {"cases": len(scans), "network": f"{bundle.network.architecture.name} (trained run {args.hippo_run.name})",
             "roi_size": bundle.inference.roi_size, "exports": info}
-    # One untimed pass over every scan first: the file cache and per-shape caches would otherwise bill
-    # whichever variant runs first (measured: eager fp32 first took 4x as long as the same network later).
-    warm = Predictor(MainOutput(bundle.build_network()).eval(), bundle, CPU, mirror_axes=[])
-    for scan in scans:
-        warm.predict_scan(scan)
-    runs: dict[str, dict] = {}
-    for name, factory in selected(variants(bundle, fp32, int8, args.prune), args.variants).items():
-        log.info("hippocampus: %s", name)
-        runs[name] = run_variant(bundle, factory, scans)
-        log.info("hippocampus: %s %.3f s/scan", name, statistics.mean(runs[name]["seconds"]))
-        save(head | {"variants": summarise(bundle, runs, labels)})
-    return head | {"variants": summarise(bundle, runs, labels)}
+    factories = selected(variants(bundle, fp32, int8, args.prune), args.variants)
+    results, masks = measure(bundle, factories, scans, args.repeats, scans[0])
+    return head | results | {"variants": summarise(bundle, results, masks, labels)}
 
 
 def section(results: dict) -> str:
@@ -283,37 +292,32 @@ def section(results: dict) -> str:
         res = results.get("parts", {}).get(part)
         if res is None:
             continue
-        meta = res["meta"]
         if part == "ct":
             lines += [f"### ct_lung network on a real-sized chest CT {'×'.join(map(str, res['scan_shape']))}", "",
                       f"{res['network']}; patch {res['roi_size']}, sw_batch {res['sw_batch_size']}, overlap "
-                      f"{res['overlap']}. One scan, seconds end to end (read, preprocess, sliding window, invert). "
-                      "No trained lung model exists: the Dice column is the agreement of each mask with eager "
-                      "fp32's (an untrained network's margins are small, so this understates the agreement of a "
-                      "trained one)."]
+                      f"{res['overlap']}. Seconds for the scan end to end (read, preprocess, sliding window, invert). "
+                      "No trained lung model exists: the last two columns compare each mask with eager fp32's "
+                      "(an untrained network's margins are small, so this understates the agreement of a trained one)."]
         else:
             lines += [f"### Hippocampus (trained) on {res['cases']} test cases", "",
-                      f"{res['network']}; patch {res['roi_size']}. Seconds per scan end to end; Dice against the "
-                      "reference labels (mean of the two classes, mean over cases) and its change from eager fp32."]
-        lines += ["", f"Run on {meta['date']} with `{meta['command']}` ({meta['platform']}, torch {meta['torch']}, "
-                      f"{meta['threads']} threads; load average {meta['load_before']} before, {meta['load_after']} after). "
-                      "**The 2 CPU cores were shared with other agents' jobs**: absolute times are noisy, the ratios "
-                      "of one run are the meaningful figures.", ""]
-        if not meta.get("complete", True):
-            lines += ["**This run was cut short** (session deadline): the variants not in the table were not measured "
-                      "in it.", ""]
+                      f"{res['network']}; patch {res['roi_size']}. Seconds per scan end to end (mean over the cases); "
+                      "Dice against the reference labels (mean of the two classes, mean over cases) and its change "
+                      "from eager fp32."]
+        lines += ["", harness.conditions(res), ""]
         hippo = part == "hippocampus"
-        lines += ["| variant | s/scan | speed-up vs eager fp32 | " + ("Dice | Dice change | " if hippo else "")
-                  + "mask agreement with eager (mean / min) | warm-up s |",
-                  "|---|---|---|" + ("---|---|" if hippo else "") + "---|---|"]
+        lines += ["| variant | s/scan, median (min–max) | speed-up vs eager fp32 (ratio of medians) | "
+                  + ("Dice vs reference | Dice change | " if hippo else "")
+                  + "share of voxels equal to eager fp32 (mean / min) | Dice with eager fp32's mask, mean over classes "
+                  "(mean / min) | warm-up s |",
+                  "|---|---|---|" + ("---|---|" if hippo else "") + "---|---|---|"]
         for name, row in res["variants"].items():
             dice = f"{row['dice_mean']:.4f} | {row['dice_change']:+.4f} | " if hippo else ""
-            lines.append(f"| {name} | {row['sec_per_scan_mean']:.2f} | {row['speedup_vs_eager']:.2f}× | {dice}"
-                         f"{row['agreement_with_eager_mean']:.4f} / {row['agreement_with_eager_min']:.4f} | "
-                         f"{row['warmup_s']:.1f} |")
+            lines.append(f"| {name} | {harness.cell(row['sec_per_scan'])} | {row['speedup_vs_eager']:.2f}× | {dice}"
+                         f"{row['voxels_equal_to_eager_mean']:.5f} / {row['voxels_equal_to_eager_min']:.5f} | "
+                         f"{row['dice_vs_eager_mean']:.4f} / {row['dice_vs_eager_min']:.4f} | {row['warmup_s']:.1f} |")
         ex = res["exports"]
-        lines += [""] if not ex else ["", f"Export with parity check: fp32 {ex['fp32_export_s']:.0f} s, int8 (with calibration) "
-                      f"{ex['int8_export_s']:.0f} s.", ""]
+        lines += [""] if not ex else ["", f"Export with parity check (one run, not repeated): fp32 "
+                                          f"{ex['fp32_export_s']:.0f} s, int8 (with calibration) {ex['int8_export_s']:.0f} s.", ""]
     lines += ["All figures: [`benchmarks/export_backends.json`](benchmarks/export_backends.json).", "", DOCS_END]
     return "\n".join(lines) + "\n"
 
@@ -324,6 +328,7 @@ def main() -> int:
     parser.add_argument("--ct-slices", type=int, default=200)
     parser.add_argument("--hippo-run", type=Path, default=REPO / "runs" / "mr_hippocampus")
     parser.add_argument("--hippo-cases", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS, help="interleaved rounds over all variants")
     parser.add_argument("--calibration", type=int, default=16, help="training patches for int8 calibration")
     parser.add_argument("--prune", type=float, default=0.5, help="pruned variant's share of zeroed weights (0: none)")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks" / "export_backends.json")
@@ -331,36 +336,17 @@ def main() -> int:
                         help="only the variants whose names contain one of these (eager fp32 always runs)")
     parser.add_argument("--docs", action="store_true", help="write the section of docs/benchmarks.md")
     parser.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --output, measure nothing")
-    parser.add_argument("--merge", type=Path, nargs="+", default=[],
-                        help="result files of other runs of this script whose parts join --output (parts run apart)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("medseg", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     results = json.loads(args.output.read_text()) if args.output.exists() else {"parts": {}}
-    for other in args.merge:
-        results["parts"].update(json.loads(other.read_text())["parts"])
-    if args.merge:
-        write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
     parts = ["ct", "hippocampus"] if args.part == "all" else [args.part]
     for part in [] if args.docs_only else parts:
-        load_before = [round(x, 2) for x in os.getloadavg()]
-
-        def save(res: dict, complete: bool = False, part: str = part, load_before: list = load_before) -> None:
-            res["meta"] = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "command": "PYTHONPATH=$PWD python "
-                           + " ".join(["bench/export_backends.py", *sys.argv[1:]]),
-                           "platform": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-                           "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16_supported(),
-                           "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
-                           "complete": complete}
-            if args.output.exists():  # another part may be running into the same file: keep its figures
-                results["parts"] = json.loads(args.output.read_text())["parts"]
-            results["parts"][part] = res
-            write_text_atomic(args.output, json.dumps(results, indent=2) + "\n")
-
         with tempfile.TemporaryDirectory(prefix=f"bench_export_{part}_") as tmp:
-            res = part_ct(args, Path(tmp), save) if part == "ct" else part_hippocampus(args, Path(tmp), save)
-        save(res, complete=True)
+            res = part_ct(args, Path(tmp)) if part == "ct" else part_hippocampus(args, Path(tmp))
+        results["parts"][part] = harness.record(f"export_backends/{part}", res, bf16=bf16_supported())
+        harness.write_record(results, args.output)
         print(json.dumps({k: v for k, v in res.items() if k != "exports"}, indent=2))
     if args.docs or args.docs_only:
         replace_section(REPO / "docs" / "benchmarks.md", section(results), DOCS_BEGIN, DOCS_END)

@@ -17,7 +17,7 @@ budgeted by time, eager (no compile). Writes,
 under ``--output``, ``finetune.json`` (all figures) and ``finetune_curves.png``; run folders go under
 ``--runs``.
 
-    PYTHONPATH=$PWD nice python bench/finetune.py --source-run /work/runs/mr_hippocampus --minutes 10 > bench_finetune.log 2>&1 &
+    PYTHONPATH=$PWD nice python bench/finetune.py --source-run runs/mr_hippocampus --minutes 10 > bench_finetune.log 2>&1 &
     PYTHONPATH=$PWD nice python bench/finetune.py --source-minutes 14 --minutes 10 > bench_finetune.log 2>&1 &
 
 CPU PyTorch slows down several-fold when other jobs share the cores: the steps each run managed are
@@ -39,6 +39,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import nibabel as nib
 import numpy as np
 import torch
@@ -212,8 +213,9 @@ def docs_section(results: dict) -> str:
         "## Fine-tuning vs training from scratch (hippocampus)",
         "",
         f"Run on {results['date']} with `{results['command']}` ({results['platform']}, torch {results['torch']}, "
-        f"{results['threads']} threads). Machine: **{results['machine']}**; the load changed during the run, "
-        "so steps per run are listed beside the wall time.",
+        f"{results['threads']} threads). Machine: {results['machine']}; load average "
+        f"{results.get('load_average_before', 'not recorded')} at the start. Steps per run are listed beside the "
+        "wall time (the load may change during a run).",
         "",
         f"Data: MSD Task04 hippocampus (`data_manifests/hippocampus.json`). Small subset: {results['subset']} "
         f"cases drawn with a fixed seed from the {results['subset_from']} split. Source model: {source_how}. "
@@ -245,8 +247,8 @@ def docs_section(results: dict) -> str:
         f"The fine-tuned model has taken {src['steps'] + ft['steps']} steps in all ({src['steps']} of them on other "
         "cases before this budget): fine-tuning buys the source's training, which is the point of it; scratch "
         f"starts from nothing. All three are far from converged (nnU-Net reports 0.90 / 0.89): the machine ran "
-        f"at about {sc['train_wall_s'] / max(1, sc['steps']):.0f} s per step (two runs side by side, niced, among "
-        "other jobs), so a budget of minutes is a few dozen steps. One run each, one seed: the ratio is indicative, the levels are not what longer training reaches.",
+        f"at about {sc['train_wall_s'] / max(1, sc['steps']):.0f} s per step (two runs side by side, niced), "
+        "so a budget of minutes is a few dozen steps. One run each, one seed: the ratio is indicative, the levels are not what longer training reaches.",
         "",
         "![validation Dice and training loss against minutes](benchmarks/finetune_curves.png)",
         "",
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "PYTHONPATH=$PWD nice python bench/finetune.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": "2 CPU cores shared with other agents' jobs (busy)",
+        "machine": harness.describe_machine(), "load_average_before": harness.load_average(),
         "subset": args.subset, "val_cases": args.val, "minutes_each": args.minutes,
         "source_minutes": args.source_minutes, "recipe": args.recipe, "iterations_per_epoch": args.iterations, "subset_from": subset_from,
         "runs": [],

@@ -1,21 +1,25 @@
-"""medseg predict vs the plain MONAI pipeline: same weights, same CTs, one run, side by side.
+"""medseg predict vs the plain MONAI pipeline: same weights, same CTs, interleaved repeats (bench/harness.py).
 
 The plain pipeline is the one MONAI's tutorials write: LoadImaged -> EnsureChannelFirstd -> Orientationd ->
 Spacingd -> ScaleIntensityRanged -> sliding_window_inference -> softmax -> Invertd (linear) -> argmax ->
 SaveImage. medseg is ``predict_paths`` (separable resampling, slab-wise inverse with running argmax,
-read-ahead and background writing, channels-last network on the CPU). Both use the ct_lung config's
-network (untrained, seeded: speed does not depend on the weights), patch, overlap and window.
+read-ahead and background writing, channels-last network on the CPU), run twice: its default path
+(statistics and QC on, what ``medseg predict`` does) and with ``--no-statistics`` (masks only, like the
+plain pipeline). All use the ct_lung config's network (untrained, seeded: speed does not depend on the
+weights), patch, overlap and window.
 
 Scans: the real chest CT of ../shared/data/lung_ct (512x512x48), two real-sized volumes built from it by
 resampling along z (512x512x200 at 1.2 mm, and 512x512x300 at 0.8 mm stored in RAS voxel order rather than
 the file's LPS), and the real DICOM series ../shared/data/dicom/series/torchio_ct_17 (88x128x17).
 
-Each pipeline runs in its own process over all scans (so its ru_maxrss is its own peak); the network's
-forward calls are timed inside each, so "non-network" = total - network. Masks of the two pipelines are
-compared voxel by voxel.
+Each variant runs in its own process over all scans (so its ru_maxrss is its own peak), the variants
+interleaved (monai, medseg, medseg --no-statistics, monai, ...) for ``--repeats`` rounds; the network's
+forward calls are timed inside each, so "non-network" = total - network. The peak is also given per voxel
+of the largest scan, beside the estimate medseg.inference.memory uses to refuse scans. Masks of the
+pipelines are compared voxel by voxel (share of equal voxels) and by Dice.
 
-    python bench/predict_speed.py --json docs/benchmarks/predict_speed.json
-    python bench/predict_speed.py --channels 8 16 32 64 128   # a lighter network of the same shape
+    PYTHONPATH=$PWD python bench/predict_speed.py --json predict_speed.json
+    PYTHONPATH=$PWD python bench/predict_speed.py --smoke --json /tmp/smoke.json   # tiny: checks the script
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import nibabel as nib
 import numpy as np
 import torch
 import yaml
 from torch import nn
+
+from medseg.deploy.export import mask_agreement
+from medseg.inference.memory import nifti_header_size
+from medseg.models.bundle import read_bundle_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -99,9 +107,11 @@ def benchmark_bundle(work: Path, channels: list[int] | None) -> Path:
     return model
 
 
-def prepare(work: Path, channels: list[int] | None) -> tuple[Path, list[Path]]:
+def prepare(work: Path, channels: list[int] | None, build_scans: bool = True) -> tuple[Path, list[Path]]:
     """The model bundle (same weights for both pipelines) and the scans, built once into ``work``."""
     model = benchmark_bundle(work, channels)
+    if not build_scans:
+        return model, [DICOM]
     scans = work / "scans"
     scans.mkdir(exist_ok=True)
     lung = nib.load(LUNG)
@@ -123,7 +133,7 @@ def prepare(work: Path, channels: list[int] | None) -> tuple[Path, list[Path]]:
     return model, [*sorted(scans.glob("*.nii.gz")), DICOM]
 
 
-def run_medseg(model: Path, scans: list[Path], out: Path) -> dict:
+def run_medseg(model: Path, scans: list[Path], out: Path, statistics: bool = True) -> dict:
     from medseg.inference.predictor import Predictor
     from medseg.inference.runner import predict_paths
 
@@ -132,8 +142,7 @@ def run_medseg(model: Path, scans: list[Path], out: Path) -> dict:
     predictor.models, predictor.model = timed, timed[0]
     baseline = _rss()
     start = time.perf_counter()
-    # Like for like: the plain pipeline writes only masks, so medseg's statistics.csv/json are off here.
-    summary = predict_paths(model, scans, out, overwrite=True, predictor=predictor, statistics=False)
+    summary = predict_paths(model, scans, out, overwrite=True, predictor=predictor, statistics=statistics)
     total = time.perf_counter() - start
     if summary.failed:
         raise SystemExit(summary.describe())
@@ -182,8 +191,11 @@ def run_monai(model: Path, scans: list[Path], out: Path) -> dict:
 
 def _worker(args: argparse.Namespace) -> None:
     scans = [Path(p) for p in args.scans]
-    run = run_medseg if args.worker == "medseg" else run_monai
-    print(json.dumps(run(Path(args.model), scans, Path(args.out))))
+    if args.worker == "monai":
+        result = run_monai(Path(args.model), scans, Path(args.out))
+    else:
+        result = run_medseg(Path(args.model), scans, Path(args.out), statistics=args.worker == "medseg")
+    print(json.dumps(result))
 
 
 def _mask(folder: Path, scan: Path) -> np.ndarray:
@@ -191,12 +203,21 @@ def _mask(folder: Path, scan: Path) -> np.ndarray:
     return np.asarray(nib.load(folder / f"{name}.nii.gz").dataobj)
 
 
+#: Variant name -> worker mode. The default medseg path first among medseg's: it is the one users run.
+VARIANTS = {"monai (plain pipeline)": "monai", "medseg (default: statistics on)": "medseg",
+            "medseg --no-statistics": "medseg-no-statistics"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_predict_speed"))
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="network channels (default: ct_lung's)")
-    parser.add_argument("--worker", choices=["medseg", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the DICOM series only and a tiny network: checks the script in a minute, measures nothing")
+    parser.add_argument("--worker", choices=sorted(set(VARIANTS.values())), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--scans", nargs="*", help=argparse.SUPPRESS)
@@ -206,44 +227,59 @@ def main() -> None:
         return
     if not LUNG.is_file() or not DICOM.is_dir():
         raise SystemExit(f"real data not found under {SHARED}")
-    model, scans = prepare(args.work, args.channels)
+    channels = [4, 8, 16, 32, 64] if args.smoke and not args.channels else args.channels
+    model, scans = prepare(args.work, channels, build_scans=not args.smoke)
     voxels = {}
     for s in scans:
         img = nib.load(s) if s.is_file() else None
         voxels[s.name] = int(np.prod(img.shape)) if img is not None else None
-    results = {}
-    for which in ("monai", "medseg"):
-        out = args.work / f"out_{which}"
-        cmd = [sys.executable, __file__, "--worker", which, "--model", str(model), "--out", str(out),
-               "--scans", *map(str, scans)]
-        print(f"running {which} on {len(scans)} scans ...", flush=True)
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        results[which] = json.loads(done.stdout.strip().splitlines()[-1])
-    largest = max(v for v in voxels.values() if v)
+    largest = max(v for v in voxels.values() if v) if any(voxels.values()) else 88 * 128 * 17
+
+    def variant(mode: str):
+        def run(repeat: int) -> dict:
+            out = args.work / f"out_{mode}"
+            cmd = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--out", str(out),
+                   "--scans", *map(str, scans)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            r["non_network_seconds"] = r["seconds"] - r["network_seconds"]
+            r["peak_bytes_per_voxel_of_largest_scan"] = (r["peak_rss"] - r["baseline_rss"]) / largest
+            r.pop("per_scan_seconds", None)
+            return r
+        return run
+
+    measured = harness.run_interleaved({name: variant(mode) for name, mode in VARIANTS.items()}, args.repeats)
+    monai = "monai (plain pipeline)"
+    speedups = {name: {"end_to_end": harness.ratio(measured, monai, name),
+                       "non_network": harness.ratio(measured, monai, name, "non_network_seconds")}
+                for name in VARIANTS if name != monai}
+    label_names = {0: "background", 1: "lesion"}
     agreement = {}
-    for s in scans:
+    for s in scans:  # masks of each variant's last repeat (each run is deterministic)
         a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_monai", s)
-        agreement[s.name] = {"voxels": int(a.size), "agreement": float((a == b).mean()),
+        agreement[s.name] = {"voxels": int(a.size), "share_of_voxels_equal": float((a == b).mean()),
+                             "dice_per_class": mask_agreement(a, b, label_names),
                              "foreground_fraction_medseg": float((a > 0).mean())}
-    for r in results.values():
-        r["non_network_seconds"] = r["seconds"] - r["network_seconds"]
-        r["non_network_share_of_network"] = r["non_network_seconds"] / r["network_seconds"]
-        r["peak_bytes_per_voxel_of_largest_scan"] = (r["peak_rss"] - r["baseline_rss"]) / largest
-    report = {
-        "command": "python " + " ".join(sys.argv),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
-        "network_channels": args.channels or "ct_lung default",
-        "scans": {s.name: voxels[s.name] for s in scans},
-        "results": results,
-        "speedup_end_to_end": results["monai"]["seconds"] / results["medseg"]["seconds"],
-        "speedup_non_network": results["monai"]["non_network_seconds"] / results["medseg"]["non_network_seconds"],
-        "agreement": agreement,
-    }
+    estimates = {}
+    pre = read_bundle_spec(model).preprocessing
+    for s in scans:
+        if s.is_file():
+            size = nifti_header_size(s, pre.orientation, tuple(pre.spacing) if pre.spacing else None, len(label_names))
+            if size is not None:
+                estimates[s.name] = size.peak_bytes / size.voxels
+    report = harness.record(
+        "predict_speed", measured,
+        network_channels=channels or "ct_lung default", smoke=args.smoke, scans={s.name: voxels[s.name] for s in scans},
+        speedup_vs_monai=speedups, agreement_medseg_default_vs_monai=agreement,
+        memory_estimate_bytes_per_voxel=estimates,
+        notes="peak_bytes_per_voxel_of_largest_scan: (ru_maxrss - RSS before the first scan) / voxels of the largest "
+              "scan; memory_estimate_bytes_per_voxel: medseg.inference.memory's peak estimate (the one that refuses "
+              "scans) per voxel of each NIfTI scan, for this model's spacing and classes",
+    )
     print(json.dumps(report, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print("written:", harness.write_record(report, args.json))
 
 
 if __name__ == "__main__":

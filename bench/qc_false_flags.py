@@ -5,7 +5,7 @@ The model is copied first and the copy calibrated (``calibrate_bundle_file``: li
 train split, uncertainty limits from its validation split), so the run folder is not changed. Then
 ``medseg predict``'s batch runner predicts the test split with statistics on; the lung CT's input flags are checked with an empty mask.
 
-    PYTHONPATH=$PWD python bench/qc_false_flags.py /work/runs/mr_hippocampus \\
+    PYTHONPATH=$PWD python bench/qc_false_flags.py runs/mr_hippocampus \\
         --json docs/benchmarks/qc_hippocampus.json
 """
 

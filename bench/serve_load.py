@@ -12,7 +12,7 @@
 
 Figures go to ``--json`` and, with ``--docs``, to the serving section of docs/benchmarks.md:
 
-    PYTHONPATH=$PWD python bench/serve_load.py --model /work/runs/mr_hippocampus --docs --note "..."
+    PYTHONPATH=$PWD python bench/serve_load.py --model runs/mr_hippocampus --docs
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def docs_section(r: dict) -> str:
     return f"""{DOCS_BEGIN}
 ## Inference service under load and `kill -9` (loopback)
 
-Run on {r['date']} with `{r['command']}` ({r['machine']}{load}). {r['note']}
+Run on {r['date']} with `{r['command']}` ({r['machine']}{load}).
 
 Server: `medseg serve` (uvicorn, 1 worker thread, device {r['device']}) on 127.0.0.1 with model
 `{r['model_name']}` ({validation}weights SHA-256 `{(r['model_weights_sha256'] or '')[:12]}`); {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
@@ -236,7 +236,6 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_load.json")
     parser.add_argument("--docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
-    parser.add_argument("--note", default="", help="how busy the machine was, quoted in the docs")
     args = parser.parse_args()
 
     scans = sorted(args.scans.glob("*.nii.gz"))[: args.valid_scans]
@@ -375,11 +374,11 @@ def main() -> int:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "command": "PYTHONPATH=$PWD python bench/serve_load.py --model " + str(args.model)
-                   + (" --docs" if args.docs else "") + (" --note '...'" if args.note else ""),
+                   + (" --docs" if args.docs else ""),
         "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "note": args.note, "model_name": load_bundle(model, verify=False).spec.name,
+        "model_name": load_bundle(model, verify=False).spec.name,
         "model_weights_sha256": load_bundle(model, verify=False).spec.provenance.weights_sha256,
         "model_validation": load_bundle(model, verify=False).spec.provenance.validation.model_dump(),
         "requests": args.requests, "clients": args.clients, "valid_scans": len(scans), "kill_jobs": args.kill_jobs,

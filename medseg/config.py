@@ -290,7 +290,7 @@ class EvaluateConfig(_Section):
     nsd_tolerance_mm: float = Field(default=2.0, gt=0, description="normalised surface Dice tolerance (mm) for classes not listed below")
     nsd_tolerance_mm_per_class: dict[_ClassId, float] = Field(default_factory=dict, description="class -> NSD tolerance (mm)")
     missing_as_empty: bool = Field(default=False, description="score a missing prediction as an empty mask instead of only listing it")
-    overlay_cases: int = Field(default=2, ge=0, description="worst and best cases (each) drawn in report.html")
+    overlay_cases: int = Field(default=2, ge=0, description="cases with the lowest and with the highest mean Dice (each) drawn in report.html")
     html_report: bool = True
 
     @field_validator("lesion_classes")

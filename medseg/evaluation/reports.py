@@ -309,12 +309,20 @@ def html_report(result: EvaluationResult, images_dir: Path | None = None) -> str
         parts += _lesion_sections(result)
 
     ranked = sorted((c for c in result.cases if c.mean_dice is not None), key=lambda c: c.mean_dice)  # type: ignore[arg-type,return-value]
-    n = min(cfg.overlay_cases, len(ranked))
-    if n:
-        parts.append("<h2>Worst and best cases</h2><p class='muted'>Slices through the largest reference structure. "
-                     + _VIEW_NOTE + "</p>")
-        chosen = [("worst", c) for c in ranked[:n]] + [("best", c) for c in ranked[::-1][:n] if c not in ranked[:n]]
+    # The lower half of the ranking can be "lowest", the upper half "highest": in a two-case evaluation one
+    # of each (both used to be captioned "worst", a Dice 1.000 case too). A lone case is just "the only case".
+    k = len(ranked)
+    n_low = min(cfg.overlay_cases, (k + 1) // 2) if k > 1 else 0
+    n_high = min(cfg.overlay_cases, k - n_low) if k > 1 else 0
+    chosen = ([("lowest mean Dice", c) for c in ranked[:n_low]]
+              + [("highest mean Dice", c) for c in ranked[::-1][:n_high]])
+    if k == 1 and cfg.overlay_cases:
+        chosen = [("the only case", ranked[0])]
+    if chosen:
+        parts.append("<h2>Cases with the lowest and highest mean Dice</h2><p class='muted'>Slices through the "
+                     f"largest reference structure; rank r of {k} counts from the lowest mean Dice. " + _VIEW_NOTE + "</p>")
         for tag, case in chosen:
+            tag = f"{tag} (rank {ranked.index(case) + 1} of {k})"
             try:
                 overlay = figures.case_overlay(case, result.label_names)
             except CASE_FIGURE_ERRORS as exc:

@@ -80,9 +80,10 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
     names = {label.value: label.name for label in labels}
     colors = {label.value: np.array(label.color) / 255.0 for label in labels}
     rows = _structures(lab, spacing, names, lesion_classes)
-    fig = Figure(figsize=(11, 3.4 * max(1, len(rows)) + 0.8))
-    title = f"{case_id}: predicted structures" + (f"   QC: {'; '.join(flags)}" if flags else "")
-    fig.suptitle(title, fontsize=10, color="firebrick" if flags else "black")
+    title_lines, title_size = fit_title(f"{case_id}: predicted structures", flags, FIGURE_WIDTH_IN)
+    title_in = TITLE_LINE_IN * len(title_lines) * title_size / TITLE_FONT_SIZE
+    fig = Figure(figsize=(FIGURE_WIDTH_IN, 3.4 * max(1, len(rows)) + 0.5 + title_in))
+    fig.suptitle("\n".join(title_lines), fontsize=title_size, color="firebrick" if flags else "black")
     if not rows:
         ax = fig.subplots(1, 1)
         ax.text(0.5, 0.5, "empty prediction: no structure found", ha="center", va="center", transform=ax.transAxes)
@@ -126,8 +127,49 @@ def render_preview(image: nib.Nifti1Image, mask: nib.Nifti1Image, labels: Sequen
         row[1].set_xlabel(window.describe(), fontsize=8)
     handles = [Patch(facecolor=colors[v], label=names[v]) for v in sorted(names) if v]
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 6), fontsize=8)
-    fig.subplots_adjust(bottom=0.8 / fig.get_figheight(), top=1 - 0.6 / fig.get_figheight(), hspace=0.35, wspace=0.05)
+    fig.subplots_adjust(bottom=0.8 / fig.get_figheight(), top=1 - (0.3 + title_in) / fig.get_figheight(),
+                        hspace=0.35, wspace=0.05)
     return fig
+
+
+FIGURE_WIDTH_IN = 11.0
+TITLE_FONT_SIZE = 10.0
+#: Height of one title line (10 pt text at matplotlib's 1.2 line spacing, and some air), inches.
+TITLE_LINE_IN = 0.2
+#: The title may use this share of the figure's width (the rest is a margin at each edge).
+TITLE_WIDTH_SHARE = 0.96
+
+
+def text_width_in(text: str, fontsize: float) -> float:
+    """Width of one line of ``text`` in matplotlib's default font at ``fontsize`` points, inches (the Agg
+    renderer's own metrics, so it is what the PNG shows)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    width, _, _ = TextToPath().get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)
+    return width / 72.0
+
+
+def fit_title(heading: str, flags: Sequence[str], width_in: float) -> tuple[list[str], float]:
+    """The figure title as lines that fit ``width_in``: the heading, then the QC flags packed onto
+    "QC: a; b" lines; the font shrinks (to 6 pt at least) only if one heading or flag alone is too wide.
+    A real CT with several flags once had a one-line title cut at both edges of the PNG."""
+    limit = width_in * TITLE_WIDTH_SHARE
+    size = TITLE_FONT_SIZE
+    while True:
+        lines = [heading]
+        current = ""
+        for flag in flags:
+            candidate = f"{current}; {flag}" if current else f"QC: {flag}"
+            if current and text_width_in(candidate, size) > limit:
+                lines.append(current)
+                candidate = f"QC: {flag}"
+            current = candidate
+        if current:
+            lines.append(current)
+        if size <= 6 or all(text_width_in(line, size) <= limit for line in lines):
+            return lines, size
+        size -= 1
 
 
 def preview_path(output_dir: Path, case_id: str) -> Path:

@@ -211,8 +211,8 @@ def _update_failures(output_dir: Path, summary: PredictSummary, masks_of: dict[s
 
 
 def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
-    """Delete the outputs' ``.name.tmp-*`` files (of every registered format) that no live run is writing
-    (their claim is free)."""
+    """Delete the outputs' ``.name.tmp-*`` files (of every registered format) and ``.name.lock`` files that no
+    live run holds (their claim is free)."""
     removed: list[Path] = []
     suffixes = all_suffixes()
     targets = {temporary_target(p) for p in Path(output_dir).glob(".*.tmp-*")}
@@ -224,6 +224,13 @@ def remove_orphan_temporaries(output_dir: Path) -> list[Path]:
             for tmp in temporaries(target):
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
+    # A run killed between a mask's rename and its claim's release leaves only the ``.name.lock``: a free
+    # claim on it is released at once, which unlinks it.
+    for lock in sorted(Path(output_dir).glob(".*.lock")):
+        held = claim(lock.parent / lock.name[1:-len(".lock")])
+        if held is not None:
+            held.release()
+            removed.append(lock)
     return removed
 
 

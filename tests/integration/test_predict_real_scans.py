@@ -66,7 +66,7 @@ def test_predict_and_its_lesion_report_carry_no_patient_identifiers(shared_data,
     import pydicom
 
     from medseg.cli import main
-    from medseg.io.mask_writers import PATIENT_STUDY_TAGS
+    from tests.conftest import SEG_ALLOWED_PATIENT_STUDY_TAGS
 
     folder = tmp_path / "in" / "series_a"
     folder.mkdir(parents=True)
@@ -90,7 +90,7 @@ def test_predict_and_its_lesion_report_carry_no_patient_identifiers(shared_data,
         if path.name.endswith(".seg.dcm"):  # the SEG must carry the patient/study module, and nothing more
             seg = pydicom.dcmread(path)
             assert str(seg.PatientName) == CANARIES["PatientName"]
-            for keyword in PATIENT_STUDY_TAGS:
+            for keyword in SEG_ALLOWED_PATIENT_STUDY_TAGS:
                 seg.pop(keyword, None)
             buffer = io.BytesIO()
             seg.save_as(buffer, enforce_file_format=True)

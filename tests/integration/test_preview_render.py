@@ -20,7 +20,7 @@ from nibabel.orientations import io_orientation
 
 from medseg.data.labels import label_table
 from medseg.inference.preview import render_preview, write_preview
-from tests.conftest import load_render_check
+from tests.conftest import figure_text_overflow, load_render_check
 
 render_check = load_render_check()
 
@@ -66,6 +66,11 @@ def test_preview_shows_every_structure_in_three_planes_in_a_browser(shared_data:
             assert np.take(labels_in_file, index, axis=file_axis).any(), title
     assert any(t.startswith("centre LPS (x, y, z) = (") for t in texts)
     assert "QC: weak_model" in fig.texts[0].get_text()
+    # Every text of the figure is drawn inside it, the title too when a real scan raises many flags.
+    assert figure_text_overflow(fig) == []
+    many = ["modality_mismatch", "spacing_outside_training", "intensity_unlike_training", "uncertain_foreground",
+            "low_confidence", "weak_model", *(f"volume_implausible:{n}" for n in names.values() if n != "background")]
+    assert figure_text_overflow(render_preview(image, mask, labels, case, modality, lesion_classes, many)) == []
 
     page = tmp_path / "preview.html"
     page.write_text("<!doctype html><html><body style='margin:0;background:#fff'><img style='display:block' src="

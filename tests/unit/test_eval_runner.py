@@ -54,7 +54,10 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     assert [c.case_id for c in result.cases] == ["a", "b"]
     assert set(result.per_class) == {"class_1", "class_2"}
     assert result.per_class["class_1"].n == 2
-    assert 0.8 < result.per_class["class_1"].mean < 1.0
+    # Case a is perfect (Dice 1); case b's 8 x 8 x 5 box is shifted by one voxel: 7 x 8 x 5 = 280 of 320 voxels
+    # overlap, Dice 2 * 280 / 640 = 0.875; the mean of the two is 0.9375.
+    assert [c.metrics[1].dice for c in result.cases] == pytest.approx([1.0, 0.875])
+    assert result.per_class["class_1"].mean == pytest.approx(0.9375)
     assert result.mean_foreground_dice == pytest.approx(np.mean([s.mean for s in result.per_class.values()]))
 
     rows = list(csv.DictReader((folders["out"] / "metrics_per_case.csv").open()))
@@ -73,6 +76,11 @@ def test_folder_evaluation_writes_tables_json_and_report(folders: dict[str, Path
     # box plots, lesion plot, worst and best overlays, and one picture of the false positive
     assert report.count("data:image/png;base64,") >= 5
     assert "id='lesion-1'" in report and "href='#lesion-1'" in report
+    # Two cases: b (Dice 0.875 and the lesion class) is the lower one, a (perfect) the higher; neither is
+    # called "worst", and the perfect case is not captioned as the lower one.
+    assert "lowest mean Dice (rank 1 of 2): b — mean Dice" in report
+    assert "highest mean Dice (rank 2 of 2): a — mean Dice 1.000" in report
+    assert "worst" not in report.lower() and "lowest mean Dice (rank 1 of 2): a" not in report
     assert "1 reference case(s) have no prediction (not scored): c</p>" in report
     assert "1 prediction(s) without reference (ignored): zzz</p>" in report
     assert "class_1" in result.describe() and "WARNING" in result.describe()

@@ -19,6 +19,7 @@ import pytest
 
 from medseg.cli import main
 from medseg.io.mask_writers import PATIENT_STUDY_TAGS
+from tests.conftest import SEG_ALLOWED_PATIENT_STUDY_TAGS
 from tests.unit.dicom_synth import write_series
 
 pytest.importorskip("highdicom", reason="DICOM-SEG needs highdicom (pip install medseg[dicom])")
@@ -51,10 +52,15 @@ def untrained_model(tmp_path_factory) -> Path:
     return folder
 
 
+def test_medseg_copies_no_patient_or_study_attribute_beyond_the_allowed_ones():
+    # medseg's list may be narrower than the standard's type 1/2 set, never wider.
+    assert set(PATIENT_STUDY_TAGS) <= set(SEG_ALLOWED_PATIENT_STUDY_TAGS)
+
+
 def _without_allowed(seg_path: Path) -> bytes:
     """The SEG re-encoded without its Patient and General Study attributes (where canaries may be)."""
     ds = pydicom.dcmread(str(seg_path))
-    for keyword in PATIENT_STUDY_TAGS:
+    for keyword in SEG_ALLOWED_PATIENT_STUDY_TAGS:
         if keyword in ds:
             del ds[keyword]
     buffer = io.BytesIO()

@@ -192,8 +192,8 @@ def test_implausible_volume_missing_class_and_weak_model_are_flagged(ct_bundle):
     flags = assess_scan("huge", img, huge, ct_bundle).all_flags
     name = ct_bundle.label_names[1]
     assert f"volume_implausible:{name}" in flags
-    if 2 in qc.always_present:
-        assert f"empty:{ct_bundle.label_names[2]}" in flags
+    assert qc.always_present == [1, 2]  # every training phantom has both organ and lesions
+    assert f"empty:{ct_bundle.label_names[2]}" in flags
     weak = ct_bundle.spec.model_copy(update={"provenance": ct_bundle.spec.provenance.model_copy(
         update={"validation": ValidationSummary(mean_dice=0.0002)})})
     bundle = type(ct_bundle)(weak, ct_bundle.weights)

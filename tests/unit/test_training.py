@@ -53,7 +53,8 @@ def test_2d_model_trains_on_slices(phantom_manifest, tmp_path):
     result = train(tiny_config(phantom_manifest, tmp_path / "run2d", spatial_dims=2, epochs=2), device="cpu")
     ckpt = load_bundle(result.run_dir)
     assert ckpt.config.model.spatial_dims == 2
-    assert result.history[-1]["loss"] < result.history[0]["loss"] * 1.05
+    # Seeded: 1.84 -> 1.16 over the two epochs here; a 20 % drop is asked, as of the 3D model above.
+    assert result.history[-1]["loss"] < 0.8 * result.history[0]["loss"]
 
 
 def test_a_label_off_its_image_grid_stops_training_naming_the_file(phantom_manifest, tmp_path):
