@@ -153,6 +153,18 @@ class Manifest(BaseModel):
         """Absolute path of a case's label map, if it has one."""
         return (self.root / case.label).resolve() if case.label else None
 
+    def case_image(self, case: ManifestCase):
+        """A case's image as a model takes it (nibabel image): one scan, or its channel files stacked
+        (X, Y, Z, C) on the first channel's grid (:func:`medseg.io.scans.load_volume`)."""
+        from medseg.io.scans import load_volume
+
+        return load_volume(self.image_paths(case)).image
+
+    def labelled(self, name: str, fold: int | None = None) -> list[ManifestCase]:
+        """The cases of split ``name`` (of fold ``fold`` when given) that have a label: what QC limits and
+        the bf16 parity check are set from."""
+        return [c for c in self.split(name, fold) if c.label]
+
     def split(self, name: str, fold: int | None = None) -> list[ManifestCase]:
         """Cases of split ``name`` ("train", "val", "test"), or of fold ``fold`` when given."""
         if fold is not None:

@@ -55,7 +55,6 @@ def dice_changes(float32: Sequence[dict[str, float]], reduced: Sequence[dict[str
 def bf16_parity(bundle: ModelBundle, manifest: Manifest, cases: Sequence[ManifestCase], device: str | None = "cpu",
                 progress: bool = True) -> PrecisionParity | None:
     """Predict ``cases`` (with labels) in float32 and bfloat16 and compare their Dice; None without cases."""
-    from medseg.training.qc_calibration import case_image  # the one way to read a case as the model takes it
 
     cases = [c for c in cases if c.label]
     if not cases:
@@ -70,7 +69,7 @@ def bf16_parity(bundle: ModelBundle, manifest: Manifest, cases: Sequence[Manifes
     same = total = 0
     for case in tqdm(cases, desc="bf16 parity: validation cases", unit="case", leave=False,
                      disable=None if progress else True):
-        image = case_image(manifest, case)
+        image = manifest.case_image(case)
         label_path = manifest.label_path(case)
         assert label_path is not None
         label = np.asarray(nib.load(label_path).dataobj).astype(np.int64)
@@ -115,7 +114,6 @@ def record_bf16_parity(model: Path, manifest_path: Path | None = None, device: s
 
     A manifest that cannot be read is logged and skipped (None): an export must not fail for want of data.
     """
-    from medseg.training.qc_calibration import validation_cases
 
     path = resolve_bundle_path(Path(model))
     bundle = load_bundle(path)
@@ -127,7 +125,7 @@ def record_bf16_parity(model: Path, manifest_path: Path | None = None, device: s
     except MedsegError as exc:
         log.warning("bf16 parity check skipped: the model's manifest is not readable here (%s)", exc)
         return None
-    checks = checked_precisions(bundle, manifest, validation_cases(manifest, bundle.config.data.fold), device, progress)
+    checks = checked_precisions(bundle, manifest, manifest.labelled("val", bundle.config.data.fold), device, progress)
     if checks == bundle.spec.precision_check:
         return None
     ModelBundle(bundle.spec.model_copy(update={"precision_check": checks}), bundle.weights, path,

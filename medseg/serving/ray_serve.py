@@ -158,6 +158,12 @@ def deploy(scaling: RayScaling, model: Path, data_dir: Path, job_store: str | No
     from medseg.inference.ray_runner import connect, plan_actors
 
     started = connect(scaling.address)
+    # A deployment handle's background thread (Serve's metrics push) that outlives the cluster would call
+    # ray.init() on its own and start a new local cluster in this process: this process only ever joins the
+    # cluster named by --ray (RAY_ENABLE_AUTO_CONNECT=0 does the same, read once when Ray is imported).
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = False
     try:
         from ray import serve
     except ImportError:

@@ -49,11 +49,6 @@ from medseg.models.bundle import ModelBundle, QCThresholds, load_bundle, resolve
 log = logging.getLogger(__name__)
 
 
-def case_image(manifest: Manifest, case: ManifestCase) -> nib.Nifti1Image:
-    """A case's image as the model takes it: one scan, or its channel files stacked (X, Y, Z, C)."""
-    return load_volume(manifest.image_paths(case)).image
-
-
 def input_limits(manifest: Manifest, cases: Sequence[ManifestCase], progress: bool = True) -> QCThresholds:
     """The input-side limits (modality, spacing, intensities, class volumes) from the training cases."""
     if not cases:
@@ -99,7 +94,7 @@ def uncertainty_limits(predictor: Predictor, manifest: Manifest, cases: Sequence
     cases' predictions (None without validation cases or foreground), and each case's values."""
     values = []
     for case in tqdm(cases, desc="QC limits: validation cases", unit="case", leave=False, disable=None if progress else True):
-        _, u = predictor.predict_image(case_image(manifest, case), with_uncertainty=True)
+        _, u = predictor.predict_image(manifest.case_image(case), with_uncertainty=True)
         values.append({"foreground_entropy": u.foreground_entropy, "low_confidence_share": u.low_confidence_share})
 
     def limit(key: str) -> float | None:
@@ -126,7 +121,7 @@ def calibrate(predictor: Predictor, manifest: Manifest, train_cases: Sequence[Ma
 
 
 def _split(manifest: Manifest, split: str, fold: int | None) -> list[ManifestCase]:
-    return [c for c in manifest.split(split, fold) if c.label]
+    return manifest.labelled(split, fold)
 
 
 def validation_cases(manifest: Manifest, fold: int | None) -> list[ManifestCase]:

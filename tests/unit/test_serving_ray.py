@@ -64,4 +64,7 @@ def test_ray_replicas_scale_up_with_the_backlog_and_down_when_idle(model_run, tm
             assert client.get("/readyz").json()["replicas"] == 1
             assert "medseg_replicas 1.0" in client.get("/metrics").text
     finally:
+        from ray import serve
+
+        serve.shutdown()  # stops this process's handles too, so none outlives the cluster
         ray.shutdown()
