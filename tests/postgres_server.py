@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tests.orthanc_server import free_port
 
 ROLE = "medseg"
 
@@ -60,12 +61,6 @@ def unavailable_reason() -> str | None:
     if _run_as() is None:
         return "running as root and neither runuser nor setpriv with a postgres/nobody user is available"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -224,6 +224,20 @@ def minimal_source(path: Path, for_uid: str, step_mm: float):
     return out
 
 
+def dicom_source_labels(scan, mask: nib.Nifti1Image, model: ModelInfo, what: str) -> np.ndarray:
+    """The label array of ``mask`` for a DICOM object (``what``: "a DICOM-SEG", "an RT structure set") that
+    references ``scan``'s series; refused with :class:`OutputError` for a NIfTI scan or values that are not
+    the model's classes."""
+    if scan.kind != "dicom":
+        raise OutputError(f"{scan.path}: {what} needs a DICOM series as source; this scan is NIfTI "
+                          "(use --output-format nifti)")
+    labels = np.asarray(mask.dataobj)
+    unknown = sorted(set(np.unique(labels).tolist()) - {label.value for label in model.labels})
+    if unknown:
+        raise OutputError(f"{scan.path}: mask values {unknown} are not classes of model {model.name}")
+    return labels
+
+
 #: (data set keyword, file meta keyword): the same identity, stored twice (PS3.10 7.1).
 _SOP_IDENTITY = (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID"))
 
@@ -336,13 +350,7 @@ class DicomSegWriter(MaskWriter):
 
         from medseg.io.dicom import LPS_TO_RAS, series_planes
 
-        if scan.kind != "dicom":
-            raise OutputError(f"{scan.path}: a DICOM-SEG needs a DICOM series as source; this scan is NIfTI "
-                              "(use --output-format nifti)")
-        labels = np.asarray(mask.dataobj)
-        unknown = sorted(set(np.unique(labels).tolist()) - {label.value for label in self.model.labels})
-        if unknown:
-            raise OutputError(f"{scan.path}: mask values {unknown} are not classes of model {self.model.name}")
+        labels = dicom_source_labels(scan, mask, self.model, "a DICOM-SEG")
         planes = series_planes(scan.path, scan.series)
         order = planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
         step_mm = float(np.linalg.norm(np.asarray(mask.affine, float)[:3, 2]))

@@ -34,6 +34,7 @@ from medseg.io.mask_writers import (
     ModelInfo,
     counted_warnings,
     derived_uid,
+    dicom_source_labels,
     frame_of_reference,
     minimal_source,
     planes_of_slices,
@@ -181,13 +182,7 @@ class RtStructWriter(MaskWriter):
 
         from medseg.io.dicom import LPS_TO_RAS, series_planes
 
-        if scan.kind != "dicom":
-            raise OutputError(f"{scan.path}: an RT structure set needs a DICOM series as source; this scan is "
-                              "NIfTI (use --output-format nifti)")
-        labels = np.asarray(mask.dataobj)
-        unknown = sorted(set(np.unique(labels).tolist()) - {label.value for label in self.model.labels})
-        if unknown:
-            raise OutputError(f"{scan.path}: mask values {unknown} are not classes of model {self.model.name}")
+        labels = dicom_source_labels(scan, mask, self.model, "an RT structure set")
         affine_lps = LPS_TO_RAS @ np.asarray(mask.affine, float)
         planes = series_planes(scan.path, scan.series)
         order = planes_of_slices(scan.path, planes, np.asarray(mask.affine, float), labels.shape, LPS_TO_RAS)
