@@ -206,6 +206,8 @@ def _mask(folder: Path, scan: Path) -> np.ndarray:
 #: Variant name -> worker mode. The default medseg path first among medseg's: it is the one users run.
 VARIANTS = {"monai (plain pipeline)": "monai", "medseg (default: statistics on)": "medseg",
             "medseg --no-statistics": "medseg-no-statistics"}
+#: The variant of ``--base``: the default path of an earlier checkout.
+BASE_VARIANT = "medseg @ base checkout (default)"
 
 
 def main() -> None:
@@ -215,6 +217,9 @@ def main() -> None:
                         help="write the record here (a relative path goes under docs/benchmarks/)")
     parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="network channels (default: ct_lung's)")
+    parser.add_argument("--base", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run the default path of the medseg in this checkout (e.g. a worktree of an earlier "
+                             "commit), interleaved with the others: before/after on the same machine")
     parser.add_argument("--smoke", action="store_true",
                         help="the DICOM series only and a tiny network: checks the script in a minute, measures nothing")
     parser.add_argument("--worker", choices=sorted(set(VARIANTS.values())), help=argparse.SUPPRESS)
@@ -228,6 +233,15 @@ def main() -> None:
     if not LUNG.is_file() or not DICOM.is_dir():
         raise SystemExit(f"real data not found under {SHARED}")
     channels = [4, 8, 16, 32, 64] if args.smoke and not args.channels else args.channels
+    variants = dict(VARIANTS)
+    if args.base is not None:
+        # The earlier medseg must read the bundle: it is built by that checkout (later versions read older
+        # bundles, not the other way round), then found in --work by this one.
+        base = args.base.resolve()
+        build = (f"import sys; sys.path.insert(0, {str(base / 'bench')!r}); from pathlib import Path; "
+                 f"import predict_speed as p; p.prepare(Path({str(args.work)!r}), {channels!r})")
+        subprocess.run([sys.executable, "-c", build], check=True, env={**os.environ, "PYTHONPATH": str(base)}, cwd=base)
+        variants[BASE_VARIANT] = "medseg"
     model, scans = prepare(args.work, channels, build_scans=not args.smoke)
     voxels = {}
     for s in scans:
@@ -235,13 +249,15 @@ def main() -> None:
         voxels[s.name] = int(np.prod(img.shape)) if img is not None else None
     largest = max(v for v in voxels.values() if v) if any(voxels.values()) else 88 * 128 * 17
 
-    def variant(mode: str):
+    def variant(name: str, mode: str):
+        checkout = args.base.resolve() if name == BASE_VARIANT else REPO
+
         def run(repeat: int) -> dict:
-            out = args.work / f"out_{mode}"
+            out = args.work / f"out_{mode}{'_base' if name == BASE_VARIANT else ''}"
             cmd = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--out", str(out),
                    "--scans", *map(str, scans)]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+                                  env={**os.environ, "PYTHONPATH": str(checkout)})
             r = json.loads(done.stdout.strip().splitlines()[-1])
             r["non_network_seconds"] = r["seconds"] - r["network_seconds"]
             r["peak_bytes_per_voxel_of_largest_scan"] = (r["peak_rss"] - r["baseline_rss"]) / largest
@@ -249,13 +265,20 @@ def main() -> None:
             return r
         return run
 
-    measured = harness.run_interleaved({name: variant(mode) for name, mode in VARIANTS.items()}, args.repeats)
+    measured = harness.run_interleaved({name: variant(name, mode) for name, mode in variants.items()}, args.repeats)
     monai = "monai (plain pipeline)"
+    agreement: dict = {}
     speedups = {name: {"end_to_end": harness.ratio(measured, monai, name),
                        "non_network": harness.ratio(measured, monai, name, "non_network_seconds")}
-                for name in VARIANTS if name != monai}
+                for name in variants if name != monai}
+    if args.base is not None:
+        speedups["medseg (default) vs base"] = {
+            "end_to_end": harness.ratio(measured, BASE_VARIANT, "medseg (default: statistics on)"),
+            "non_network": harness.ratio(measured, BASE_VARIANT, "medseg (default: statistics on)", "non_network_seconds")}
+        for s in scans:
+            a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_medseg_base", s)
+            agreement.setdefault("_vs_base", {})[s.name] = float((a == b).mean())
     label_names = {0: "background", 1: "lesion"}
-    agreement = {}
     for s in scans:  # masks of each variant's last repeat (each run is deterministic)
         a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_monai", s)
         agreement[s.name] = {"voxels": int(a.size), "share_of_voxels_equal": float((a == b).mean()),
