@@ -24,8 +24,11 @@ MAX_MEMORY_ENV = "MEDSEG_MAX_MEMORY_GIB"
 GIB = 2**30
 
 #: Working bytes per scan voxel beyond the scan itself: the uint8 label map, the keep-largest-component
-#: mask and component map, the reoriented copy and the mask held by the background writer.
-SCAN_VOXEL_BYTES = 6
+#: mask and component map, the reoriented copy, the mask held by the background writer, and the default
+#: path's statistics and QC (per-class masks and intensities). 10, not the 6 of the masks alone: with 6 the
+#: estimate for the largest benchmark CT (512x512x300, int16) was 13.9 B/voxel while the default path peaked
+#: at 16.1-17.5 B/voxel (docs/benchmarks.md, "Predict speed and memory"); with 10 it is 17.9.
+SCAN_VOXEL_BYTES = 10
 #: Bytes per model-grid voxel: the float32 input (and its intensity-scaled copy), MONAI's count map and
 #: the resampling buffer, plus ``MODEL_CLASS_BYTES`` per class (float32 sliding-window sum, softmax,
 #: float16 copy).
