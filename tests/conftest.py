@@ -183,3 +183,16 @@ SEG_ALLOWED_PATIENT_STUDY_TAGS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )
+
+
+class FakeClock:
+    """A clock the test advances by hand (UNIX-like seconds): leases and rate limits without waiting."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

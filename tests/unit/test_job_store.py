@@ -21,19 +21,7 @@ from medseg.serving.jobs import (
     new_job_id,
     open_job_store,
 )
-
-
-class FakeClock:
-    """UNIX-like seconds the test advances by hand."""
-
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
 import zipfile
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from medseg.serving.app import ServeSettings, create_app  # noqa: E402
 from medseg.serving.auth import TokenSet  # noqa: E402
 from tests.conftest import TINY_SPEC, tiny_config  # noqa: E402
 from tests.unit.dicom_synth import write_series  # noqa: E402
+from tests.unit.test_serving import TOKEN, _auth, _same_mask  # noqa: E402
+from tests.unit.test_serving import _wait as wait_for_job  # noqa: E402
 
-TOKEN = "token-for-pipeline-tests-0123"
 NAMES = {0: "background", 1: "lung", 2: "nodule"}
 
 
@@ -74,28 +74,8 @@ def _client(run: Path, data_dir: Path, **overrides) -> TestClient:
     return TestClient(create_app(settings))
 
 
-def _auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _wait(client: TestClient, job_id: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = client.get(f"/v1/jobs/{job_id}", headers=_auth()).json()
-        if state["status"] in ("done", "failed"):
-            return state
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} not finished within {timeout} s: {state}")
-
-
-def _same_mask(content: bytes, reference: Path, tmp_path: Path) -> None:
-    got_path = tmp_path / f"got-{reference.name}"
-    got_path.write_bytes(content)
-    got, want = nib.load(got_path), nib.load(reference)
-    assert got.shape == want.shape
-    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
-    np.testing.assert_array_equal(got.affine, want.affine)
-    assert got.get_qform(coded=True)[1] == want.get_qform(coded=True)[1]
+def _wait(client: TestClient, job_id: str) -> dict:
+    return wait_for_job(client, job_id, timeout=120.0)  # whole-scan jobs on an untrained model: 2 CPU cores
 
 
 def test_service_takes_a_two_channel_case_as_parts_or_zip_and_gives_predicts_mask(two_channel_run, tmp_path):

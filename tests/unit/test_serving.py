@@ -37,7 +37,7 @@ from medseg.serving.auth import TokenSet, token_id  # noqa: E402
 from medseg.serving.jobs import JobStore, new_job_id  # noqa: E402
 from medseg.serving.server import check_security  # noqa: E402
 from medseg.serving.uploads import UploadError, receive_scan  # noqa: E402
-from tests.conftest import REPO_ROOT, TINY_SPEC, tiny_config  # noqa: E402
+from tests.conftest import REPO_ROOT, TINY_SPEC, FakeClock, tiny_config  # noqa: E402
 from tests.unit.dicom_synth import write_series  # noqa: E402
 
 try:  # the dicom extra: without it the service writes no DICOM-SEG
@@ -77,19 +77,6 @@ def scan_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve_scan") / "phantom.nii.gz"
     nib.save(img, path)
     return path
-
-
-class FakeClock:
-    """A clock the test advances by hand (UNIX-like seconds): leases and rate limits without waiting."""
-
-    def __init__(self, now: float = 1_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _until(condition, timeout: float = 60.0, what: str = "condition"):
