@@ -27,11 +27,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.dicom_seg_encode import timed
 from medseg.data.labels import label_code, label_table
 from medseg.io.mask_writers import ModelInfo
 from medseg.io.nifti import mask_like
@@ -67,16 +67,6 @@ def read_rt_utils(folder: Path, path: Path) -> dict[str, np.ndarray]:
 
     rt = RTStructBuilder.create_from(dicom_series_path=str(folder), rt_struct_path=str(path))
     return {name: np.asarray(rt.get_roi_mask_by_name(name), bool).transpose(1, 0, 2) for name in NAMES.values()}
-
-
-def timed(fn, repeats: int) -> float:
-    """Best wall time (s) of ``repeats`` calls (the machine is shared: the best run is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure(folder: Path, out: Path, repeats: int) -> dict[str, dict]:
