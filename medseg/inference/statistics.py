@@ -206,12 +206,6 @@ def scan_statistics(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image,
                                            label_names))
 
 
-def training_modality(bundle: ModelBundle) -> str | None:
-    """The modality a model was trained on: :func:`medseg.models.bundle.model_modality` (the one reader;
-    this name stays for the callers that import it from here)."""
-    return model_modality(bundle)
-
-
 def assess_scan(case_id: str, image: nib.Nifti1Image, mask: nib.Nifti1Image, bundle: ModelBundle,
                 uncertainty: PredictionUncertainty | None = None, modality: str | None = None) -> ScanStatistics:
     """Statistics of a predicted mask and the QC flags of the scan and its classes (docs/qc.md).
