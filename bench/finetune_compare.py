@@ -21,8 +21,8 @@ Runs resume: a finished run is not trained again, a killed one continues from it
 Writes ``--output``/finetune_compare.json (every figure, the commands) and, per seed,
 ``--output``/compare_seed<S>/ (``comparison.csv``, ``comparison.json``, ``report.html``; the masks and
 per-model evaluations stay in ``--runs``/compare_seed<S>/); ``--docs``
-rewrites the section of docs/benchmarks.md from them. The full run (2 100 steps of batch 2 in all: 300 source,
-3 x 450 scratch, 3 x 150 fine-tuning; about 7 s a step on the shared 2-core CPU, so hours; one GPU: minutes):
+rewrites the section of docs/benchmarks.md from them. The full run (5 800 steps of batch 2 in all: 1 000 source,
+3 x 1 300 scratch, 3 x 300 fine-tuning; about 0.2 s a step on an idle 2-core CPU, so about half an hour):
 
     PYTHONPATH=$PWD nice python bench/finetune_compare.py --docs > bench_finetune_compare.log 2>&1 &
 
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, default=20, help="other train cases: the new data")
     parser.add_argument("--val", type=int, default=8, help="validation cases (from the val split)")
     parser.add_argument("--test", type=int, default=None, help="test cases (default: the whole test split, 40)")
-    parser.add_argument("--source-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--source-steps", type=int, default=1000)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--iterations", type=int, default=15, help="steps per epoch")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipe", choices=["fast", "shipped"], default="fast")

@@ -170,9 +170,11 @@ class Predictor:
                     flip = [] if axis is None else [axis + 2]
                     p = _softmax_(self.inferer(torch.flip(image, flip) if flip else image, forward).float())
                     p = torch.flip(p, flip) if flip else p
-                    probs = p if probs is None else probs + p
+                    probs = p if probs is None else probs.add_(p)
         assert probs is not None
-        probs = probs / (len(self.models) * (1 + len(self.mirror_axes)))
+        members = len(self.models) * (1 + len(self.mirror_axes))
+        if members > 1:
+            probs.div_(members)  # in place: a second K x model-grid array would be the largest thing held
         if times is not None:
             times.add("network", forward_s)
             times.add("sliding_window", time.perf_counter() - start - forward_s)

@@ -28,6 +28,8 @@ import cc3d
 import nibabel as nib
 import numpy as np
 from nibabel.affines import apply_affine
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from medseg.atomic import claim, temporaries, write_text_atomic
 from medseg.errors import OutputError
@@ -110,8 +112,9 @@ class ScanStatistics:
         return rows
 
 
-def _lps_box(affine: np.ndarray, box: tuple[slice, ...], inside: np.ndarray) -> tuple[list[float], list[float]]:
-    """World LPS (mm) axis-aligned box of the voxel centres of ``inside`` (a mask over the index ``box``).
+def _lps_box(affine: np.ndarray, box: tuple[slice, ...], labels: np.ndarray, value: int) -> tuple[list[float], list[float]]:
+    """World LPS (mm) axis-aligned box of the centres of the voxels equal to ``value`` in ``labels`` (the label
+    map cut to the index ``box``).
 
     On a grid whose axes run along the world axes the index box's corners give it; on an oblique grid the
     extremes of each world coordinate lie on voxels of the mask, so those are transformed.
@@ -121,9 +124,65 @@ def _lps_box(affine: np.ndarray, box: tuple[slice, ...], inside: np.ndarray) -> 
     if axis_aligned:
         points = np.array(list(product(*((s.start, s.stop - 1) for s in box))), dtype=float)
     else:
-        points = np.argwhere(inside).astype(float) + [s.start for s in box]
+        points = np.argwhere(labels == value).astype(float) + [s.start for s in box]
     lps = apply_affine(affine, points) * np.array([-1.0, -1.0, 1.0])
     return [float(v) for v in lps.min(axis=0)], [float(v) for v in lps.max(axis=0)]
+
+
+#: Voxels per slab of :func:`count_components` (cc3d's label slab, 4 B each, and its working memory).
+COMPONENT_SLAB_VOXELS = 1 << 22
+
+
+def count_components(labels: np.ndarray, value: int) -> int:
+    """Number of 26-connected components of the voxels equal to ``value`` in a 3D label map, counted slab by
+    slab along the first axis so memory stays a few slabs (cc3d on the whole mask: 5 B per voxel of the
+    box on top of the mask, and a 512x512x300 CT's mask of 90 % of it took 2 s, fresh memory included).
+
+    Consecutive slabs share one plane. Components of two slabs that hold the same voxel of that plane are
+    one component; every pair of 26-neighbours lies together in some slab, so joining the slabs'
+    components through the shared planes (a graph, scipy's connected components) gives the whole count.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"count_components needs a 3D label map, got shape {labels.shape}")
+    n0 = labels.shape[0]
+    step = max(2, COMPONENT_SLAB_VOXELS // max(1, labels.shape[1] * labels.shape[2]))
+    nodes = 0
+    edges: list[np.ndarray] = []
+    shared: np.ndarray | None = None  # the previous slab's labels (global ids) on the plane both slabs hold
+    for start in range(0, n0, step - 1):
+        stop = min(start + step, n0)
+        slab, n = cc3d.connected_components(labels[start:stop] == value, connectivity=26, return_N=True)
+        first = slab[0].astype(np.int64)
+        if shared is not None:
+            both = shared > 0  # the same voxels: foreground in one slab is foreground in the other
+            edges.append(np.unique((shared[both] << 32) | (first[both] + nodes)))
+        last = slab[-1].astype(np.int64)
+        shared = np.where(last > 0, last + nodes, 0)
+        nodes += int(n)
+        if stop == n0:
+            break
+    if not edges:
+        return nodes
+    keys = np.unique(np.concatenate(edges))
+    pairs = np.stack([keys >> 32, keys & 0xFFFFFFFF])
+    joined, index = np.unique(pairs, return_inverse=True)
+    index = index.reshape(2, -1)
+    graph = coo_matrix((np.ones(index.shape[1], dtype=np.int8), (index[0], index[1])), shape=(joined.size,) * 2)
+    return nodes - joined.size + int(connected_components(graph, directed=False)[0])
+
+
+def histogram_summary(counts: np.ndarray, lowest: int) -> tuple[float, float, float]:
+    """Mean, median and (population) standard deviation, in float64, of integer values given as a histogram:
+    ``counts[i]`` values equal to ``lowest + i`` (at least one value)."""
+    nonzero = np.flatnonzero(counts)
+    counts = counts[nonzero[0]:nonzero[-1] + 1]  # the same sums whatever the histogram's span
+    xs = np.arange(counts.size, dtype=np.float64) + (lowest + int(nonzero[0]))
+    n = int(counts.sum())
+    mean = float(counts @ xs) / n
+    sd = float(np.sqrt(counts @ (xs - mean) ** 2 / n))
+    cumulative = np.cumsum(counts)
+    middle = np.searchsorted(cumulative, [(n - 1) // 2 + 1, n // 2 + 1])  # ranks of the middle pair
+    return mean, float(xs[middle].mean()), sd
 
 
 def intensity_summary(values: np.ndarray) -> tuple[float, float, float]:
@@ -136,14 +195,46 @@ def intensity_summary(values: np.ndarray) -> tuple[float, float, float]:
         lo = int(values.min())
         counts = np.bincount((values.astype(np.int64) - lo).ravel())
         if counts.size <= 1 << 20:
-            xs = np.arange(counts.size, dtype=np.float64) + lo
-            n = int(counts.sum())
-            mean = float(counts @ xs) / n
-            sd = float(np.sqrt(counts @ (xs - mean) ** 2 / n))
-            cumulative = np.cumsum(counts)
-            middle = np.searchsorted(cumulative, [(n - 1) // 2 + 1, n // 2 + 1])  # ranks of the middle pair
-            return mean, float(xs[middle].mean()), sd
+            return histogram_summary(counts, lo)
     return float(values.mean(dtype=np.float64)), float(np.median(values)), float(values.std(dtype=np.float64))
+
+
+#: Native 8- and 16-bit integer intensities -> (unsigned type of the same size, the bits that map the lowest
+#: value to 0, the lowest value): a view and an XOR make them bin indices without a wider copy.
+_HISTOGRAM_DTYPES = {np.dtype(np.int16): (np.uint16, 0x8000, -(1 << 15)), np.dtype(np.uint16): (np.uint16, 0, 0),
+                     np.dtype(np.int8): (np.uint8, 0x80, -(1 << 7)), np.dtype(np.uint8): (np.uint8, 0, 0)}
+#: Voxels per slab of :func:`class_histograms` (an index array of 8 B each).
+HISTOGRAM_SLAB_VOXELS = 1 << 22
+#: Most bins (label values x intensity values) :func:`class_histograms` keeps (8 B each).
+HISTOGRAM_MAX_BINS = 1 << 24
+
+
+def class_histograms(labels: np.ndarray, intensities: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """Histogram of the intensities under every label value, in one pass over the two volumes:
+    ``(counts, lowest)`` with ``counts[v, i]`` the voxels of label ``v`` whose intensity is ``lowest + i``;
+    None for intensities other than native 8/16-bit integers, or too many label values.
+
+    Measured on a 512x512x200 CT whose mask covers 90 % of it: 0.2 s for every class at once, against
+    1.5 s per class for selecting the class's intensities and histogramming them (a copy widened to 8 B
+    per voxel, also the statistics' memory peak). Runs in slabs, so memory stays a few dozen MB.
+    """
+    kind = _HISTOGRAM_DTYPES.get(intensities.dtype)
+    if kind is None or labels.ndim == 0 or not labels.size:
+        return None
+    unsigned, flip, lowest = kind
+    bins = 1 << (8 * np.dtype(unsigned).itemsize)
+    values = int(labels.max()) + 1
+    if values * bins > HISTOGRAM_MAX_BINS:
+        return None
+    counts = np.zeros(values * bins, dtype=np.int64)
+    step = max(1, HISTOGRAM_SLAB_VOXELS // max(1, int(np.prod(labels.shape[1:]))))
+    for start in range(0, labels.shape[0], step):
+        index = labels[start:start + step].astype(np.intp)
+        index *= bins
+        raw = intensities[start:start + step].view(unsigned)
+        index += raw ^ unsigned(flip) if flip else raw
+        counts += np.bincount(index.ravel(), minlength=values * bins)
+    return counts.reshape(values, bins), lowest
 
 
 def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine: np.ndarray,
@@ -165,27 +256,27 @@ def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine:
     voxel_ml = voxel_volume_ml(affine)
     if labels.dtype.kind not in "iu" or labels.dtype.itemsize > 4:
         labels = labels.astype(np.uint32)
-    # One pass for every class's box (cc3d's C++ statistics; scipy's find_objects took 3x longer).
-    boxes = cc3d.statistics(labels)["bounding_boxes"] if labels.any() else []
+    # One pass for every class's box and voxel count (cc3d's C++ statistics; scipy's find_objects took 3x longer).
+    found = cc3d.statistics(labels) if labels.any() else {"bounding_boxes": [], "voxel_counts": []}
+    boxes, counts = found["bounding_boxes"], found["voxel_counts"]
+    histograms = None if intensities is None or not len(boxes) else class_histograms(labels, np.asarray(intensities))
     out = []
     for value, name in sorted(label_names.items()):
         if value == 0:
             continue
         box = boxes[value] if value < len(boxes) else None
-        if box is None or any(s.stop <= s.start for s in box):
-            out.append(ClassStatistics(value, name, 0, 0.0, None, None, None, None, None, 0))
-            continue
-        inside = labels[box] == value
-        n = int(np.count_nonzero(inside))
-        if n == 0:
+        n = int(counts[value]) if box is not None else 0
+        if n == 0 or any(s.stop <= s.start for s in box):
             out.append(ClassStatistics(value, name, 0, 0.0, None, None, None, None, None, 0))
             continue
         mean = median = sd = None
-        if intensities is not None:
-            mean, median, sd = intensity_summary(np.asarray(intensities[box])[inside])
-        components = int(cc3d.connected_components(inside, connectivity=26, return_N=True)[1])
-        lo, hi = _lps_box(affine, box, inside)
-        out.append(ClassStatistics(value, name, n, n * voxel_ml, mean, median, sd, lo, hi, components))
+        if histograms is not None:
+            mean, median, sd = histogram_summary(histograms[0][value], histograms[1])
+        elif intensities is not None:
+            mean, median, sd = intensity_summary(np.asarray(intensities[box])[labels[box] == value])
+        lo, hi = _lps_box(affine, box, labels[box], value)
+        out.append(ClassStatistics(value, name, n, n * voxel_ml, mean, median, sd, lo, hi,
+                                   count_components(labels[box], value)))
     return out
 
 

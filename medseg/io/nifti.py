@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
+
+try:  # ISA-L's gzip: the same format, 2x faster to inflate and 4x faster to deflate than zlib (docs/benchmarks.md)
+    from isal import igzip as _gzip
+except ImportError:  # pragma: no cover - isal is a dependency; a build without its wheel still works
+    _gzip = gzip  # type: ignore[assignment]
 
 from medseg.atomic import write_atomic
 from medseg.errors import MedsegError, ScanError
@@ -48,6 +58,8 @@ def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
     The returned image has a fresh NIfTI-1 header holding only the input's geometry fields.
     """
     path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return _load_gzipped(path, max_bytes)
     try:
         img = nib.load(str(path))
     except FileNotFoundError:
@@ -62,6 +74,33 @@ def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
             stored = type(img.header).from_fileobj(fobj, check=False)
         check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
         return _checked_in_memory(img, path, max_bytes)
+    except MedsegError:
+        raise
+    except Exception as exc:  # truncated voxel data, broken gzip stream, header nibabel cannot interpret...
+        raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+
+
+#: ``sizeof_hdr``, the first field of a NIfTI header, per format (either byte order).
+_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+
+
+def _load_gzipped(path: Path, max_bytes: int | None) -> nib.Nifti1Image:
+    """:func:`load_nifti` of a ``.nii.gz`` through one gzip stream (ISA-L when installed), read once:
+    the stored header (pixdim as written), then the image and its voxels."""
+    try:
+        with _gzip.open(path, "rb") as fobj:
+            first = fobj.read(4)
+            sizes = {struct.unpack(f"{order}i", first)[0] for order in "<>"} if len(first) == 4 else set()
+            kind = next((_HEADER_SIZES[n] for n in sizes if n in _HEADER_SIZES), None)
+            if kind is None:
+                raise ScanError(path, "not a NIfTI-1 or NIfTI-2 file (no NIfTI header at the start of the gzip stream)")
+            fobj.seek(0)
+            stored = kind.header_class.from_fileobj(fobj, check=False)
+            check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
+            fobj.seek(0)
+            return _checked_in_memory(kind.from_stream(fobj), path, max_bytes)
+    except FileNotFoundError:
+        raise ScanError(path, "file not found") from None
     except MedsegError:
         raise
     except Exception as exc:  # truncated voxel data, broken gzip stream, header nibabel cannot interpret...
@@ -132,7 +171,24 @@ def mask_like(mask: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
     return out
 
 
+#: gzip level of written NIfTI files: label maps compress about as well at 1 as at 6, in a fraction of the time.
+GZIP_LEVEL = 1
+
+
+@contextmanager
+def _gzip_writer(path: Path) -> Iterator[IO[bytes]]:
+    with _gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as fobj:
+        yield fobj
+
+
 def save_atomic(img: nib.Nifti1Image, path: Path) -> Path:
-    """Write a NIfTI image atomically (temporary file in the same folder, then rename)."""
-    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-    return write_atomic(Path(path), lambda tmp: nib.save(img, str(tmp)), suffix=suffix)
+    """Write a NIfTI image atomically (temporary file in the same folder, then rename); ``.nii.gz`` through
+    one gzip stream (ISA-L when installed), streamed as nibabel writes it."""
+    if not str(path).lower().endswith(".gz"):
+        return write_atomic(Path(path), lambda tmp: nib.save(img, str(tmp)), suffix=".nii")
+
+    def write(tmp: Path) -> None:
+        with _gzip_writer(tmp) as fobj:
+            img.to_stream(fobj)
+
+    return write_atomic(Path(path), write, suffix=".nii.gz")

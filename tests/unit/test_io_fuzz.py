@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import random
 import shutil
 import signal
@@ -106,13 +107,28 @@ def test_mutated_nifti_files_give_only_medseg_errors(tmp_path: Path, suffix: str
     data = np.random.default_rng(0).normal(size=(6, 7, 5)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(source))
     original = source.read_bytes()
+    plain = gzip.decompress(original) if suffix == ".nii.gz" else original
     start, seen = time.process_time(), []
     for case in range(CASES):
         target = tmp_path / f"case_{case:02d}{suffix}"
-        target.write_bytes(mutate(original, rng, header_bytes=352))
+        if suffix == ".nii.gz" and case % 2:  # the NIfTI inside a valid gzip stream: header mutations reach it
+            target.write_bytes(gzip.compress(mutate(plain, rng, header_bytes=352)))
+        else:  # the compressed bytes themselves (nearly every such file is a broken gzip stream)
+            target.write_bytes(mutate(original, rng, header_bytes=352))
         try:
             seen.append(outcome(load_scan, target))
         except Exception as exc:  # pragma: no cover - the failure we look for
             pytest.fail(f"case {case} ({target}) raised {type(exc).__name__}: {exc}")
     assert time.process_time() - start < CPU_SECONDS
-    assert len(set(seen)) > 1
+    assert "ok" in seen and len(set(seen)) > 1  # the mutations exercised both paths
+
+
+def test_gzipped_nifti_with_a_wrong_checksum_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Voxels that do not match the gzip trailer's CRC-32 are corrupt: refused, not silently used."""
+    source = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(210, dtype=np.int16).reshape(6, 7, 5), np.eye(4)), str(source))
+    data = bytearray(source.read_bytes())
+    data[-8] ^= 0xFF  # the first byte of the CRC-32 in the trailer; the deflate stream itself is intact
+    source.write_bytes(bytes(data))
+    with pytest.raises(MedsegError, match=r"scan\.nii\.gz.*CRC"):
+        load_scan(source)

@@ -7,6 +7,7 @@ import csv
 import json
 from itertools import product
 
+import cc3d
 import nibabel as nib
 import numpy as np
 import pytest
@@ -20,7 +21,10 @@ from medseg.inference.qc import guess_modality, prediction_uncertainty, ras_spac
 from medseg.inference.runner import predict_paths
 from medseg.inference.statistics import (
     assess_scan,
+    class_histograms,
     class_statistics,
+    count_components,
+    histogram_summary,
     intensity_summary,
     merge_statistics,
     scan_statistics,
@@ -135,6 +139,49 @@ def test_uncertainty_is_normalised_entropy_over_the_predicted_foreground(monkeyp
     sliced = prediction_uncertainty(probs)
     assert sliced.foreground_voxels == 4 and sliced.low_confidence_share == u.low_confidence_share
     assert sliced.foreground_entropy == pytest.approx(u.foreground_entropy, rel=1e-12)
+
+
+def test_two_class_uncertainty_counts_ties_as_background_like_argmax():
+    p1 = torch.tensor([0.5, 0.9, 0.6, 0.2, 0.7, 1.0]).reshape(1, 2, 3, 1)
+    probs = torch.cat([1 - p1, p1])  # a tie (0.5), four foreground voxels, one background
+    u = prediction_uncertainty(probs)
+    fg = np.array([0.9, 0.6, 0.7, 1.0])
+    terms = [q * np.log(q) + (1 - q) * np.log(max(1 - q, 1e-12)) for q in fg]
+    assert u.foreground_voxels == int(torch.argmax(probs, dim=0).sum()) == 4
+    assert u.foreground_entropy == pytest.approx(-np.sum(terms) / np.log(2) / 4, rel=1e-6)
+    assert u.low_confidence_share == pytest.approx(2 / 4)  # 0.6 and 0.7 are below 0.75
+
+
+@pytest.mark.parametrize("slab_voxels", [1, 7, 60, 1 << 22])
+def test_components_counted_by_slabs_equal_cc3d_on_the_whole_mask(monkeypatch, slab_voxels):
+    """Slabs sharing a plane, joined through it: the same 26-connected count as one cc3d pass, for masks
+    from sparse dust to nearly full, with diagonal-only contacts across slab borders."""
+    monkeypatch.setattr("medseg.inference.statistics.COMPONENT_SLAB_VOXELS", slab_voxels)
+    rng = np.random.default_rng(slab_voxels)
+    for fill in (0.05, 0.2, 0.45, 0.9):
+        labels = (rng.random((13, 9, 11)) < fill).astype(np.uint8) * rng.integers(1, 3, (13, 9, 11), dtype=np.uint8)
+        for value in (1, 2):
+            expected = cc3d.connected_components(labels == value, connectivity=26, return_N=True)[1]
+            assert count_components(labels, value) == expected
+    diagonal = np.zeros((6, 3, 3), dtype=np.uint8)
+    for z in range(6):
+        diagonal[z, z % 2, z % 2] = 1  # touches the next plane only by a corner
+    assert count_components(diagonal, 1) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.int8, np.uint8])
+def test_class_histograms_give_each_class_its_own_intensity_summary(dtype):
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    labels = rng.integers(0, 4, (9, 8, 7)).astype(np.uint8)
+    image = rng.integers(info.min, info.max, (9, 8, 7), endpoint=True).astype(dtype)
+    image[0, 0, :2] = [info.min, info.max]  # both ends of the type's range
+    counts, lowest = class_histograms(labels, image)
+    for value in range(4):
+        summary = histogram_summary(counts[value], lowest)
+        assert summary == intensity_summary(image[labels == value])  # the same float64 sums, bit for bit
+    assert class_histograms(labels, image.astype(image.dtype.newbyteorder())) is None if image.itemsize > 1 else True
+    assert class_histograms(labels, image.astype(np.int32)) is None  # wider types take the per-class path
 
 
 def test_ras_spacing_follows_the_axes_not_the_array_order():
