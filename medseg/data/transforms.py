@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from monai import transforms as mt
 
 from medseg.config import ExperimentConfig, IntensityConfig, PreprocessingConfig
@@ -57,6 +60,23 @@ def _intensity(cfg: IntensityConfig) -> list[mt.MapTransform]:
         # MONAI leaves a constant volume at 0 (std 0 is replaced by 1), so no NaN comes out.
         return [mt.NormalizeIntensityd(IMAGE, nonzero=cfg.nonzero, channel_wise=True)]
     return []
+
+
+def window_in_place(cfg: IntensityConfig | list[IntensityConfig]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ``ct_window`` step as in-place arithmetic on a float32 tensor (None for other intensity configs).
+
+    The same operations in the same order as MONAI's ``ScaleIntensityRange`` (subtract, divide, scale,
+    shift, clip), so the result is equal bit for bit (tests/unit/test_transforms.py), without its four
+    temporaries of the model grid's size: 0.04 s instead of 0.24 s on a 448x448x96 grid.
+    """
+    if isinstance(cfg, list) or cfg.kind != "ct_window" or cfg.a_max == cfg.a_min:
+        return None
+    a_min, a_max = cfg.a_min, cfg.a_max
+
+    def window(image: torch.Tensor) -> torch.Tensor:
+        return image.sub_(a_min).div_(a_max - a_min).mul_(1.0 - 0.0).add_(0.0).clamp_(0.0, 1.0)
+
+    return window
 
 
 def preprocessing(pre: PreprocessingConfig, keys: tuple[str, ...] = (IMAGE, LABEL), load: bool = True) -> mt.Compose:

@@ -22,7 +22,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer, SlidingWindowInferer
 from torch import nn
 
-from medseg.data.transforms import IMAGE, intensity_transforms, preprocessing
+from medseg.data.transforms import IMAGE, intensity_transforms, preprocessing, window_in_place
 from medseg.errors import CheckpointError
 from medseg.inference.backends import build_backend
 from medseg.inference.precision import PrecisionChoice, choose_precision
@@ -76,6 +76,8 @@ class Predictor:
         self.precision = PrecisionChoice("float32", "as built")
         self.preprocess = preprocessing(bundle.spec.preprocessing, keys=(IMAGE,), load=False)
         self.intensity = mt.Compose(intensity_transforms(bundle.spec.preprocessing.intensity))
+        #: The CT window as in-place arithmetic on the fast path (equal to ``intensity``; None: use that).
+        self.window_in_place = window_in_place(bundle.spec.preprocessing.intensity)
         #: False sends every scan through MONAI's Spacingd/Invertd (the reference the fast path is tested against).
         self.separable = True
         infer = self.settings
@@ -218,7 +220,9 @@ class Predictor:
             # Same steps as the MONAI path (reorient, resample linearly, intensity, network, linear inverse,
             # argmax), in slabs: the float32 scan and the K x scan-sized probabilities never exist.
             with stage("resample_in"):
-                image = torch.as_tensor(self.intensity({IMAGE: plan.scan_to_model(array).unsqueeze(0)})[IMAGE])
+                image = plan.scan_to_model(array).unsqueeze(0)
+                image = self.window_in_place(image) if self.window_in_place is not None \
+                    else torch.as_tensor(self.intensity({IMAGE: image})[IMAGE])
             probs = self.probabilities(image.unsqueeze(0), times)[0]
             del image
             with stage("statistics"):
