@@ -133,11 +133,11 @@ def prepare(work: Path, channels: list[int] | None, build_scans: bool = True) ->
     return model, [*sorted(scans.glob("*.nii.gz")), DICOM]
 
 
-def run_medseg(model: Path, scans: list[Path], out: Path, statistics: bool = True) -> dict:
+def run_medseg(model: Path, scans: list[Path], out: Path, statistics: bool = True, precision: str = "float32") -> dict:
     from medseg.inference.predictor import Predictor
     from medseg.inference.runner import predict_paths
 
-    predictor = Predictor.from_checkpoint(model, "cpu")
+    predictor = Predictor.from_checkpoint(model, "cpu", precision=precision)
     timed = [Timed(m) for m in predictor.models]
     predictor.models, predictor.model = timed, timed[0]
     baseline = _rss()
@@ -194,7 +194,8 @@ def _worker(args: argparse.Namespace) -> None:
     if args.worker == "monai":
         result = run_monai(Path(args.model), scans, Path(args.out))
     else:
-        result = run_medseg(Path(args.model), scans, Path(args.out), statistics=args.worker == "medseg")
+        result = run_medseg(Path(args.model), scans, Path(args.out), statistics=args.worker != "medseg-no-statistics",
+                            precision="bfloat16" if args.worker == "medseg-bf16" else "float32")
     print(json.dumps(result))
 
 
@@ -206,6 +207,9 @@ def _mask(folder: Path, scan: Path) -> np.ndarray:
 #: Variant name -> worker mode. The default medseg path first among medseg's: it is the one users run.
 VARIANTS = {"monai (plain pipeline)": "monai", "medseg (default: statistics on)": "medseg",
             "medseg --no-statistics": "medseg-no-statistics"}
+#: ``--bf16``: the default path with the network in bf16 autocast, what ``--precision auto`` runs for a bundle
+#: whose recorded parity check passed (this untrained bundle has none, so it is forced here).
+BF16_VARIANT = "medseg default, bf16 network"
 #: The variant of ``--base``: the default path of an earlier checkout.
 BASE_VARIANT = "medseg @ base checkout (default)"
 
@@ -222,7 +226,8 @@ def main() -> None:
                              "commit), interleaved with the others: before/after on the same machine")
     parser.add_argument("--smoke", action="store_true",
                         help="the DICOM series only and a tiny network: checks the script in a minute, measures nothing")
-    parser.add_argument("--worker", choices=sorted(set(VARIANTS.values())), help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help="also time the default path with a bf16 network")
+    parser.add_argument("--worker", choices=sorted({*VARIANTS.values(), "medseg-bf16"}), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--scans", nargs="*", help=argparse.SUPPRESS)
@@ -234,6 +239,8 @@ def main() -> None:
         raise SystemExit(f"real data not found under {SHARED}")
     channels = [4, 8, 16, 32, 64] if args.smoke and not args.channels else args.channels
     variants = dict(VARIANTS)
+    if args.bf16:
+        variants[BF16_VARIANT] = "medseg-bf16"
     if args.base is not None:
         # The earlier medseg must read the bundle: it is built by that checkout (later versions read older
         # bundles, not the other way round), then found in --work by this one.
@@ -278,6 +285,10 @@ def main() -> None:
         for s in scans:
             a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_medseg_base", s)
             agreement.setdefault("_vs_base", {})[s.name] = float((a == b).mean())
+    if args.bf16:
+        for s in scans:
+            a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_medseg-bf16", s)
+            agreement.setdefault("_bf16_vs_fp32", {})[s.name] = float((a == b).mean())
     label_names = {0: "background", 1: "lesion"}
     for s in scans:  # masks of each variant's last repeat (each run is deterministic)
         a, b = _mask(args.work / "out_medseg", s), _mask(args.work / "out_monai", s)
