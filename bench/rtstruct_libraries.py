@@ -71,9 +71,10 @@ def read_rt_utils(folder: Path, path: Path) -> dict[str, np.ndarray]:
     return {name: np.asarray(rt.get_roi_mask_by_name(name), bool).transpose(1, 0, 2) for name in NAMES.values()}
 
 
-def prepare(folder: Path, writer: str, out: Path):
+def prepare(folder: Path, writer: str, out: Path, rt_utils_reader: bool = True):
     """``(write, check)`` of one writer on one series: ``write(repeat)`` writes the file (the timed part),
-    ``check()`` measures the last file written (size, dciodvfy, Dice by both readers)."""
+    ``check()`` measures the last file written (size, dciodvfy, Dice by pixel centres and, with
+    ``rt_utils_reader``, by rt-utils' reader)."""
     scan = find_scans([folder])[0]
     image = load_scan(scan)
     labels = structures(image.shape, np.asarray(image.dataobj))
@@ -93,7 +94,7 @@ def prepare(folder: Path, writer: str, out: Path):
                      "shape": list(image.shape)}
         for reader, read in (("pixel_centre", lambda p: rasterise(p, folder)),
                              ("rt_utils_reader", lambda p: read_rt_utils(folder, p))):
-            if reader == "rt_utils_reader" and not HAVE_RT_UTILS:
+            if reader == "rt_utils_reader" and not rt_utils_reader:
                 continue
             try:
                 back = read(path)
@@ -127,11 +128,7 @@ def prepare_large(out: Path, size: int, slices: int):
     return write, check
 
 
-HAVE_RT_UTILS = True
-
-
 def main() -> int:
-    global HAVE_RT_UTILS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/dicom/series"))
     parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
@@ -143,9 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     versions: dict[str, str] = {}
-    if args.without_rt_utils:
-        HAVE_RT_UTILS = False
-    else:
+    if not args.without_rt_utils:
         from importlib.metadata import version
 
         import cv2
@@ -160,10 +155,11 @@ def main() -> int:
         print("dciodvfy not found (dicom3tools)", file=sys.stderr)
         return 1
     series = SERIES[:1] if args.smoke else SERIES
-    writers = ("medseg", "rt-utils") if HAVE_RT_UTILS else ("medseg",)
+    writers = ("medseg",) if args.without_rt_utils else ("medseg", "rt-utils")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        prepared = {f"{name}/{writer}": prepare(args.data / name, writer, out) for name in series for writer in writers}
+        prepared = {f"{name}/{writer}": prepare(args.data / name, writer, out, not args.without_rt_utils)
+                    for name in series for writer in writers}
         prepared["large/medseg"] = prepare_large(out, *((64, 8) if args.smoke else (512, 300)))
         measured = harness.run_interleaved({name: write for name, (write, _) in prepared.items()}, args.repeats)
         files = {name: check() for name, (_, check) in prepared.items()}
