@@ -13,10 +13,10 @@ spheres of bench/dicom_seg_encode.py). Every write (series x writer, and the lar
 bench/harness.py: interleaved, ``--repeats`` rounds, median and min-max.
 
 rt-utils (and OpenCV) are not medseg dependencies: install them apart, e.g.
-``pip install --no-deps --target /tmp/rtu rt-utils==1.2.7 opencv-python-headless`` and delete
-``/tmp/rtu/tests`` (rt-utils' wheel ships a top-level ``tests`` package that would hide ours), then
+``pip install --no-deps --target RT_UTILS_DIR rt-utils==1.2.7 opencv-python-headless`` and delete
+``RT_UTILS_DIR/tests`` (rt-utils' wheel ships a top-level ``tests`` package that would hide ours), then
 
-    PYTHONPATH=$PWD:/tmp/rtu python bench/rtstruct_libraries.py --json rtstruct_libraries.json
+    PYTHONPATH=$PWD:RT_UTILS_DIR python bench/rtstruct_libraries.py --json rtstruct_libraries.json
     PYTHONPATH=$PWD python bench/rtstruct_libraries.py --smoke --without-rt-utils --json /tmp/rtstruct.json  # checks the script
 """
 
