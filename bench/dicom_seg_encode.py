@@ -3,22 +3,23 @@
 Writes a synthetic series (512x512 int16 slices, 1 mm apart), then times :class:`DicomSegWriter` on it:
 ``build`` (reading the source headers, mapping slices to sources, highdicom encoding) and the atomic
 write, for a mask with two spheres (lung-sized and nodule-sized) and for an empty mask. The NIfTI writer
-on the same mask is timed beside it for scale. Prints a Markdown section; ``--json`` stores the figures.
+on the same mask is timed beside it for scale. The six variants (3 writers x 2 masks) run through
+bench/harness.py: interleaved, ``--repeats`` rounds, median and min-max. Prints a Markdown table;
+``--json`` stores the record (a relative path goes under docs/benchmarks/).
 
-    PYTHONPATH=$PWD python bench/dicom_seg_encode.py --json docs/benchmarks/dicom_seg_encode.json
+    PYTHONPATH=$PWD python bench/dicom_seg_encode.py --json dicom_seg_encode.json
+    PYTHONPATH=$PWD python bench/dicom_seg_encode.py --smoke --json /tmp/dicom_seg_encode.json   # checks the script
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
@@ -49,23 +50,34 @@ def spheres(shape: tuple[int, int, int]) -> np.ndarray:
     return labels
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time (s) of ``repeats`` calls (the machine is shared: the best run is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+MASKS = ("two_spheres", "empty")
+WRITERS = ("seg_build", "seg_build_and_write", "nifti_write")
+
+
+def table(data: dict) -> str:
+    """The Markdown table of docs/benchmarks.md: seconds as median (min-max) over the repeats."""
+    shape = "x".join(map(str, data["shape"]))
+    lines = [f"| mask {shape} | SEG build (s) | SEG build + write (s) | SEG frames | SEG size (MiB) | NIfTI write (s) | "
+             "NIfTI size (MiB) |", "|---|---|---|---|---|---|---|"]
+    for mask in MASKS:
+        v, f = data["variants"], data["files"][mask]
+        lines.append(f"| {mask} | {harness.cell(v[f'{mask}/seg_build']['seconds'])} | "
+                     f"{harness.cell(v[f'{mask}/seg_build_and_write']['seconds'])} | {f['seg_frames']} | "
+                     f"{f['seg_mb']:.1f} | {harness.cell(v[f'{mask}/nifti_write']['seconds'])} | {f['nifti_mb']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
+    parser.add_argument("--smoke", action="store_true", help="a 64x64x8 series: checks the script, measures nothing")
     args = parser.parse_args()
+    if args.smoke:
+        args.size, args.slices = 64, 8
     import highdicom  # imported before timing: its import is not encoding time
 
     model = ModelInfo("bench", tuple(label.model_copy(update={"code": label_code(label)})
@@ -75,29 +87,33 @@ def main() -> int:
         write_ct_series(root / "in" / "series", args.size, args.slices)
         scan = find_scans([root / "in"])[0]
         image = load_scan(scan)
-        results: dict[str, object] = {"shape": list(image.shape)}
         writer = DicomSegWriter(model)
-        for name, labels in (("two_spheres", spheres(image.shape)), ("empty", np.zeros(image.shape, np.uint8))):
-            mask = mask_like(labels, image)
-            seg_path, nii_path = root / f"{name}.seg.dcm", root / f"{name}.nii.gz"
-            build_s = timed(lambda mask=mask: writer.build(scan, mask), args.repeats)
-            write_s = timed(lambda mask=mask, p=seg_path: writer.write(scan, image, mask, p), args.repeats)
-            nifti_s = timed(lambda mask=mask, p=nii_path: NiftiMaskWriter().write(scan, image, mask, p), args.repeats)
-            frames = int(pydicom.dcmread(str(seg_path), stop_before_pixels=True).NumberOfFrames)
-            results[name] = {"voxels_per_class": {str(v): int((labels == v).sum()) for v in (1, 2)},
-                             "seg_build_s": round(build_s, 2), "seg_build_and_write_s": round(write_s, 2),
-                             "seg_frames": frames, "seg_mb": round(seg_path.stat().st_size / 2**20, 2),
-                             "nifti_write_s": round(nifti_s, 2), "nifti_mb": round(nii_path.stat().st_size / 2**20, 3)}
-    import torch
+        labels = {"two_spheres": spheres(image.shape), "empty": np.zeros(image.shape, np.uint8)}
+        masks = {name: mask_like(values, image) for name, values in labels.items()}
 
-    results["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                          "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "highdicom": highdicom.__version__, "pydicom": pydicom.__version__}
-    results["command"] = "PYTHONPATH=$PWD python " + " ".join(sys.argv)
-    print(json.dumps(results, indent=2))
+        def variant(mask: str, what: str):
+            seg, nii = root / f"{mask}.seg.dcm", root / f"{mask}.nii.gz"
+            calls = {"seg_build": lambda: writer.build(scan, masks[mask]),
+                     "seg_build_and_write": lambda: writer.write(scan, image, masks[mask], seg),
+                     "nifti_write": lambda: NiftiMaskWriter().write(scan, image, masks[mask], nii)}
+
+            def run(repeat: int) -> None:
+                calls[what]()
+            return run
+
+        measured = harness.run_interleaved({f"{m}/{w}": variant(m, w) for m in MASKS for w in WRITERS}, args.repeats)
+        files = {}
+        for mask in MASKS:
+            seg, nii = root / f"{mask}.seg.dcm", root / f"{mask}.nii.gz"
+            files[mask] = {"voxels_per_class": {str(v): int((labels[mask] == v).sum()) for v in (1, 2)},
+                           "seg_frames": int(pydicom.dcmread(str(seg), stop_before_pixels=True).NumberOfFrames),
+                           "seg_mb": round(seg.stat().st_size / 2**20, 2), "nifti_mb": round(nii.stat().st_size / 2**20, 3)}
+    data = harness.record("dicom_seg_encode", measured, shape=list(image.shape), smoke=args.smoke, files=files,
+                          versions={"highdicom": highdicom.__version__, "pydicom": pydicom.__version__})
+    print(json.dumps(data, indent=2))
+    print(table(data))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print("written:", harness.write_record(data, args.json))
     return 0
 
 

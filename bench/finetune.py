@@ -7,7 +7,7 @@ hippocampus set, with the same wall-clock budget each, in one run.
 2. On the small subset (``--subset`` cases, drawn with a fixed seed) two runs get the same budget
    (``--minutes``): from scratch, and fine-tuned from the source (its weights, encoder frozen for the
    first epochs, a learning-rate warm-up). They train at the same time (two processes), so both see the
-   same load on a shared machine.
+   same load.
 3. All three are tested on the held-out test cases (no fold holds them), Dice on each scan's own grid.
 
 Both small-subset runs validate on the same few validation cases outside the subset (the curves).
@@ -20,8 +20,8 @@ under ``--output``, ``finetune.json`` (all figures) and ``finetune_curves.png``;
     PYTHONPATH=$PWD nice python bench/finetune.py --source-run runs/mr_hippocampus --minutes 10 > bench_finetune.log 2>&1 &
     PYTHONPATH=$PWD nice python bench/finetune.py --source-minutes 14 --minutes 10 > bench_finetune.log 2>&1 &
 
-CPU PyTorch slows down several-fold when other jobs share the cores: the steps each run managed are
-recorded beside the wall time.
+Wall time depends on the machine's load (recorded before and after): the steps each run managed are
+recorded beside it.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def check_source_run(run: Path, manifest: Path) -> None:
         raise SystemExit(f"{run}: not trained on the train split of {manifest} (manifest or fold differ)")
 
 
-# A recipe that learns within minutes on a busy CPU: the shipped plan's network at half the width, without
+# A recipe that learns within minutes on a CPU: the shipped plan's network at half the width, without
 # deep supervision, on a smaller patch, Adam at a constant 1e-3 and light augmentation (the shipped SGD/poly recipe with nnU-Net's augmentation
 # needs several hundred steps before its Dice leaves 0, see the hippocampus section of benchmarks.md).
 FAST = {
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"].append(source_summary(args, manifests))
     else:
         results["runs"].append(run_one("source", args, manifests))
-    # Scratch and fine-tuning train side by side, so both see the same load on the shared machine.
+    # Scratch and fine-tuning train side by side, so both see the same load.
     argv_rest = sys.argv[1:] if argv is None else argv
     children = [subprocess.Popen([sys.executable, __file__, *argv_rest, "--one", label]) for label in ("scratch", "finetune")]
     if any(child.wait() for child in children):

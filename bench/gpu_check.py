@@ -8,7 +8,14 @@
 4. ``ct_end_to_end``: ``predict_paths`` on a 512x512x300 CT (built from ../shared/data/lung_ct, else a
    synthetic CT of that size): seconds, peak device memory.
 
-``--small`` shrinks everything (network, patch, CT) so that the script's logic can be checked on a CPU.
+The timed checks (AMP steps, the compiled network's steady call, the CT end to end) are the variants of
+bench/harness.py: interleaved, ``--repeats`` rounds, median and min-max. Each check's JSON line (its first
+repeat) is printed as before; ``--json`` writes the harness record (machine, load average, command,
+commit) with all repeats, and ``--out OUT`` also writes it as ``OUT/gpu_check.json``.
+
+``--small`` shrinks everything (network, patch, CT) so that the script's logic can be checked on a CPU:
+
+    PYTHONPATH=$PWD python bench/gpu_check.py --small --skip-compile --json /tmp/gpu_check.json
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import harness  # noqa: E402
 
 from medseg.config import config_from_dict  # noqa: E402
 from medseg.inference.predictor import Predictor  # noqa: E402
@@ -142,8 +152,8 @@ def sliding_window(model: Path, device: torch.device, work: Path, shape: tuple[i
     seen: dict[str, str] = {}
     probabilities = predictor.probabilities
 
-    def spy(image: torch.Tensor) -> torch.Tensor:
-        out = probabilities(image)
+    def spy(image: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = probabilities(image, *args, **kwargs)
         seen["device"] = out.device.type
         return out
 
@@ -172,20 +182,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny sizes: checks the logic on a CPU")
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_gpu_check"))
-    parser.add_argument("--out", type=Path, default=None, help="also append the JSON lines to OUT/gpu_check.jsonl")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also append the JSON lines to OUT/gpu_check.jsonl and write the record to OUT/gpu_check.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
     parser.add_argument("--skip-compile", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.work.mkdir(parents=True, exist_ok=True)
     config = make_config(args.small)
-    emit({"check": "device", "device": device.type,
-          "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}, args.out)
-    emit(amp_train(config, device, steps=1 if args.small else 20), args.out)
-    if not args.skip_compile:
-        emit(compiled(config, device), args.out)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    emit({"check": "device", "device": device.type, "name": name, "torch": torch.__version__}, args.out)
     model = bundle_file(config, args.work)
     emit(sliding_window(model, device, args.work, (96, 96, 12) if args.small else (192, 192, 48)), args.out)
-    emit(end_to_end(model, device, args.work, (96, 96, 12) if args.small else (512, 512, 300)), args.out)
+    steps = 1 if args.small else 20
+    shape = (96, 96, 12) if args.small else (512, 512, 300)
+    checks = {"amp_train": lambda: amp_train(config, device, steps=steps),
+              "compile": lambda: compiled(config, device),
+              "ct_end_to_end": lambda: end_to_end(model, device, args.work, shape)}
+    if args.skip_compile:
+        checks.pop("compile")
+    seconds_of = {"amp_train": lambda r: steps / r["steps_per_s"], "compile": lambda r: r["steady_call_s"],
+                  "ct_end_to_end": lambda r: r["seconds"]}
+
+    def variant(check: str):
+        def run(repeat: int) -> dict:
+            result = checks[check]()
+            if repeat == 0:
+                emit(result, args.out)
+            return {**{k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+                    "seconds": seconds_of[check](result)}
+        return run
+
+    measured = harness.run_interleaved({check: variant(check) for check in checks}, args.repeats)
+    record = harness.record("gpu_check", measured, device=device.type, device_name=name, small=args.small,
+                            notes="seconds: amp_train: the timed steps (after one warm-up step); compile: one steady "
+                                  "call of the compiled network; ct_end_to_end: predict_paths on the CT")
+    if args.json:
+        print("written:", harness.write_record(record, args.json))
+    if args.out is not None:
+        harness.write_record(record, args.out.resolve() / "gpu_check.json")
 
 
 if __name__ == "__main__":

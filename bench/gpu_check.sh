@@ -5,7 +5,7 @@
 # which checks the script's logic only (its numbers say nothing about a GPU).
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
-#   bash bench/gpu_check.sh --small    # logic check on a CPU (a few minutes on a busy 2-core machine)
+#   bash bench/gpu_check.sh --small    # logic check on a CPU (tiny sizes; no GPU figures)
 # Needs medseg's dependencies in $PYTHON (default python), e.g. after scripts/setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -141,12 +141,13 @@ def record(benchmark: str, measured: Mapping[str, Any], **details: Any) -> dict[
 
 
 def write_record(data: Mapping[str, Any], path: Path) -> Path:
-    """Write ``data`` as JSON to ``path`` (relative paths under docs/benchmarks/), atomically."""
+    """Write ``data`` as JSON to ``path`` atomically. A relative path goes under docs/benchmarks/; one that
+    already starts with ``docs/benchmarks/`` is taken from the repository root (the older commands' form)."""
     from medseg.atomic import write_text_atomic
 
     path = Path(path)
     if not path.is_absolute():
-        path = RESULTS / path
+        path = REPO / path if path.parts[:2] == ("docs", "benchmarks") else RESULTS / path
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     return path

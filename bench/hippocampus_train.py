@@ -12,8 +12,8 @@ also rewrites the hippocampus section of docs/benchmarks.md.
 
 The planned run is the shipped config as `medseg train configs/mr_hippocampus.yaml` runs it: a CPU plan
 trains for ``train.max_minutes`` (120) with the poly decay spread over that wall-clock budget
-(``train.schedule_over: time``); ``--minutes`` sets both runs' budget instead. Run it on an idle
-machine: CPU PyTorch slows down several-fold when other jobs share the cores.
+(``train.schedule_over: time``); ``--minutes`` sets both runs' budget instead. The record gives
+the load average: CPU training speed depends on it.
 """
 
 from __future__ import annotations

@@ -7,16 +7,15 @@ and 1000 slices, keeping its spacing and orientation. Each size is predicted on 
 with the ct_lung network, untrained and seeded (``bench/predict_speed.py``'s bundle; speed does not
 depend on the weights), in a process of its own so that its peak RSS is its own.
 
-Per size: wall seconds, the network's forward seconds, the per-stage seconds (medseg.inference.timing),
-peak RSS above the process's RSS after the model is loaded, bytes per input voxel, load average before
-and after. The goal (issue 22): time linear in voxels, bytes per voxel flat.
+Each size is a variant of bench/harness.py: the sizes run interleaved (100 300 600 1000 100 300 ...) for
+``--repeats`` rounds, each figure the median (min-max) over the rounds. Per size: wall seconds, the
+network's forward seconds, the per-stage seconds (medseg.inference.timing, as ``stage_<name>_s``), peak RSS
+above the process's RSS after the model is loaded, bytes per input voxel. The goal (issue 22): time
+linear in voxels, bytes per voxel flat.
 
-    PYTHONPATH=$PWD python bench/predict_growth.py --json docs/benchmarks/predict_growth.json \\
+    PYTHONPATH=$PWD python bench/predict_growth.py --json predict_growth.json \\
         --plot docs/benchmarks/predict_growth.png
-    PYTHONPATH=$PWD python bench/predict_growth.py --slices 12 24 --channels 4 8 16 32 64   # smoke test
-
-Each size is one function call (:func:`run_default`) taking the model, the scan and an output folder, so
-a shared harness can repeat and interleave it.
+    PYTHONPATH=$PWD python bench/predict_growth.py --slices 12 24 --channels 4 8 16 32 64 --json /tmp/g.json  # smoke
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+import harness  # noqa: E402
 from predict_speed import LUNG, Timed, benchmark_bundle  # noqa: E402
 
 DEFAULT_SLICES = (100, 300, 600, 1000)
@@ -85,7 +84,7 @@ def run_default(model: Path, scan: Path, out: Path) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Seconds and bytes per voxel against voxels (millions)."""
+    """Seconds and bytes per voxel (medians over the repeats) against voxels (millions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,8 +108,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of docs/benchmarks.md."""
-    lines = ["| slices | voxels (M) | seconds | network s | around the network / network | s per M voxels | "
+    """The markdown table of docs/benchmarks.md: medians over the repeats, seconds also with min-max."""
+    lines = ["| slices | voxels (M) | seconds, median (min–max) | network s | around the network / network | s per M voxels | "
              "peak above model (GB) | B / voxel | B / added voxel |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         around = sum(v for k, v in r["stages"].items() if k != "network")
@@ -119,7 +118,7 @@ def table(rows: list[dict]) -> str:
         prev = rows[i - 1] if i else None
         added = "" if prev is None else \
             f"{(r['peak_bytes_above_model'] - prev['peak_bytes_above_model']) / (r['voxels'] - prev['voxels']):.1f}"
-        lines.append(f"| {r['slices']} | {r['voxels'] / 1e6:.1f} | {r['seconds']:.1f} | {r['network_seconds']:.1f} | "
+        lines.append(f"| {r['slices']} | {r['voxels'] / 1e6:.1f} | {harness.cell(r['seconds_summary'], 1)} | {r['network_seconds']:.1f} | "
                      f"{around / max(r['stages'].get('network', 0), 1e-9):.2f} | {r['seconds'] / (r['voxels'] / 1e6):.2f} | "
                      f"{r['peak_bytes_above_model'] / 1e9:.2f} | {r['bytes_per_voxel']:.1f} | {added} |")
     return "\n".join(lines)
@@ -130,7 +129,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_predict_growth"))
     parser.add_argument("--slices", type=int, nargs="+", default=list(DEFAULT_SLICES))
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="network channels (default: ct_lung's)")
-    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS, help="interleaved rounds over the sizes")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "SCAN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,23 +141,33 @@ def main() -> None:
     if not LUNG.is_file():
         raise SystemExit(f"real data not found: {LUNG}")
     model = benchmark_bundle(args.work, args.channels)
+    scans = {slices: stacked_ct(LUNG, slices, args.work / "scans") for slices in args.slices}
+
+    def size(slices: int):
+        def run(repeat: int) -> dict:
+            cmd = [sys.executable, __file__, "--worker", str(model), str(scans[slices]), str(args.work / f"out_{slices}")]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(REPO)})
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            return {k: v for k, v in r.items() if isinstance(v, int | float)} | \
+                {f"stage_{k}_s": v for k, v in r["stages"].items() if isinstance(v, int | float)}
+        return run
+
+    measured = harness.run_interleaved({f"{n} slices": size(n) for n in args.slices}, args.repeats)
     rows = []
-    for slices in args.slices:
-        scan = stacked_ct(LUNG, slices, args.work / "scans")
-        cmd = [sys.executable, __file__, "--worker", str(model), str(scan), str(args.work / f"out_{slices}")]
-        print(f"predicting {scan.name} ...", flush=True)
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-        row = {"slices": slices, **json.loads(done.stdout.strip().splitlines()[-1])}
-        print(json.dumps(row), flush=True)
+    for n in args.slices:
+        v = measured["variants"][f"{n} slices"]
+        row = {"slices": n, "voxels": int(v["voxels"]["median"]), "seconds_summary": v["seconds"],
+               **{k: s["median"] for k, s in v.items() if not k.startswith("stage_")},
+               "stages": {k[len("stage_"):-len("_s")]: s["median"] for k, s in v.items() if k.startswith("stage_")}}
         rows.append(row)
-    report = {"command": "python " + " ".join(sys.argv),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "network_channels": args.channels or "ct_lung default", "rows": rows}
+    report = harness.record("predict_growth", measured, network_channels=args.channels or "ct_lung default",
+                            rows=rows, notes="rows: medians over the repeats; peak_bytes_above_model: ru_maxrss - "
+                                             "RSS after the model is loaded")
+    print(harness.conditions(report))
     print(table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print("written:", harness.write_record(report, args.json))
     if args.plot:
         plot(rows, args.plot)
 

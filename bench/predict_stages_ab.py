@@ -1,16 +1,19 @@
 """Work around the network, A/B between two checkouts of medseg: CPU seconds, peak memory, identical masks.
 
-For a noisy shared machine: each run is a process of its own with ONE torch thread (process CPU time then
-counts work done, not OpenMP threads spinning while the machine is contended), the two checkouts run
-interleaved A B A B ..., and the figures to quote are ratios of medians. Per run: the network's forward
-calls are timed (wall and CPU) inside the process, so "non-network CPU" = process CPU - forward CPU; the
-default path (statistics and QC on, NIfTI out, float32); peak RSS; the stage times where the checkout
-has them (medseg.inference.timing). Masks of the last runs are compared voxel by voxel.
+Each run is a process of its own with ONE torch thread (process CPU time then counts work done, not
+OpenMP threads spinning while other processes hold the cores); the two checkouts are the variants of
+bench/harness.py (interleaved A B A B ..., ``--repeats`` rounds, median and min-max), and the figures to
+quote are ratios of medians. Per run: the network's forward calls are timed (wall and CPU) inside the
+process, so "non-network CPU" = process CPU - forward CPU; the default path (statistics and QC on, NIfTI
+out, float32); peak RSS; the stage times where the checkout has them (medseg.inference.timing, as
+``stage_<name>_s``). Masks of the last runs are compared voxel by voxel.
 
-    PYTHONPATH=$PWD python bench/predict_stages_ab.py --a /work/main --b $PWD --channels 4 8 16 32 64 --repeats 3
+    PYTHONPATH=$PWD python bench/predict_stages_ab.py --a CHECKOUT_A --b $PWD --channels 4 8 16 32 64 \
+        --json predict_stages_ab.json
+    PYTHONPATH=$PWD python bench/predict_stages_ab.py --a $PWD --b $PWD --smoke --json /tmp/ab.json   # smoke
 
 The bundle is written by checkout A (so an older checkout can read it); the scans are
-bench/predict_speed.py's (``--scan`` picks one by name).
+bench/predict_speed.py's (``--scan`` picks one by name; ``--smoke``: its DICOM series and a tiny network).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import nibabel as nib
 import numpy as np
 
@@ -68,6 +71,10 @@ def run_default(model: Path, scan: Path, out: Path) -> dict:
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _stem(scan: Path) -> str:
+    return scan.name[: -len(".nii.gz")] if scan.name.endswith(".nii.gz") else scan.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", type=Path, required=True, help="checkout A (the baseline)")
@@ -75,47 +82,56 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medseg_stages_ab"))
     parser.add_argument("--scan", default="512x512x48", help="part of the scan's name (predict_speed.py's scans)")
     parser.add_argument("--channels", type=int, nargs="+", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the DICOM series torchio_ct_17 and channels 4..64: checks the script, measures nothing")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_default(*map(Path, args.worker))))
         return
+    if args.smoke:
+        args.scan, args.channels = "torchio_ct_17", args.channels or [4, 8, 16, 32, 64]
     channels = " ".join(map(str, args.channels)) if args.channels else ""
     setup = ("import sys, json; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-             "import predict_speed as ps; m, s = ps.prepare(Path(sys.argv[2]), [int(c) for c in sys.argv[3].split()] or None); "
-             "print(json.dumps([str(m), [str(x) for x in s]]))")
-    done = subprocess.run([sys.executable, "-c", setup, str(HERE.parent), str(args.work), channels], check=True,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(args.a)})
+             "import predict_speed as ps; m, s = ps.prepare(Path(sys.argv[2]), [int(c) for c in sys.argv[3].split()] or None, "
+             "sys.argv[4] == '1'); print(json.dumps([str(m), [str(x) for x in s]]))")
+    done = subprocess.run([sys.executable, "-c", setup, str(HERE.parent), str(args.work), channels,
+                           "0" if args.smoke else "1"], check=True, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(args.a)})
     model, scans = json.loads(done.stdout.strip().splitlines()[-1])
     scan = next(Path(s) for s in scans if args.scan in Path(s).name)
-    runs: dict[str, list[dict]] = {"a": [], "b": []}
-    for _ in range(args.repeats):
-        for name, tree in (("a", args.a), ("b", args.b)):
+
+    def variant(name: str, tree: Path):
+        def run(repeat: int) -> dict:
             out = args.work / f"out_{name}"
             done = subprocess.run([sys.executable, str(HERE), "--a", str(args.a), "--b", str(args.b), "--worker",
                                    model, str(scan), str(out)], check=True, capture_output=True, text=True,
                                   cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
-            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(name, json.dumps(runs[name][-1]), flush=True)
-    stem = scan.name[: -len(".nii.gz")]
-    a = np.asarray(nib.load(args.work / "out_a" / f"{stem}.nii.gz").dataobj)
-    b = np.asarray(nib.load(args.work / "out_b" / f"{stem}.nii.gz").dataobj)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            stages = {f"stage_{k}_s": v for k, v in (r.pop("stages") or {}).items() if isinstance(v, int | float)}
+            r.pop("load", None)
+            return {**r, "seconds": r["wall"], **stages}
+        return run
 
-    def median(name: str, key: str) -> float:
-        return statistics.median(r[key] for r in runs[name])
-
-    report = {"command": "python " + " ".join(sys.argv), "scan": scan.name, "voxels": int(a.size),
-              "network_channels": args.channels or "ct_lung default", "runs": runs,
-              "non_network_cpu_ratio_b_over_a": median("b", "non_network_cpu") / median("a", "non_network_cpu"),
-              "forward_cpu_ratio_b_over_a": median("b", "forward_cpu") / median("a", "forward_cpu"),
-              "peak_rss_difference_bytes_b_minus_a": median("b", "peak_rss") - median("a", "peak_rss"),
-              "mask_voxels_equal": float((a == b).mean()), "mask_voxels_differing": int((a != b).sum())}
-    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+    measured = harness.run_interleaved({"a": variant("a", args.a), "b": variant("b", args.b)}, args.repeats)
+    a = np.asarray(nib.load(args.work / "out_a" / f"{_stem(scan)}.nii.gz").dataobj)
+    b = np.asarray(nib.load(args.work / "out_b" / f"{_stem(scan)}.nii.gz").dataobj)
+    v = measured["variants"]
+    report = harness.record(
+        "predict_stages_ab", measured, checkouts={"a": harness.portable(str(args.a.resolve())),
+                                                  "b": harness.portable(str(args.b.resolve()))},
+        scan=scan.name, voxels=int(a.size), network_channels=args.channels or "ct_lung default", smoke=args.smoke,
+        non_network_cpu_ratio_b_over_a=harness.ratio(measured, "b", "a", "non_network_cpu"),
+        forward_cpu_ratio_b_over_a=harness.ratio(measured, "b", "a", "forward_cpu"),
+        peak_rss_difference_bytes_b_minus_a=v["b"]["peak_rss"]["median"] - v["a"]["peak_rss"]["median"],
+        mask_voxels_equal=float((a == b).mean()), mask_voxels_differing=int((a != b).sum()))
+    print(json.dumps(report, indent=2))
+    print(harness.conditions(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print("written:", harness.write_record(report, args.json))
 
 
 if __name__ == "__main__":

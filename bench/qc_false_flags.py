@@ -5,8 +5,12 @@ The model is copied first and the copy calibrated (``calibrate_bundle_file``: li
 train split, uncertainty limits from its validation split), so the run folder is not changed. Then
 ``medseg predict``'s batch runner predicts the test split with statistics on; the lung CT's input flags are checked with an empty mask.
 
-    PYTHONPATH=$PWD python bench/qc_false_flags.py runs/mr_hippocampus \\
-        --json docs/benchmarks/qc_hippocampus.json
+The record (bench/harness.py: machine, load average before and after, command, commit) holds flag counts
+and rates and Dice, not times: nothing here is a speed figure. ``--json`` writes it (a relative path goes
+under docs/benchmarks/).
+
+    PYTHONPATH=$PWD python bench/qc_false_flags.py RUN --json qc_hippocampus.json
+    PYTHONPATH=$PWD python bench/qc_false_flags.py --smoke --json /tmp/qc.json   # untrained model, few cases
 """
 
 from __future__ import annotations
@@ -14,15 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import nibabel as nib
 import numpy as np
 import torch
@@ -79,31 +80,49 @@ def _rule_flags(values: dict[str, dict[str, float | None]], limits: dict[str, fl
                   if any(v[k] is not None and limits[k] is not None and v[k] > limits[k] for k in limits))
 
 
+def untrained_bundle(path: Path) -> Path:
+    """configs/mr_hippocampus.yaml's network, untrained and seeded, as a bundle (``--smoke``'s model)."""
+    from medseg.config import load_config
+    from medseg.models.bundle import ModelBundle, build_model
+
+    config = load_config(ROOT / "configs" / "mr_hippocampus.yaml")
+    torch.manual_seed(0)
+    net = build_model(config.model, 1, 3)
+    bundle = ModelBundle.from_config(config, {0: "background", 1: "anterior", 2: "posterior"}, 1)
+    return bundle.with_weights({k: v.clone() for k, v in net.state_dict().items()}).save(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="run folder or bundle of a hippocampus model")
+    parser.add_argument("run", type=Path, nargs="?", help="run folder or bundle of a hippocampus model")
     parser.add_argument("--manifest", type=Path, default=ROOT / "data_manifests" / "hippocampus.json")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
     parser.add_argument("--degraded-cases", type=int, default=20, help="test cases also predicted noisy and blurred")
+    parser.add_argument("--smoke", action="store_true",
+                        help="an untrained model, 4 train / 2 validation / 3 test / 2 degraded cases: checks the script")
     args = parser.parse_args()
+    if args.run is None and not args.smoke:
+        parser.error("a run folder or bundle is needed (or --smoke)")
 
-    load_at_start = os.getloadavg()[0]
+    load_before = harness.load_average()
     manifest = load_manifest(args.manifest)
     labelled = lambda split: [c for c in manifest.split(split) if c.label]  # noqa: E731
     train, val, test = labelled("train"), labelled("val"), manifest.split("test")
+    if args.smoke:
+        train, val, test, args.degraded_cases = train[:4], val[:2], test[:3], 2
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "best.pt"
-        shutil.copy(resolve_bundle_path(args.run), model)
+        if args.smoke:
+            untrained_bundle(model)
+        else:
+            shutil.copy(resolve_bundle_path(args.run), model)
         print(f"calibrating on {len(train)} training and {len(val)} validation cases ...", flush=True)
-        t0 = time.perf_counter()
         bundle = calibrate_bundle_file(model, manifest, train, val, "cpu")
-        calibration_s = time.perf_counter() - t0
         predictor = Predictor.from_checkpoint(model, "cpu")
         out = Path(tmp) / "test"
-        print(f"calibrated in {time.perf_counter() - t0:.0f} s; predicting {len(test)} test cases ...", flush=True)
-        t0 = time.perf_counter()
+        print(f"calibrated; predicting {len(test)} test cases ...", flush=True)
         predict_paths(None, [manifest.image_path(c) for c in test], out, predictor=predictor)
-        predict_s = time.perf_counter() - t0
         flags = _flags(out)
         # Each test case's mean foreground Dice against its reference: a flag on a case the model got right is
         # a false flag; on a case it got wrong, a useful one.
@@ -138,12 +157,13 @@ def main() -> None:
                     **{f"{kind}_flagged": len(_rule_flags(d["uncertainty"], limits)) for kind, d in degraded.items()}}
              for name, limits in rule_limits.items()}
     counts = Counter(f for v in flags.values() for f in v)
+    measured = {"load_average_before": load_before, "load_average_after": harness.load_average()}
     result = {
-        "model": str(args.run), "validation_mean_dice": bundle.spec.provenance.validation.mean_dice,
+        "model": "untrained (--smoke)" if args.smoke else harness.portable(str(args.run)), "smoke": args.smoke,
+        "validation_mean_dice": bundle.spec.provenance.validation.mean_dice,
         "validation_epoch": bundle.spec.provenance.validation.epoch,
         "cases": {"train": len(train), "val": len(val), "test": len(test)},
         "qc_limits": qc.model_dump(mode="json"),
-        "calibration_s": round(calibration_s, 1), "predict_test_s": round(predict_s, 1),
         "rules_compared": rules,
         "degraded_test_cases": {kind: {
             "cases": len(d["dice"]), "mean_dice": round(float(np.mean(list(d["dice"].values()))), 4),
@@ -163,13 +183,11 @@ def main() -> None:
         "validation_uncertainty": {k: qc.calibration.get(f"validation_{k}") for k in
                                    ("foreground_entropy", "low_confidence_share")},
         "test_uncertainty": {k: [u[k] for u in test_uncertainty.values()] for k in measures},
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"{os.cpu_count()} cores, load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end",
-        "command": "PYTHONPATH=$PWD python " + " ".join(sys.argv),
     }
-    print(json.dumps(result, indent=1))
+    data = harness.record("qc_false_flags", measured, **result)
+    print(json.dumps(data, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print("written:", harness.write_record(data, args.json))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@
    (job rows and folders equal the accepted uploads, no staged upload left); the service's masks equal
    ``medseg predict``'s for the same scans, voxel for voxel with identical affines.
 
-Figures go to ``--json`` and, with ``--docs``, to the serving section of docs/benchmarks.md:
+The whole run is repeated ``--repeats`` times through bench/harness.py (fresh server and data folder each
+time): timings are given as median (min-max), counts summed. Figures go to ``--json`` (a harness record)
+and, with ``--docs``, to the serving section of docs/benchmarks.md:
 
-    PYTHONPATH=$PWD python bench/serve_load.py --model runs/mr_hippocampus --docs
+    PYTHONPATH=$PWD python bench/serve_load.py --model RUN --docs
+    PYTHONPATH=$PWD python bench/serve_load.py --model MODEL --requests 12 --clients 2 --kill-jobs 2 --valid-scans 2 \\
+        --compare 1 --json /tmp/serve_load.json   # smoke
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
 import secrets
 import shutil
@@ -37,6 +40,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import httpx
 import nibabel as nib
 import numpy as np
@@ -179,39 +183,40 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def docs_section(r: dict) -> str:
-    lat = r["latency_ms"]
-    v = r["model_validation"]
-    start_end = r.get("load_average_1min_start_end")
-    load = f"; 1-minute load average {start_end[0]:.1f} at start, {start_end[1]:.1f} at end" if start_end else ""
-    validation = f"validation mean Dice {v['mean_dice']:.3f} at epoch {v['epoch']}, " if v.get("mean_dice") is not None else ""
-    kinds = "\n".join(f"| {k} | {v['count']} | {v['expected']} | {v['statuses']} | {v['right']} |"
-                      for k, v in r["by_kind"].items())
+    """The serving section of docs/benchmarks.md: timings as median (min–max) over the repeats, counts summed."""
+    v, t = r["variants"]["serve"], r["totals_over_repeats"]
+    n = r["repeats"]
+    val = r["model_validation"]
+    validation = f"validation mean Dice {val['mean_dice']:.3f} at epoch {val['epoch']}, " if val.get("mean_dice") is not None else ""
+    kinds = "\n".join(f"| {k} | {k_['count']} | {k_['expected']} | {k_['statuses']} | {k_['right']} |"
+                      for k, k_ in r["by_kind"].items())
     return f"""{DOCS_BEGIN}
 ## Inference service under load and `kill -9` (loopback)
 
-Run on {r['date']} with `{r['command']}` ({r['machine']}{load}).
+{harness.conditions(r)}
 
 Server: `medseg serve` (uvicorn, 1 worker thread, device {r['device']}) on 127.0.0.1 with model
-`{r['model_name']}` ({validation}weights SHA-256 `{(r['model_weights_sha256'] or '')[:12]}`); {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
+`{r['model_name']}` ({validation}weights SHA-256 `{(r['model_weights_sha256'] or '')[:12]}`). Each of the {n} repeats: a fresh
+server and data folder, {r['requests']} uploads from {r['clients']} concurrent clients, a seeded mix of {r['valid_scans']}
 real hippocampus MR scans and bad requests; then {r['kill_jobs']} more uploads, `kill -9` of the server while
-job(s) ran, a restart on the same data folder.
+job(s) ran, a restart on the same data folder. Timings: median (min–max) over the repeats; counts: summed over them.
 
 | figure | value |
 |---|---|
-| upload throughput (all {r['requests']} requests) | {r['upload_throughput_rps']:.1f} requests/s |
-| upload latency, accepted scans p50 / p95 | {lat['accepted_p50']:.0f} / {lat['accepted_p95']:.0f} ms |
-| latency of refused requests p50 / p95 | {lat['refused_p50']:.0f} / {lat['refused_p95']:.0f} ms |
-| jobs finished per second, first upload to last job (kill and restart included) | {r['job_throughput_per_s']:.3f} jobs/s |
-| time a worker spent per job (read, predict, write), mean | {r['mean_job_s']:.2f} s |
-| bad requests answered with the right status | {r['bad_right']} of {r['bad_total']} |
-| jobs accepted / finished done / failed | {r['accepted']} / {r['done']} / {r['failed']} |
-| jobs running when killed, retried after restart | {r['running_at_kill']} ({r['retried']} finished on attempt 2) |
-| **jobs lost** | **{r['lost']}** |
-| job rows / job folders / staged uploads left | {r['rows']} / {r['job_folders']} / {r['staged_left']} (accepted: {r['accepted']}) |
-| server start to ready / restart to ready | {r['ready_s']:.1f} s / {r['restart_ready_s']:.1f} s |
-| service masks equal to `medseg predict`'s | {r['masks_equal']} of {r['masks_compared']} (voxels and affine) |
+| upload throughput (all {r['requests']} requests), requests/s | {harness.cell(v['upload_throughput_rps'], 1)} |
+| upload latency, accepted scans p50 / p95, ms | {harness.cell(v['accepted_p50_ms'], 0)} / {harness.cell(v['accepted_p95_ms'], 0)} |
+| latency of refused requests p50 / p95, ms | {harness.cell(v['refused_p50_ms'], 0)} / {harness.cell(v['refused_p95_ms'], 0)} |
+| jobs finished per second, first upload to last job (kill and restart included) | {harness.cell(v['job_throughput_per_s'], 3)} |
+| time a worker spent per job (read, predict, write), mean, s | {harness.cell(v['mean_job_s'])} |
+| server start to ready / restart to ready, s | {harness.cell(v['ready_s'], 1)} / {harness.cell(v['restart_ready_s'], 1)} |
+| bad requests answered with the right status | {t['bad_right']} of {t['bad_total']} |
+| jobs accepted / finished done / failed | {t['accepted']} / {t['done']} / {t['failed']} |
+| jobs running when killed, retried after restart | {t['running_at_kill']} ({t['retried']} finished on attempt 2) |
+| **jobs lost** | **{t['lost']}** |
+| job rows / job folders / staged uploads left | {t['rows']} / {t['job_folders']} / {t['staged_left']} (accepted: {t['accepted']}) |
+| service masks equal to `medseg predict`'s (voxels and affine) | {t['masks_equal']} of {t['masks_compared']} |
 
-| request kind | sent | must get | statuses seen | right |
+| request kind (all repeats) | sent | must get | statuses seen | right |
 |---|---|---|---|---|
 {kinds}
 
@@ -222,32 +227,13 @@ Data attribution: MSD Task04 Hippocampus, CC BY-SA 4.0. Antonelli et al., "The M
 """
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="run folder to serve")
-    parser.add_argument("--scans", type=Path, default=REPO.parent / "shared" / "data" / "hippocampus" / "images")
-    parser.add_argument("--valid-scans", type=int, default=20, help="distinct real scans among the uploads")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--kill-jobs", type=int, default=8, help="uploads before the kill -9")
-    parser.add_argument("--max-upload-mb", type=float, default=1.0)
-    parser.add_argument("--compare", type=int, default=5, help="masks compared with medseg predict's")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the jobs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_load.json")
-    parser.add_argument("--docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
-    args = parser.parse_args()
-
-    scans = sorted(args.scans.glob("*.nii.gz"))[: args.valid_scans]
-    if not scans:
-        print(f"no scans in {args.scans}", file=sys.stderr)
-        return 2
+def scenario(args: argparse.Namespace, scans: list[Path], snapshot: Path) -> dict:
+    """One full run (load, kill -9, restart, checks) in a fresh work folder with its own server and data folder:
+    its figures (numbers), its per-kind statuses and whether every check passed. The folder is removed when
+    they all did (kept, with the server log, when one failed)."""
     work = Path(tempfile.mkdtemp(prefix="medseg_serve_load_"))
-    from medseg.models.bundle import resolve_bundle_path
-
-    # A snapshot: a training run may replace best.pt meanwhile, and both sides must use one model.
     model = work / "model.pt"
-    shutil.copyfile(resolve_bundle_path(args.model), model)
+    shutil.copyfile(snapshot, model)
     data_dir = work / "data"
     token = secrets.token_urlsafe(32)
     token_file = work / "tokens"
@@ -257,8 +243,7 @@ def main() -> int:
     payloads = make_payloads(scans, max_upload)
     rng = random.Random(args.seed)
     kinds = rng.choices(list(MIX), weights=[w for w, _ in MIX.values()], k=args.requests)
-    load_start = os.getloadavg()[0]  # how busy the machine was: quoted with the figures
-    print(f"work folder {work}; starting the server", flush=True)
+    print("starting the server", flush=True)
     ready_s = server.start()
 
     # --- 1. load: requests from concurrent clients ---------------------------------------------------
@@ -367,47 +352,95 @@ def main() -> int:
     bad = [(k, s) for k, s, _ in results if k != "valid"]
     accepted_ms = [ms for k, s, ms in results if k == "valid" and s == 202]
     refused_ms = [ms for k, s, ms in results if k != "valid"]
-    import torch
-
-    from medseg.models.bundle import load_bundle
-
-    report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "PYTHONPATH=$PWD python bench/serve_load.py --model " + str(args.model)
-                   + (" --docs" if args.docs else ""),
-        "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "model_name": load_bundle(model, verify=False).spec.name,
-        "model_weights_sha256": load_bundle(model, verify=False).spec.provenance.weights_sha256,
-        "model_validation": load_bundle(model, verify=False).spec.provenance.validation.model_dump(),
-        "requests": args.requests, "clients": args.clients, "valid_scans": len(scans), "kill_jobs": args.kill_jobs,
-        "upload_throughput_rps": len(results) / load_s,
-        "latency_ms": {"accepted_p50": percentile(accepted_ms, 50), "accepted_p95": percentile(accepted_ms, 95),
-                       "refused_p50": percentile(refused_ms, 50), "refused_p95": percentile(refused_ms, 95),
-                       "all_p50": percentile([ms for *_, ms in results], 50),
-                       "all_p95": percentile([ms for *_, ms in results], 95)},
+    ok = lost == 0 and len(bad) == sum(1 for k, s in bad if s == MIX[k][1]) and rows == len(accepted) == job_folders \
+        and staged == 0 and masks_equal == compared
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"CHECKS FAILED (server log and data kept in {work})", flush=True)
+    return {
+        "seconds": jobs_wall, "upload_throughput_rps": len(results) / load_s,
+        "accepted_p50_ms": percentile(accepted_ms, 50), "accepted_p95_ms": percentile(accepted_ms, 95),
+        "refused_p50_ms": percentile(refused_ms, 50), "refused_p95_ms": percentile(refused_ms, 95),
         "job_throughput_per_s": len(done) / jobs_wall, "mean_job_s": statistics.fmean(durations) if durations else 0.0,
         "bad_total": len(bad), "bad_right": sum(1 for k, s in bad if s == MIX[k][1]),
         "accepted": len(accepted), "done": len(done), "failed": len(failed), "lost": lost,
         "running_at_kill": running_at_kill, "retried": retried, "rows": rows, "job_folders": job_folders,
         "staged_left": staged, "ready_s": ready_s, "restart_ready_s": restart_ready_s,
-        "wait_after_restart_s": time.perf_counter() - t_jobs_end,
-        "masks_equal": masks_equal, "masks_compared": compared, "by_kind": by_kind,
+        "wait_after_restart_s": time.perf_counter() - t_jobs_end, "masks_equal": masks_equal, "masks_compared": compared,
+        "ok": int(ok), "by_kind": by_kind,
         "failed_errors": sorted({states[j].get("error", {}).get("class", "?") for j in failed}),
     }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="run folder to serve")
+    parser.add_argument("--scans", type=Path, default=REPO.parent / "shared" / "data" / "hippocampus" / "images")
+    parser.add_argument("--valid-scans", type=int, default=20, help="distinct real scans among the uploads")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--kill-jobs", type=int, default=8, help="uploads before the kill -9")
+    parser.add_argument("--max-upload-mb", type=float, default=1.0)
+    parser.add_argument("--compare", type=int, default=5, help="masks compared with medseg predict's")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the jobs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS, help="full runs (fresh server and data each)")
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_load.json",
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
+    parser.add_argument("--docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
+    args = parser.parse_args()
+
+    scans = sorted(args.scans.glob("*.nii.gz"))[: args.valid_scans]
+    if not scans:
+        print(f"no scans in {args.scans}", file=sys.stderr)
+        return 2
+    from medseg.models.bundle import load_bundle, resolve_bundle_path
+
+    # A snapshot: a training run may replace best.pt meanwhile, and every repeat and both sides must use one model.
+    snapshot_dir = Path(tempfile.mkdtemp(prefix="medseg_serve_load_model_"))
+    snapshot = snapshot_dir / "model.pt"
+    shutil.copyfile(resolve_bundle_path(args.model), snapshot)
+    runs: list[dict] = []
+
+    def run(repeat: int) -> dict:
+        runs.append(scenario(args, scans, snapshot))
+        return runs[-1]
+
+    measured = harness.run_interleaved({"serve": run}, args.repeats)
+    import torch
+
+    spec = load_bundle(snapshot, verify=False).spec
+    shutil.rmtree(snapshot_dir, ignore_errors=True)
+    by_kind: dict[str, dict] = {}
+    for kind, (_, expected) in MIX.items():  # summed over the repeats
+        statuses: dict[str, int] = {}
+        for r in runs:
+            for status, n in r["by_kind"][kind]["statuses"].items():
+                statuses[status] = statuses.get(status, 0) + n
+        by_kind[kind] = {"count": sum(r["by_kind"][kind]["count"] for r in runs), "expected": expected,
+                         "statuses": dict(sorted(statuses.items())),
+                         "right": sum(r["by_kind"][kind]["right"] for r in runs)}
+    totals = {k: sum(r[k] for r in runs) for k in ("bad_total", "bad_right", "accepted", "done", "failed", "lost",
+                                                     "running_at_kill", "retried", "rows", "job_folders", "staged_left",
+                                                     "masks_equal", "masks_compared")}
+    report = harness.record(
+        "serve_load", measured, device="cuda" if torch.cuda.is_available() else "cpu", model_name=spec.name,
+        model_weights_sha256=spec.provenance.weights_sha256, model_validation=spec.provenance.validation.model_dump(),
+        requests=args.requests, clients=args.clients, valid_scans=len(scans), kill_jobs=args.kill_jobs,
+        totals_over_repeats=totals, by_kind=by_kind,
+        failed_errors=sorted({e for r in runs for e in r["failed_errors"]}),
+        notes="seconds: first upload to the last job finished (kill and restart included), per repeat; each repeat "
+              "is a fresh server, data folder and request mix (same seed)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "by_kind"}, indent=1))
+    print("written:", harness.write_record(report, args.json))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("by_kind", "variants")}, indent=1))
     for kind, v in by_kind.items():
         print(f"  {kind:20s} sent {v['count']:3d}  must get {v['expected']}  got {v['statuses']}")
     if args.docs:
         replace_section(REPO / "docs" / "benchmarks.md", docs_section(report), DOCS_BEGIN, DOCS_END)
-    ok = lost == 0 and report["bad_right"] == report["bad_total"] and rows == len(accepted) == job_folders \
-        and staged == 0 and masks_equal == compared
-    print("OK" if ok else f"CHECKS FAILED (server log and data kept in {work})")
-    if ok:
-        shutil.rmtree(work, ignore_errors=True)
+    ok = all(r["ok"] for r in runs)
+    print("OK" if ok else "CHECKS FAILED")
     return 0 if ok else 1
 
 

@@ -2,9 +2,12 @@
 time with ``--min-replicas 1 --max-replicas 2`` against one fixed replica (``--max-replicas 1``), time to
 result (p50/p95), throughput, the idle extra replica's removal, and ``kill -9`` of the replica process
 running the first job (its job finishes on a replica, none lost, none done twice per the audit log). Masks
-are compared with ``medseg predict``'s. One run per variant (not repeated)::
+are compared with ``medseg predict``'s. The two variants run through bench/harness.py: interleaved (elastic,
+fixed, elastic, ...), ``--repeats`` rounds, median and min-max of the timings, counts summed::
 
     PYTHONPATH=$PWD python bench/serve_ray_burst.py --model RUN --uploads 8
+    PYTHONPATH=$PWD python bench/serve_ray_burst.py --model MODEL --uploads 2 --shape 16 16 8 --idle-wait 0 \\
+        --json /tmp/ray_burst.json   # smoke
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -28,6 +30,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import harness  # noqa: E402
 
 from bench.serve_two_replicas import TOKEN, start_server  # noqa: E402
 from medseg.data.phantom import PhantomSpec, make_phantom  # noqa: E402
@@ -119,11 +124,13 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=8)
     parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 40], help="phantom scans' voxels")
     parser.add_argument("--variants", nargs="+", default=["elastic", "fixed"], choices=["elastic", "fixed"])
-    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_ray_burst.json")
+    parser.add_argument("--repeats", type=int, default=harness.MIN_REPEATS, help="interleaved rounds over the variants")
+    parser.add_argument("--idle-wait", type=float, default=180.0,
+                        help="seconds the elastic variant waits, after the burst, for the extra replica to go")
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "benchmarks" / "serve_ray_burst.json",
+                        help="write the record here (a relative path goes under docs/benchmarks/)")
     args = parser.parse_args()
-    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="medseg-ray-burst-"))
-    (work / "tokens").write_text(TOKEN + "\n")
     spec = PhantomSpec(shape=tuple(args.shape), spacing=(4.0, 4.0, 5.0), noise_hu=15.0)
     scans = []
     for seed in range(args.uploads):
@@ -133,22 +140,30 @@ def main() -> None:
         nib.save(nib.Nifti1Image(image.astype(np.float32), affine), path)
         scans.append(path)
     predict_paths(args.model, scans, work / "predicted", device="cpu")
-    settings = {"elastic": (2, True, 180.0), "fixed": (1, False, 0.0)}
-    results = [run_variant(name, args.model, scans, work / "predicted", work, *settings[name]) for name in args.variants]
-    record = {
-        "what": "burst of uploads to medseg serve --ray auto (local cluster), elastic 1..2 replicas vs 1 fixed",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "command": f"PYTHONPATH=$PWD python bench/serve_ray_burst.py --model RUN --uploads {args.uploads} "
-                   f"--shape {' '.join(map(str, args.shape))} --variants {' '.join(args.variants)}",
-        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "repeats": 1, "variants": results,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in record.items()}, indent=1))
+    settings = {"elastic": (2, True, args.idle_wait), "fixed": (1, False, 0.0)}
+    runs: dict[str, list[dict]] = {name: [] for name in args.variants}
+
+    def variant(name: str):
+        def run(repeat: int) -> dict:
+            folder = work / f"repeat{repeat}"  # a data folder of its own per run
+            folder.mkdir(exist_ok=True)
+            (folder / "tokens").write_text(TOKEN + "\n")
+            r = run_variant(name, args.model, scans, work / "predicted", folder, *settings[name])
+            runs[name].append(r)
+            return {**{k: v for k, v in r.items() if isinstance(v, int | float)}, "seconds": r["burst_to_all_done_s"]}
+        return run
+
+    measured = harness.run_interleaved({name: variant(name) for name in args.variants}, args.repeats)
+    totals = {name: {k: sum(r[k] for r in rs) for k in ("uploads", "done", "lost", "done_more_than_once",
+                                                         "masks_equal_to_predict")} for name, rs in runs.items()}
+    record = harness.record(
+        "serve_ray_burst", measured, uploads=args.uploads, shape=args.shape, totals_over_repeats=totals,
+        runs={name: [{"killed": r["killed"], "killed_job_attempts": r["killed_job_attempts"],
+                      "replicas_timeline": r["replicas_timeline"]} for r in rs] for name, rs in runs.items()},
+        what="burst of uploads to medseg serve --ray auto (local cluster), elastic 1..2 replicas vs 1 fixed",
+        notes="seconds: the burst's first upload to every job done, per repeat")
+    print("written:", harness.write_record(record, args.json))
+    print(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
