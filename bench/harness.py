@@ -66,11 +66,14 @@ def load_average() -> list[float]:
 
 
 def git_commit() -> str:
-    """HEAD's commit, with ``-dirty`` when the working tree has uncommitted changes; "unknown" outside git."""
+    """HEAD's commit, with ``-dirty`` when tracked files other than benchmark records (docs/benchmarks.md,
+    docs/benchmarks/) have uncommitted changes; "unknown" outside git."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        # Benchmark records written earlier in the same session (docs/benchmarks*) are not code: not "dirty".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)docs/benchmarks", ":(exclude)docs/benchmarks.md"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
