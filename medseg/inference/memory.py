@@ -8,7 +8,9 @@ affine -> model grid), so a refused scan is never read. Figures behind the const
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +159,32 @@ class MemoryBudget:
             f"{size.peak_bytes / GIB:.1f} GiB to predict, more than the {self.bytes / GIB:.1f} GiB left under "
             f"{self.source}; predict it on a machine with more memory, or raise the limit",
         )
+
+
+#: ``MEDSEG_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it is (see :func:`keep_freed_memory`).
+KEEP_FREED_MEMORY_ENV = "MEDSEG_KEEP_FREED_MEMORY"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's malloc.h
+_kept: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep memory that predict frees for its next allocations; True when in effect.
+
+    Prediction allocates and frees arrays of tens to hundreds of MB per scan and slab. glibc serves each
+    block above 32 MB with its own ``mmap`` and returns it on free, so the next one is fresh memory whose
+    every page faults in again; on this project's CPU machine that made up a third of the work around the
+    network (docs/benchmarks.md, "Predict speed and memory"). ``mallopt(M_MMAP_MAX, 0)`` takes big blocks
+    from the heap instead and ``M_TRIM_THRESHOLD`` keeps freed heap memory, so the process holds its
+    high-water mark (the peak, which the memory budget is about anyway) rather than returning memory
+    between scans. Process-wide and once; other C libraries (musl, macOS) are left alone.
+    """
+    global _kept
+    if _kept is None:
+        _kept = False
+        if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") != "0" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(None)
+                _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # C int: 2 GiB
+            except (OSError, AttributeError):
+                _kept = False
+    return _kept

@@ -26,7 +26,7 @@ import nibabel as nib
 from medseg.atomic import claim, temporaries
 from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
-from medseg.inference.memory import MemoryBudget, ScanSize, nifti_header_size, scan_size
+from medseg.inference.memory import MemoryBudget, ScanSize, keep_freed_memory, nifti_header_size, scan_size
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import ScanStatistics, assess_scan, merge_statistics
 from medseg.inference.timing import StageTimes
@@ -252,6 +252,7 @@ def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: 
     """:func:`predict_one`, optionally with the scan already being read (``loaded``, its read timed into
     ``times``) and the outputs written by ``writer`` in the background: the claim on the mask then passes to
     the writing job, which releases it. ``times`` gets the seconds of every stage (medseg.inference.timing)."""
+    keep_freed_memory()  # once per process: every face (CLI, Ray actor, service worker) predicts through here
     times = times if times is not None else StageTimes()
     target = batch.target(scan)
     if batch.done(scan):

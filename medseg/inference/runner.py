@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from medseg.atomic import claim, temporaries, temporary_target, write_text_atomic
 from medseg.errors import CheckpointError, OutputError, ScanError
+from medseg.inference.memory import keep_freed_memory
 from medseg.inference.pipeline import (
     PredictBatch,
     ScanOutcome,
@@ -325,6 +326,7 @@ def predict_paths(model: Path | Sequence[Path], inputs: Sequence[Path], output_d
     # Channel files CASE_0000, CASE_0001... are one scan each: the model's input channels come from its spec
     # (weights not read), so bad outputs are refused before the model is loaded. An unreadable model is
     # reported by the loader, after the outputs are checked.
+    keep_freed_memory()  # before the reader and writer threads start (medseg.inference.memory)
     try:
         channels = model_channels(model) if predictor is None else predictor_channels(predictor)
     except CheckpointError:

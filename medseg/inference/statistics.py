@@ -205,6 +205,9 @@ _HISTOGRAM_DTYPES = {np.dtype(np.int16): (np.uint16, 0x8000, -(1 << 15)), np.dty
                      np.dtype(np.int8): (np.uint8, 0x80, -(1 << 7)), np.dtype(np.uint8): (np.uint8, 0, 0)}
 #: Voxels per slab of :func:`class_histograms` (an index array of 8 B each).
 HISTOGRAM_SLAB_VOXELS = 1 << 22
+#: Share of the volume the foreground classes' boxes must hold for :func:`class_statistics` to take the joint
+#: histogram rather than each class's box (a lesion's box is cheaper; a mask over most of the scan is not).
+HISTOGRAM_MIN_BOX_SHARE = 0.25
 #: Most bins (label values x intensity values) :func:`class_histograms` keeps (8 B each).
 HISTOGRAM_MAX_BINS = 1 << 24
 
@@ -259,7 +262,11 @@ def class_statistics(labels: np.ndarray, intensities: np.ndarray | None, affine:
     # One pass for every class's box and voxel count (cc3d's C++ statistics; scipy's find_objects took 3x longer).
     found = cc3d.statistics(labels) if labels.any() else {"bounding_boxes": [], "voxel_counts": []}
     boxes, counts = found["bounding_boxes"], found["voxel_counts"]
-    histograms = None if intensities is None or not len(boxes) else class_histograms(labels, np.asarray(intensities))
+    # The joint histogram is one pass over the whole volume; classes whose boxes hold a small part of it
+    # (lesions) are cheaper one box at a time.
+    in_boxes = sum(int(np.prod([max(0, s.stop - s.start) for s in b])) for b in boxes[1:] if b is not None)
+    histograms = None if intensities is None or in_boxes < HISTOGRAM_MIN_BOX_SHARE * labels.size \
+        else class_histograms(labels, np.asarray(intensities))
     out = []
     for value, name in sorted(label_names.items()):
         if value == 0:

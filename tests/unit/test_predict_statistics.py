@@ -184,6 +184,16 @@ def test_class_histograms_give_each_class_its_own_intensity_summary(dtype):
     assert class_histograms(labels, image.astype(np.int32)) is None  # wider types take the per-class path
 
 
+def test_histogram_and_per_box_paths_give_the_same_statistics(synthetic, monkeypatch):
+    labels, image, affine = synthetic
+    names = {0: "background", 1: "lesion", 2: "organ", 3: "absent"}
+    monkeypatch.setattr("medseg.inference.statistics.HISTOGRAM_MIN_BOX_SHARE", 0.0)  # always the joint histogram
+    joint = class_statistics(labels, image, affine, names)
+    monkeypatch.setattr("medseg.inference.statistics.HISTOGRAM_MIN_BOX_SHARE", 2.0)  # never
+    per_box = class_statistics(labels, image, affine, names)
+    assert joint == per_box and joint[0].intensity_mean is not None
+
+
 def test_ras_spacing_follows_the_axes_not_the_array_order():
     affine = np.array([[0, 0, 3.0, 0], [0, -2.0, 0, 0], [0.5, 0, 0, 0], [0, 0, 0, 1]])  # array axes: S, A, R
     assert ras_spacing(affine) == [3.0, 2.0, 0.5]
