@@ -40,13 +40,12 @@ import logging
 import platform
 import random
 import shlex
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
+import harness  # bench/ is this script's folder, first on sys.path
 import torch
-from docs_section import replace_section  # bench/ is this script's folder, first on sys.path
+from docs_section import replace_section
 from finetune import FAST  # the recipe of the earlier fine-tuning benchmark (bench/finetune.py)
 
 from medseg.atomic import write_text_atomic
@@ -104,7 +103,7 @@ def train_run(config: ExperimentConfig, device: str) -> dict:
     result = train(config, resume=(run_dir / "last.pt").is_file(), device=device)
     wall = time.monotonic() - t0
     steps = config.train.epochs * (config.train.iterations_per_epoch or 0)
-    out = {"run": str(run_dir), "name": config.name, "steps": steps, "epochs": config.train.epochs,
+    out = {"run": harness.portable(str(run_dir)), "name": config.name, "steps": steps, "epochs": config.train.epochs,
            "best_val_dice": round(result.best_dice, 4), "best_epoch": result.best_epoch,
            "train_wall_s_this_call": round(wall, 1), "already_finished": bool(result.already_finished),
            "s_per_step": None if result.already_finished else round(wall / max(1, steps), 2),
@@ -164,8 +163,10 @@ def docs_section(results: dict) -> str:
         f"## Fine-tuned vs from scratch on {results['subset']} new cases, {len(seeds)} seed(s), judged by `medseg compare` "
         "(hippocampus)",
         "",
-        f"Run on {results['date']} with `{results['command']}` ({results['platform']}, torch {results['torch']}, "
-        f"device {results['device']}). Data: MSD Task04 hippocampus (`data_manifests/hippocampus.json`; CC BY-SA 4.0, "
+        f"Run on {results['date']} at commit `{results['commit'][:12]}` with `{results['command']}` "
+        f"({results['machine']['cores']} cores, {results['machine']['cpu_model']}, torch {results['torch']}, device "
+        f"{results['device']}; load average {results['load_average_before']} before, {results['load_average_after']} "
+        "after; the Dice figures do not depend on the load). Data: MSD Task04 hippocampus (`data_manifests/hippocampus.json`; CC BY-SA 4.0, "
         "Antonelli et al. 2022). Source model: "
         f"{results['source_cases']} train cases, {results['source_steps']} steps. New data: {results['subset']} other "
         f"train cases. Fine-tuned: `train.init_from` the source, {results['finetune_steps']} steps (lr "
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args.runs.mkdir(parents=True, exist_ok=True)
     args.output.mkdir(parents=True, exist_ok=True)
+    load_before = harness.load_average()
     manifests = write_manifests(args.manifest, args.runs, args.source_cases, args.subset, args.val, args.test, 0)
     base = load_config(args.config)
     if args.recipe == "fast":
@@ -250,15 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                                          manifests["subset"], compare_dir, dev)
         for name in ("comparison.csv", "comparison.json", "report.html"):  # the results, without the masks
             write_text_atomic(args.output / f"compare_seed{seed}" / name, (compare_dir / name).read_text())
-        seeds.append({**seed_summary(seed, doc), "compare_command": "medseg " + shlex.join(compare_argv)})
-    results = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": "PYTHONPATH=$PWD python bench/finetune_compare.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device": dev, "recipe": args.recipe, "source_cases": args.source_cases, "subset": args.subset, "val": args.val,
-        "source_steps": args.source_steps, "finetune_steps": args.finetune_steps, "iterations": it,
-        "finetune_lr": args.finetune_lr, "freeze_epochs": args.freeze_epochs, "runs": runs, "seeds": seeds,
-    }
+        seeds.append({**seed_summary(seed, doc),
+                      "compare_command": "medseg " + shlex.join(harness.portable(a) for a in compare_argv)})
+    results = harness.record(
+        "finetune_compare", {"load_average_before": load_before, "load_average_after": harness.load_average()},
+        platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads(),
+        device=dev, recipe=args.recipe, source_cases=args.source_cases, subset=args.subset, val=args.val,
+        source_steps=args.source_steps, finetune_steps=args.finetune_steps, iterations=it,
+        finetune_lr=args.finetune_lr, freeze_epochs=args.freeze_epochs, runs=runs, seeds=seeds)
     write_text_atomic(args.output / "finetune_compare.json", json.dumps(results, indent=1))
     if args.docs:
         replace_section(REPO / "docs" / "benchmarks.md", docs_section(results), DOCS_BEGIN, DOCS_END)
