@@ -26,7 +26,14 @@ import nibabel as nib
 from medseg.atomic import claim, temporaries
 from medseg.data.labels import label_code
 from medseg.errors import MedsegError, OutputError
-from medseg.inference.memory import MemoryBudget, ScanSize, keep_freed_memory, nifti_header_size, scan_size
+from medseg.inference.memory import (
+    MemoryBudget,
+    ScanSize,
+    keep_freed_memory,
+    nifti_header_size,
+    release_freed_memory,
+    scan_size,
+)
 from medseg.inference.predictor import Predictor
 from medseg.inference.statistics import ScanStatistics, assess_scan, merge_statistics
 from medseg.inference.timing import StageTimes
@@ -253,6 +260,7 @@ def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: 
     ``times``) and the outputs written by ``writer`` in the background: the claim on the mask then passes to
     the writing job, which releases it. ``times`` gets the seconds of every stage (medseg.inference.timing)."""
     keep_freed_memory()  # once per process: every face (CLI, Ray actor, service worker) predicts through here
+    release_freed_memory()  # what earlier scans left free: kept within a scan, not piled up across scans
     times = times if times is not None else StageTimes()
     target = batch.target(scan)
     if batch.done(scan):
