@@ -121,6 +121,12 @@ def compare_seed(scratch: Path, finetuned: Path, manifest: Path, output: Path, d
     return argv, json.loads((output / "comparison.json").read_text())
 
 
+def relative(text: str) -> str:
+    """``text`` (a report, a JSON record) with this checkout's absolute paths made relative to it: a record
+    names no folder of the machine that ran it."""
+    return text.replace(f"{REPO}/", "")
+
+
 def seed_summary(seed: int, doc: dict) -> dict:
     """The figures of one seed's comparison: mean Dice of both, the paired difference and the forgetting check."""
     comparison = doc["comparisons"][0]
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         compare_argv, doc = compare_seed(args.runs / f"scratch_s{seed}", args.runs / f"finetune_s{seed}",
                                          manifests["subset"], compare_dir, dev)
         for name in ("comparison.csv", "comparison.json", "report.html"):  # the results, without the masks
-            write_text_atomic(args.output / f"compare_seed{seed}" / name, (compare_dir / name).read_text())
+            write_text_atomic(args.output / f"compare_seed{seed}" / name, relative((compare_dir / name).read_text()))
         seeds.append({**seed_summary(seed, doc),
                       "compare_command": "medseg " + shlex.join(harness.portable(a) for a in compare_argv)})
     results = harness.record(
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         device=dev, recipe=args.recipe, source_cases=args.source_cases, subset=args.subset, val=args.val,
         source_steps=args.source_steps, finetune_steps=args.finetune_steps, iterations=it,
         finetune_lr=args.finetune_lr, freeze_epochs=args.freeze_epochs, runs=runs, seeds=seeds)
-    write_text_atomic(args.output / "finetune_compare.json", json.dumps(results, indent=1))
+    write_text_atomic(args.output / "finetune_compare.json", relative(json.dumps(results, indent=1)))
     if args.docs:
         replace_section(REPO / "docs" / "benchmarks.md", docs_section(results), DOCS_BEGIN, DOCS_END)
     for s in seeds:

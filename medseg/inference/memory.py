@@ -27,9 +27,10 @@ GIB = 2**30
 
 #: Working bytes per scan voxel beyond the scan itself: the uint8 label map, the keep-largest-component
 #: mask and component map, the reoriented copy, the mask held by the background writer, and the default
-#: path's statistics and QC (per-class masks and intensities). 10, not the 6 of the masks alone: with 6 the
-#: estimate for the largest benchmark CT (512x512x300, int16) was 13.9 B/voxel while the default path peaked
-#: at 16.1-17.5 B/voxel (docs/benchmarks.md, "Predict speed and memory"); with 10 it is 17.9.
+#: path's statistics and QC. 10, not the 6 of the masks alone: with 6 the estimate for the largest benchmark
+#: CT (512x512x300, int16) was 13.9 B/voxel while the default path then peaked at 16.1-17.5 B/voxel. With 10
+#: it is 17.9, above the default path's peak since the statistics stopped copying (10.5-11.9 B/voxel;
+#: docs/benchmarks.md, "Predict speed and memory"); kept with that margin, as the peak depends on the scan.
 SCAN_VOXEL_BYTES = 10
 #: Bytes per model-grid voxel: the float32 input (and its intensity-scaled copy), MONAI's count map and
 #: the resampling buffer, plus ``MODEL_CLASS_BYTES`` per class (float32 sliding-window sum, softmax,
@@ -172,12 +173,11 @@ def keep_freed_memory() -> bool:
 
     Prediction allocates and frees arrays of tens to hundreds of MB per scan and slab. glibc serves each
     block above 32 MB with its own ``mmap`` and returns it on free, so the next one is fresh memory whose
-    every page faults in again; on this project's CPU machine that made up a third of the work around the
-    network (docs/benchmarks.md, "Predict speed and memory"). ``mallopt(M_MMAP_MAX, 0)`` takes big blocks
-    from the heap instead and ``M_TRIM_THRESHOLD`` keeps freed heap memory, so the process holds its
-    high-water mark (the peak, which the memory budget is about anyway) rather than returning memory
-    after every block. Process-wide and once; other C libraries (musl, macOS) are left alone. Between scans
-    :func:`release_freed_memory` gives back what the previous scan left free.
+    every page faults in again (the network's activations too); keeping them saved about 6 % of a run on
+    this project's CPU machine (docs/benchmarks.md, "Keeping freed memory in predict").
+    ``mallopt(M_MMAP_MAX, 0)`` takes big blocks from the heap instead and ``M_TRIM_THRESHOLD`` keeps freed
+    heap memory rather than returning it after every block. Process-wide and once; other C libraries
+    (musl, macOS) are left alone. Between scans :func:`release_freed_memory` gives back what is left free.
     """
     global _kept
     if _kept is None:
@@ -194,7 +194,7 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Give the memory that earlier scans freed back to the system (glibc ``malloc_trim``), when
     :func:`keep_freed_memory` is in effect: called as each scan starts, so blocks kept for reuse within a
-    scan do not pile up across scans of different sizes (that raised the 4-CT benchmark's peak from 11.4 to
-    14.4 bytes per voxel; docs/benchmarks.md)."""
+    scan do not pile up across scans of different sizes (without it the 4-CT speed benchmark peaked at 14.4
+    instead of about 11 bytes per voxel; docs/benchmarks.md)."""
     if _kept:
         ctypes.CDLL(None).malloc_trim(0)

@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from monai.data.utils import compute_shape_offset, zoom_affine
 
-#: Bytes of float32 working data per slab (the slab thickness follows from the plane size). 16 MB, not 64:
-#: blocks under glibc's 32 MB mmap limit are reused from the heap, and with 64 MB slabs the process peaked
-#: 0.2 GB higher when freed memory is kept (medseg.inference.memory.keep_freed_memory; docs/benchmarks.md).
+#: Bytes of float32 working data per slab (the slab thickness follows from the plane size). 16 MB, under
+#: glibc's 32 MB mmap limit, so the heap serves the slabs again (medseg.inference.memory.keep_freed_memory).
 SLAB_BYTES = 16 * 2**20
 #: Off-diagonal tolerance of the voxel map, relative to its scale, below which it counts as diagonal.
 DIAGONAL_TOLERANCE = 1e-6
