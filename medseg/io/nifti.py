@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import nibabel as nib
 import numpy as np
@@ -58,25 +55,26 @@ def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
     The returned image has a fresh NIfTI-1 header holding only the input's geometry fields.
     """
     path = Path(path)
-    if path.name.lower().endswith(".gz"):
-        return _load_gzipped(path, max_bytes)
     try:
+        if path.name.lower().endswith(".gz"):
+            # One gzip stream (ISA-L when installed), read once to its end, so its CRC is checked.
+            with _gzip.open(path, "rb") as fobj:
+                kind = _nifti_kind(path, fobj.read(4))
+                fobj.seek(0)
+                _check_stored_spacing(kind.header_class.from_fileobj(fobj, check=False), path)
+                fobj.seek(0)
+                return _checked_in_memory(kind.from_stream(fobj), path, max_bytes)
         img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise ScanError(path, f"expected a NIfTI image, got {type(img).__name__}")
+        with ImageOpener(str(path)) as fobj:
+            _check_stored_spacing(type(img.header).from_fileobj(fobj, check=False), path)
+        return _checked_in_memory(img, path, max_bytes)
     except FileNotFoundError:
         raise ScanError(path, "file not found") from None
-    except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise ScanError(path, f"expected a NIfTI image, got {type(img).__name__}")
-    try:
-        # nibabel silently "fixes" zero or negative pixdim to 1 or |pixdim| on load; read them as stored.
-        with ImageOpener(str(path)) as fobj:
-            stored = type(img.header).from_fileobj(fobj, check=False)
-        check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
-        return _checked_in_memory(img, path, max_bytes)
     except MedsegError:
         raise
-    except Exception as exc:  # truncated voxel data, broken gzip stream, header nibabel cannot interpret...
+    except Exception as exc:  # nibabel raises many types for corrupt files: truncated voxels, broken gzip...
         raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
 
 
@@ -84,27 +82,18 @@ def load_nifti(path: Path, *, max_bytes: int | None = None) -> nib.Nifti1Image:
 _HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 
 
-def _load_gzipped(path: Path, max_bytes: int | None) -> nib.Nifti1Image:
-    """:func:`load_nifti` of a ``.nii.gz`` through one gzip stream (ISA-L when installed), read once:
-    the stored header (pixdim as written), then the image and its voxels."""
-    try:
-        with _gzip.open(path, "rb") as fobj:
-            first = fobj.read(4)
-            sizes = {struct.unpack(f"{order}i", first)[0] for order in "<>"} if len(first) == 4 else set()
-            kind = next((_HEADER_SIZES[n] for n in sizes if n in _HEADER_SIZES), None)
-            if kind is None:
-                raise ScanError(path, "not a NIfTI-1 or NIfTI-2 file (no NIfTI header at the start of the gzip stream)")
-            fobj.seek(0)
-            stored = kind.header_class.from_fileobj(fobj, check=False)
-            check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
-            fobj.seek(0)
-            return _checked_in_memory(kind.from_stream(fobj), path, max_bytes)
-    except FileNotFoundError:
-        raise ScanError(path, "file not found") from None
-    except MedsegError:
-        raise
-    except Exception as exc:  # truncated voxel data, broken gzip stream, header nibabel cannot interpret...
-        raise ScanError(path, f"not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+def _nifti_kind(path: Path, first: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
+    """NIfTI-1 or NIfTI-2, from the first four bytes of the (decompressed) file."""
+    sizes = {struct.unpack(f"{order}i", first)[0] for order in "<>"} if len(first) == 4 else set()
+    kind = next((_HEADER_SIZES[n] for n in sizes if n in _HEADER_SIZES), None)
+    if kind is None:
+        raise ScanError(path, "not a NIfTI-1 or NIfTI-2 file (no NIfTI header at the start of the gzip stream)")
+    return kind
+
+
+def _check_stored_spacing(stored: nib.Nifti1Header, path: Path) -> None:
+    """nibabel silently "fixes" zero or negative pixdim to 1 or |pixdim| on load; check them as stored."""
+    check_spacing_values(np.asarray(stored["pixdim"][1:4], dtype=float), path, "pixdim spacing")
 
 
 def _checked_in_memory(img: nib.Nifti1Image | nib.Nifti2Image, path: Path, max_bytes: int | None) -> nib.Nifti1Image:
@@ -175,12 +164,6 @@ def mask_like(mask: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
 GZIP_LEVEL = 1
 
 
-@contextmanager
-def _gzip_writer(path: Path) -> Iterator[IO[bytes]]:
-    with _gzip.open(path, "wb", compresslevel=GZIP_LEVEL) as fobj:
-        yield fobj
-
-
 def save_atomic(img: nib.Nifti1Image, path: Path) -> Path:
     """Write a NIfTI image atomically (temporary file in the same folder, then rename); ``.nii.gz`` through
     one gzip stream (ISA-L when installed), streamed as nibabel writes it."""
@@ -188,7 +171,7 @@ def save_atomic(img: nib.Nifti1Image, path: Path) -> Path:
         return write_atomic(Path(path), lambda tmp: nib.save(img, str(tmp)), suffix=".nii")
 
     def write(tmp: Path) -> None:
-        with _gzip_writer(tmp) as fobj:
+        with _gzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) as fobj:
             img.to_stream(fobj)
 
     return write_atomic(Path(path), write, suffix=".nii.gz")
