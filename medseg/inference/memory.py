@@ -165,7 +165,8 @@ class MemoryBudget:
 #: ``MEDSEG_KEEP_FREED_MEMORY=0`` leaves glibc's malloc as it is (see :func:`keep_freed_memory`).
 KEEP_FREED_MEMORY_ENV = "MEDSEG_KEEP_FREED_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, glibc's malloc.h
-_kept: bool | None = None
+_asked = False
+_libc: ctypes.CDLL | None = None  # glibc, once keep_freed_memory is in effect
 
 
 def keep_freed_memory() -> bool:
@@ -179,22 +180,22 @@ def keep_freed_memory() -> bool:
     heap memory rather than returning it after every block. Process-wide and once; other C libraries
     (musl, macOS) are left alone. Between scans :func:`release_freed_memory` gives back what is left free.
     """
-    global _kept
-    if _kept is None:
-        _kept = False
+    global _asked, _libc
+    if not _asked:
+        _asked = True
         if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") != "0" and platform.libc_ver()[0] == "glibc":
             try:
                 libc = ctypes.CDLL(None)
-                _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # C int: 2 GiB
+                if libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1):  # C int: 2 GiB
+                    _libc = libc
             except (OSError, AttributeError):
-                _kept = False
-    return _kept
-
+                pass
+    return _libc is not None
 
 def release_freed_memory() -> None:
     """Give the memory that earlier scans freed back to the system (glibc ``malloc_trim``), when
     :func:`keep_freed_memory` is in effect: called as each scan starts, so blocks kept for reuse within a
     scan do not pile up across scans of different sizes (without it the 4-CT speed benchmark peaked at 14.4
     instead of about 11 bytes per voxel; docs/benchmarks.md)."""
-    if _kept:
-        ctypes.CDLL(None).malloc_trim(0)
+    if _libc is not None:
+        _libc.malloc_trim(0)

@@ -260,7 +260,6 @@ def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: 
     ``times``) and the outputs written by ``writer`` in the background: the claim on the mask then passes to
     the writing job, which releases it. ``times`` gets the seconds of every stage (medseg.inference.timing)."""
     keep_freed_memory()  # once per process: every face (CLI, Ray actor, service worker) predicts through here
-    release_freed_memory()  # what earlier scans left free: kept within a scan, not piled up across scans
     times = times if times is not None else StageTimes()
     target = batch.target(scan)
     if batch.done(scan):
@@ -272,6 +271,7 @@ def predict_scan(predictor: Predictor, scan: Scan, batch: PredictBatch, loaded: 
         stack.enter_context(held)
         if identity(target) != batch.at_start[scan.case_id]:
             return ScanOutcome(scan.path, target, "claimed")
+        release_freed_memory()  # what earlier scans left free: kept within a scan, not piled up across scans
         try:
             groups = batch.writers(scan, predictor)
             for path in [target, *(w.path(target.parent, scan.case_id) for _, ws in groups for w in ws)]:
