@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import harness  # bench/ is this script's folder, first on sys.path
@@ -28,37 +26,13 @@ SCANS = ("lung1_512x512x200.nii.gz", "lung1_ras_512x512x300.nii.gz")
 
 
 def worker(model: Path, scans: list[Path], out: Path) -> dict:
-    import torch
-    from torch import nn
+    """One default-path run (bench/predict_speed.py's timed worker), with the figures this benchmark reports."""
+    from predict_speed import run_medseg
 
-    from medseg.inference.predictor import Predictor
-    from medseg.inference.runner import predict_paths
-
-    predictor = Predictor.from_checkpoint(model, "cpu")
-    forward = [0.0]
-
-    class Timed(nn.Module):
-        def __init__(self, net: nn.Module):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            start = time.perf_counter()
-            y = self.net(x)
-            forward[0] += time.perf_counter() - start
-            return y
-
-    predictor.models = [Timed(m) for m in predictor.models]
-    predictor.model = predictor.models[0]
-    baseline = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    start = time.perf_counter()
-    summary = predict_paths(model, scans, out, overwrite=True, predictor=predictor)
-    seconds = time.perf_counter() - start
-    if summary.failed:
-        raise SystemExit(summary.describe())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "network_seconds": forward[0], "around_network_seconds": seconds - forward[0],
-            "peak_above_model_bytes": peak - baseline}
+    r = run_medseg(model, scans, out)
+    return {"seconds": r["seconds"], "network_seconds": r["network_seconds"],
+            "around_network_seconds": r["seconds"] - r["network_seconds"],
+            "peak_above_model_bytes": r["peak_rss"] - r["baseline_rss"]}
 
 
 def main() -> None:
